@@ -1,0 +1,194 @@
+"""The `koff` command line. Every command mirrors a Python function (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+DEMO_STEPS = 120
+
+
+def _files(value: str) -> tuple[str, list[Path]]:
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE[,FILE...], got {value!r}")
+    name, files = value.split("=", 1)
+    return name, [Path(f) for f in files.split(",") if f]
+
+
+def _add_decompose_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (flags given here override it)")
+    p.add_argument("--model", help="base model: local transformers folder or hub id (default: bundled SmolLM2-135M)")
+    p.add_argument("--domains", nargs="+", metavar="LANG", help="bundled domains by name (en fr es de it pt)")
+    p.add_argument("--train", type=_files, action="append", default=[], metavar="NAME=FILES",
+                   help="a domain of your own: its training files (.txt one document per line, or .jsonl)")
+    p.add_argument("--test", type=_files, action="append", default=[], metavar="NAME=FILES", help="test files of a domain")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--general", nargs="+", metavar="FILE",
+                   help="general-domain files for regularization steps ('bundled' or 'none'; default bundled)")
+    p.add_argument("--sparsity", type=float, help="target s*: fraction of FFN parameters to remove (default 0.2)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--reg-every", type=int, help="every N-th step is a general-data step (0: none)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank per memory (0: no LoRA)")
+    p.add_argument("--kv-tokens", type=int, help="KV memory tokens per layer (0: no KV memory)")
+    p.add_argument("--controller", choices=["projection", "lagrangian", "augmented"])
+    p.add_argument("--lr-gates", type=float)
+    p.add_argument("--lr-lora", type=float)
+    p.add_argument("--lr-kv", type=float)
+    p.add_argument("--lr-lambda", type=float)
+    p.add_argument("--warmup-frac", type=float)
+    p.add_argument("--consolidate-frac", type=float)
+    p.add_argument("--gate-init", choices=["wanda-sp", "flap", "magnitude", "constant"])
+    p.add_argument("--mask-scope", choices=["global", "layer"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-reference", action="store_true", help="skip training dense + memories for comparison")
+    p.add_argument("-o", "--output", type=Path, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+
+def build_config(args: argparse.Namespace):
+    """Merge a YAML config (if any) with command-line flags."""
+    from .config import config_from_dict
+    import yaml
+
+    raw: dict = {}
+    if args.config:
+        from .config import ConfigError
+
+        if not args.config.is_file():
+            raise ConfigError(f"config file {args.config} does not exist")
+        try:
+            raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{args.config}: invalid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: expected a mapping at the top level")
+    domains = raw.get("domains")
+    if args.domains or args.train:
+        domains = {}
+        for name in args.domains or []:
+            domains[name] = "bundled"
+        tests = dict(args.test)
+        for name, files in args.train:
+            domains[name] = {"train": [str(f) for f in files], "test": [str(f) for f in tests.get(name, [])],
+                             "text_field": args.text_field}
+        unknown = sorted(set(tests) - {n for n, _ in args.train})
+        if unknown:
+            from .config import ConfigError
+
+            raise ConfigError(f"--test given for {unknown}, which have no --train files")
+    if domains is not None:
+        raw["domains"] = domains
+    if args.general:
+        raw["general"] = args.general[0] if args.general[0] in ("bundled", "none") else args.general
+    for flag, key in (("model", "model"), ("sparsity", "target_sparsity"), ("output", "output")):
+        if getattr(args, flag) is not None:
+            raw[key] = str(getattr(args, flag)) if flag != "sparsity" else getattr(args, flag)
+    train = dict(raw.get("train") or {})
+    for key in ("steps", "batch_size", "seq_len", "reg_every", "controller", "lr_gates", "lr_lora", "lr_kv",
+                "lr_lambda", "warmup_frac", "consolidate_frac", "gate_init", "mask_scope", "seed"):
+        if getattr(args, key) is not None:
+            train[key] = getattr(args, key)
+    if train:
+        raw["train"] = train
+    memory = dict(raw.get("memory") or {})
+    for key in ("lora_rank", "kv_tokens"):
+        if getattr(args, key) is not None:
+            memory[key] = getattr(args, key)
+    if memory:
+        raw["memory"] = memory
+    if args.no_reference:
+        raw["reference"] = False
+    return config_from_dict(raw, str(args.config) if args.config else "command line")
+
+
+def cmd_decompose(args) -> int:
+    from .train import decompose
+
+    cfg = build_config(args)
+    out = decompose(cfg, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _eval_settings(args):
+    from .evaluate import EvalSettings
+
+    return EvalSettings(block=args.block, max_tokens=args.max_tokens, batch_size=args.eval_batch_size)
+
+
+def _add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> None:
+    p.add_argument("--block", type=int, default=256, help="evaluation block length in tokens (default 256)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help="score only the first N test tokens per domain (default: the whole split)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run, print_result
+
+    result = evaluate_run(args.run, _eval_settings(args), model=args.model)
+    print_result(result)
+    print(f"wrote {args.run / 'eval' / 'perplexity.json'} and perplexity.md")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import config_from_dict
+    from .evaluate import evaluate_run, print_result
+    from .train import decompose
+
+    cfg = config_from_dict({
+        "domains": ["en", "fr", "es"], "general": "bundled", "target_sparsity": 0.2, "output": str(args.output),
+        "train": {"steps": args.steps, "batch_size": 4, "seq_len": 128},
+        "memory": {"lora_rank": 8, "kv_tokens": 16},
+    }, "demo")
+    print(f"koff demo: SmolLM2-135M, domains en/fr/es, s* = 0.2, {args.steps} steps "
+          f"(+ the same for dense + memories), then evaluation on {args.max_tokens} test tokens per language")
+    decompose(cfg, overwrite=True)
+    result = evaluate_run(args.output, _eval_settings(args))
+    print_result(result)
+    print(f"run: {args.output}  (tables in {args.output / 'eval'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"koff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decompose", help="learn a sparse backbone + per-domain memories")
+    _add_decompose_args(p)
+    p.set_defaults(func=cmd_decompose)
+
+    p = sub.add_parser("evaluate", help="perplexity table of a run (dense, memories, backbone, swap matrix)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--model", help="base model location, if it moved since the run was made")
+    _add_eval_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="bundled model, en/fr/es, a few minutes of training, then evaluate")
+    p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    _add_eval_args(p, max_tokens=8192)
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    from .artifact import ArtifactError
+    from .base import ModelError
+    from .config import ConfigError
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except (ArtifactError, ConfigError, DataError, ModelError) as e:
+        print(f"koff: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Run configuration: plain dataclasses, readable from and written to YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import BUNDLED_LANGUAGES, DataError, Domain, bundled_domain, general_files
+from .memory import LORA_TARGETS
+from .sparsity import CONTROLLERS
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid."""
+
+
+@dataclass
+class MemoryConfig:
+    """What one domain memory holds."""
+
+    lora_rank: int = 8
+    """LoRA rank on every target projection (0: no LoRA)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default 2 * rank)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    kv_tokens: int = 16
+    """Trainable KV tokens per layer (0: no KV memory)."""
+    kv_frozen_tokens: int = 1
+    """Leading KV tokens kept frozen (the attention sink)."""
+
+    @property
+    def empty(self) -> bool:
+        return self.lora_rank == 0 and self.kv_tokens == 0
+
+
+@dataclass
+class TrainConfig:
+    """The offloading loop's schedule and optimisers."""
+
+    steps: int = 400
+    batch_size: int = 4
+    seq_len: int = 128
+    reg_every: int = 4
+    """Every reg_every-th step is a general-data regularization step (0: none)."""
+    lr_gates: float = 0.1
+    lr_lambda: float = 1.0
+    lr_lora: float = 1e-3
+    lr_kv: float = 1e-2
+    warmup_frac: float = 0.3
+    """Fraction of steps over which the target sparsity ramps from 0 to s*."""
+    consolidate_frac: float = 0.3
+    """Final fraction of steps trained on the fixed final mask (memories only)."""
+    controller: str = "projection"
+    rho: float = 1e4
+    """Fixed quadratic coefficient of the augmented Lagrangian."""
+    gate_init: str = "wanda-sp"
+    """"wanda-sp", "flap", "magnitude" (log_alpha from per-layer z-scores of that score) or "constant"."""
+    gate_init_center: float = 3.0
+    gate_init_scale: float = 2.0
+    calibration_tokens: int = 4096
+    """Tokens of each domain's train text used for activation statistics."""
+    mask_scope: str = "global"
+    """Final mask: "global" top-k over all layers, or "layer" (the same fraction in every layer)."""
+    seed: int = 0
+
+
+@dataclass
+class DecomposeConfig:
+    """Everything `koff decompose` needs."""
+
+    domains: list[Domain]
+    output: Path
+    model: str | None = None
+    general: list[Path] = field(default_factory=list)
+    target_sparsity: float = 0.2
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reference: bool = True
+    """Also train dense + memories the same way (no gates) into OUTPUT/reference."""
+    prune: bool = True
+    """False: no gates at all (the dense + memories run itself)."""
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise ConfigError("no domains: give at least one (e.g. --domains en fr es)")
+        names = [d.name for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate domain names: {names}")
+        for d in self.domains:
+            if not d.train:
+                raise ConfigError(f"domain {d.name!r} has no training files")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ConfigError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        t, m = self.train, self.memory
+        if t.steps < 1 or t.batch_size < 1 or t.seq_len < 2:
+            raise ConfigError("train.steps and train.batch_size must be >= 1 and train.seq_len >= 2")
+        if t.controller not in CONTROLLERS:
+            raise ConfigError(f"train.controller must be one of {CONTROLLERS}, got {t.controller!r}")
+        if t.gate_init not in ("wanda-sp", "flap", "magnitude", "constant"):
+            raise ConfigError(f"train.gate_init must be wanda-sp, flap, magnitude or constant, got {t.gate_init!r}")
+        if t.mask_scope not in ("global", "layer"):
+            raise ConfigError(f"train.mask_scope must be 'global' or 'layer', got {t.mask_scope!r}")
+        if not (0 <= t.warmup_frac <= 1 and 0 <= t.consolidate_frac < 1 and t.warmup_frac + t.consolidate_frac <= 1):
+            raise ConfigError("train.warmup_frac and train.consolidate_frac must be in [0, 1] and sum to at most 1")
+        if t.reg_every < 0 or t.reg_every == 1:
+            raise ConfigError("train.reg_every must be 0 (no regularization) or >= 2")
+        if t.reg_every and not self.general:
+            raise ConfigError("regularization steps need general data (general: [...]) or train.reg_every: 0")
+        if m.lora_rank < 0 or m.kv_tokens < 0:
+            raise ConfigError("memory.lora_rank and memory.kv_tokens must be >= 0")
+        if m.kv_tokens and not 0 <= m.kv_frozen_tokens <= m.kv_tokens:
+            raise ConfigError(f"memory.kv_frozen_tokens must be in [0, kv_tokens={m.kv_tokens}], got {m.kv_frozen_tokens}")
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "domains": {d.name: {k: v for k, v in d.to_dict().items() if k != "name"} for d in self.domains},
+            "general": [str(p) for p in self.general],
+            "target_sparsity": self.target_sparsity,
+            "memory": dataclasses.asdict(self.memory),
+            "train": dataclasses.asdict(self.train),
+            "reference": self.reference,
+            "prune": self.prune,
+            "output": str(self.output),
+        }
+
+
+def _section(cls, raw, where: str):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    out = cls()
+    for k, v in raw.items():
+        default = getattr(out, k)
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{where}.{k}: expected true/false, got {v!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{where}.{k}: expected a number, got {v!r}")
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and not v.is_integer():
+                raise ConfigError(f"{where}.{k}: expected an integer, got {v!r}")
+            v = type(default)(v)
+        setattr(out, k, v)
+    return out
+
+
+def parse_domains(raw, root: Path | None = None) -> list[Domain]:
+    """Domains from config: a list of bundled names, or a mapping name -> {train, test, valid,
+    text_field}, where a value may also be the string "bundled"."""
+    if isinstance(raw, str):
+        raw = [raw]
+    if isinstance(raw, list):
+        return [bundled_domain(str(n), root) for n in raw]
+    if not isinstance(raw, dict):
+        raise ConfigError("domains: expected a list of bundled names or a mapping name -> files")
+    out = []
+    for name, spec in raw.items():
+        if spec in (None, "bundled"):
+            out.append(bundled_domain(str(name), root))
+            continue
+        if not isinstance(spec, dict) or "train" not in spec:
+            raise ConfigError(f"domains.{name}: expected a mapping with a 'train' list of files")
+        files = {}
+        for key in ("train", "test", "valid"):
+            v = spec.get(key, [])
+            v = [v] if isinstance(v, str) else v
+            if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+                raise ConfigError(f"domains.{name}.{key}: expected a list of file paths")
+            files[key] = [Path(p) for p in v]
+        for key, paths in files.items():
+            for p in paths:
+                if not p.is_file():
+                    raise ConfigError(f"domains.{name}.{key}: file {p} does not exist")
+        unknown = sorted(set(spec) - {"train", "test", "valid", "text_field", "test_subsets"})
+        if unknown:
+            raise ConfigError(f"domains.{name}: unknown field(s) {unknown}")
+        out.append(Domain(name=str(name), train=files["train"], test=files["test"], valid=files["valid"],
+                          text_field=spec.get("text_field", "text"), test_subsets=spec.get("test_subsets", {})))
+    return out
+
+
+def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
+    """Build and validate a DecomposeConfig from a YAML-like mapping."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    known = {"model", "domains", "general", "target_sparsity", "memory", "train", "reference", "prune", "output"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+    if "domains" not in raw:
+        raise ConfigError(f"{source}: missing 'domains'")
+    try:
+        domains = parse_domains(raw["domains"])
+        general = raw.get("general", "bundled")
+        if general == "bundled":
+            general = general_files()
+        elif general in (None, "none", []):
+            general = []
+        elif isinstance(general, list):
+            general = [Path(p) for p in general]
+            for p in general:
+                if not p.is_file():
+                    raise ConfigError(f"{source}: general file {p} does not exist")
+        else:
+            raise ConfigError(f"{source}: general: expected 'bundled', 'none' or a list of files")
+    except DataError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    sparsity = raw.get("target_sparsity", 0.2)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+        raise ConfigError(f"{source}: target_sparsity: expected a number, got {sparsity!r}")
+    cfg = DecomposeConfig(
+        domains=domains,
+        output=Path(raw.get("output") or "runs/koff"),
+        model=raw.get("model"),
+        general=general,
+        target_sparsity=float(sparsity),
+        memory=_section(MemoryConfig, raw.get("memory"), f"{source}: memory"),
+        train=_section(TrainConfig, raw.get("train"), f"{source}: train"),
+        reference=bool(raw.get("reference", True)),
+        prune=bool(raw.get("prune", True)),
+    )
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: Path) -> DecomposeConfig:
+    """Read a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    return config_from_dict(raw, str(path))
+
+
+def dump_config(cfg: DecomposeConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["MemoryConfig", "TrainConfig", "DecomposeConfig", "ConfigError", "load_config", "config_from_dict",
+           "dump_config", "parse_domains", "BUNDLED_LANGUAGES"]

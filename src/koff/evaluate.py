@@ -1,0 +1,194 @@
+"""Perplexity of a run on each domain's test split: dense, dense + memories, backbone alone,
+backbone + own memory, and the full swap matrix (backbone + memory i on domain j).
+
+Every method is scored on the same tokens: the test text packed into non-overlapping blocks of
+`block` tokens (the whole split, or its first `max_tokens`), positions 1..block-1 of every block,
+token-weighted. Named subsets (for the bundled languages: "flores", the FLORES-200 devtest that
+opens every test split, the same sentences in each language) are the blocks lying wholly inside
+that leading part of the text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifact import Run, atomic_write_text, build_model, load_run
+from .data import Domain, pack, read_documents, tokenize_documents, tokenize_files
+from .model import KoffModel, lm_loss
+
+
+@dataclass
+class EvalSettings:
+    block: int = 256
+    max_tokens: int | None = None
+    """Per domain: score only the first max_tokens test tokens (None: the whole split)."""
+    batch_size: int = 8
+
+
+@dataclass
+class TestSet:
+    domain: str
+    blocks: torch.Tensor
+    subsets: dict[str, int]
+    """subset name -> number of leading blocks it spans."""
+
+
+def test_set(domain: Domain, tokenizer, settings: EvalSettings) -> TestSet:
+    """Pack a domain's test text into blocks and locate its named subsets."""
+    if not domain.test:
+        raise ValueError(f"domain {domain.name!r} has no test files to evaluate on")
+    tokens = tokenize_files(domain.test, tokenizer, domain.text_field)
+    blocks = pack(tokens, settings.block, settings.max_tokens)
+    subsets = {}
+    for name, lines in domain.test_subsets.items():
+        docs = read_documents(domain.test[0], domain.text_field)[:lines]
+        n = tokenize_documents(docs, tokenizer).numel() // settings.block
+        subsets[name] = min(n, blocks.shape[0])
+    return TestSet(domain.name, blocks, subsets)
+
+
+@torch.no_grad()
+def block_nll(km: KoffModel, blocks: torch.Tensor, memory, batch_size: int = 8, desc: str | None = None) -> torch.Tensor:
+    """Summed next-token NLL of each block (block-1 scored tokens per block)."""
+    out = []
+    for i in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=desc is None, leave=False):
+        batch = blocks[i: i + batch_size]
+        out.append(lm_loss(km(batch, memory=memory), batch, reduction="none").double().sum(1))
+    return torch.cat(out)
+
+
+def summarize(nll: torch.Tensor, ts: TestSet) -> dict[str, dict]:
+    """PPL and token counts on the whole set and on each subset."""
+    per_block = ts.blocks.shape[1] - 1
+    out = {"test": {"ppl": math.exp(float(nll.sum()) / (nll.numel() * per_block)), "tokens": nll.numel() * per_block}}
+    for name, n in ts.subsets.items():
+        if n:
+            out[name] = {"ppl": math.exp(float(nll[:n].sum()) / (n * per_block)), "tokens": n * per_block}
+    return out
+
+
+def _domains_of(run: Run) -> list[Domain]:
+    data = run.manifest.get("data", {})
+    out = [Domain.from_dict(data[name]) for name in run.domains if name in data]
+    for name, rec in run.memories.items():  # memories added later carry their own data record
+        if name not in run.domains and "data" in rec.info:
+            out.append(Domain.from_dict(rec.info["data"]))
+    return out
+
+
+def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str | None = None,
+                 progress: bool = True, write: bool = True) -> dict:
+    """Evaluate a run (see module docstring); writes eval/perplexity.{json,md} into the run."""
+    settings = settings or EvalSettings()
+    run = load_run(run_dir)
+    km, tok = build_model(run, model)
+    domains = _domains_of(run)
+    sets = {d.name: test_set(d, tok, settings) for d in domains}
+    names = [d.name for d in domains]
+    memories = [m for m in sorted(run.memories) if m in names] + [m for m in sorted(run.memories) if m not in names]
+    cells = {}
+
+    def score(label: str, model_: KoffModel, memory, domain: str) -> dict:
+        desc = f"{label} | {domain}" if progress else None
+        return summarize(block_nll(model_, sets[domain].blocks, memory, settings.batch_size, desc), sets[domain])
+
+    rows: dict[str, dict] = {}
+    pruned = km.gates is not None
+    if pruned:
+        km.gates.mode = "off"
+    rows["dense"] = {d: score("dense", km, None, d) for d in names}
+    ref = run.reference
+    if ref is not None:
+        ref_km, _ = build_model(ref, model)
+        rows["dense + memories"] = {d: score("dense + memories", ref_km, d, d) for d in names if d in ref.memories}
+        del ref_km
+    if pruned:
+        km.gates.set_mask(run.keep)
+        rows["backbone"] = {d: score("backbone", km, None, d) for d in names}
+    label = "backbone" if pruned else "dense"
+    swap = {}
+    for m in memories:
+        for d in names:
+            swap[(m, d)] = score(f"{label} + memory {m}", km, m, d)
+    if memories:
+        rows[f"{label} + own memory"] = {d: swap[(d, d)] for d in names if (d, d) in swap}
+    subsets = ["test"] + sorted({s for ts in sets.values() for s in ts.subsets})
+    result = {
+        "run": str(run.path),
+        "base_model": run.manifest["base_model"]["source"],
+        "target_sparsity": run.target_sparsity,
+        "sparsity": {k: run.manifest["sparsity"][k] for k in ("ffn", "global", "global_without_embeddings")},
+        "settings": asdict(settings),
+        "subsets": subsets,
+        "tokens": {d: {s: v["tokens"] for s, v in rows["dense"][d].items()} for d in names},
+        "rows": rows,
+        "swap": {"memories": memories, "domains": names,
+                 **{s: [[swap[(m, d)].get(s, {}).get("ppl") for d in names] for m in memories] for s in subsets}},
+    }
+    cells.update(result)
+    if write:
+        out = Path(run_dir) / "eval"
+        atomic_write_text(out / "perplexity.json", json.dumps(result, indent=2))
+        atomic_write_text(out / "perplexity.md", to_markdown(result))
+    return result
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def to_markdown(result: dict) -> str:
+    """The evaluation as Markdown tables (one per subset) plus the swap matrices."""
+    names = result["swap"]["domains"] or list(result["tokens"])
+    sp = result["sparsity"]
+    lines = [f"# Perplexity: {result['run']}", "",
+             f"Base model `{result['base_model']}`; target s* = {result['target_sparsity']} of FFN parameters "
+             f"(achieved FFN {sp['ffn']:.3f}, global {sp['global']:.3f}, global without embeddings "
+             f"{sp['global_without_embeddings']:.3f}). Blocks of {result['settings']['block']} tokens, "
+             "token-weighted; lower is better.", ""]
+    for s in result["subsets"]:
+        toks = ", ".join(f"{d} {result['tokens'][d].get(s, 0):,}" for d in names)
+        lines += [f"## {s} (scored tokens: {toks})", "", "| method | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for method, row in result["rows"].items():
+            lines.append(f"| {method} | " + " | ".join(_fmt(row.get(d, {}).get(s, {}).get("ppl")) for d in names) + " |")
+        lines.append("")
+        mems = result["swap"]["memories"]
+        if mems:
+            lines += [f"Swap matrix ({s}): row = memory, column = domain evaluated", "",
+                      "| memory \\ domain | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+            for m, row in zip(mems, result["swap"][s]):
+                lines.append(f"| {m} | " + " | ".join(_fmt(x) for x in row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def print_result(result: dict) -> None:
+    """Print the evaluation tables to the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    names = result["swap"]["domains"] or list(result["tokens"])
+    for s in result["subsets"]:
+        t = Table(title=f"perplexity, {s} ({result['settings']['block']}-token blocks)")
+        t.add_column("method")
+        for d in names:
+            t.add_column(f"{d} ({result['tokens'][d].get(s, 0):,} tok)", justify="right")
+        for method, row in result["rows"].items():
+            t.add_row(method, *[_fmt(row.get(d, {}).get(s, {}).get("ppl")) for d in names])
+        console.print(t)
+        if result["swap"]["memories"]:
+            w = Table(title=f"swap matrix, {s}: memory (row) on domain (column)")
+            w.add_column("memory")
+            for d in names:
+                w.add_column(d, justify="right")
+            for m, row in zip(result["swap"]["memories"], result["swap"][s]):
+                w.add_row(m, *[_fmt(x) for x in row])
+            console.print(w)

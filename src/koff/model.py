@@ -1,0 +1,191 @@
+"""`KoffModel`: a frozen base model, its neuron gates (the backbone) and named memories.
+
+One forward call takes a memory name (or one name per batch row, or None for the bare backbone).
+Switching memories only changes which peft adapter is active and which KV tensor is prefixed:
+the backbone is never reloaded or copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import inspect_model
+from .gates import NeuronGates
+from .memory import KVMemory, capture_kv, prefix_cache
+
+MemorySpec = str | None | Sequence[str | None]
+
+
+class KoffModel(nn.Module):
+    """Base model + optional gates + memories (LoRA adapters in peft, KV memories here)."""
+
+    def __init__(self, base: nn.Module, gates: NeuronGates | None = None):
+        super().__init__()
+        base.requires_grad_(False)
+        base.eval()
+        self.model = base
+        self.geometry = inspect_model(base)
+        self.gates = gates
+        if gates is not None:
+            gates.attach(self.model)
+        self.kv = nn.ModuleDict()
+        self.lora_names: list[str] = []
+        self._active_lora: str | None = None
+
+    # -- memories --------------------------------------------------------------------------------
+    @property
+    def memory_names(self) -> list[str]:
+        return sorted(set(self.lora_names) | set(self.kv.keys()))
+
+    def add_memory(self, name: str, lora=None, kv: KVMemory | None = None) -> None:
+        """Add a memory: `lora` is a peft LoraConfig (or None), `kv` a KVMemory (or None)."""
+        if name in self.memory_names:
+            raise ValueError(f"memory {name!r} already exists")
+        if name in ("__base__", "") or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid memory name {name!r}")
+        if lora is not None:
+            from peft import PeftModel, get_peft_model
+
+            if isinstance(self.model, PeftModel):
+                self.model.add_adapter(name, lora)
+            else:
+                self.model = get_peft_model(self.model, lora, adapter_name=name)
+                self.model.eval()
+                if self.gates is not None:  # re-hook onto the LoRA-wrapped down_proj
+                    self.gates.attach(self.model)
+            self.lora_names.append(name)
+            self._active_lora = None
+            self._use_lora(name)  # peft activates the first adapter; be explicit
+        if kv is not None:
+            g = self.geometry
+            want = (g.num_layers, g.num_kv_heads, g.head_dim)
+            if (kv.shape[0], kv.shape[1], kv.shape[3]) != want:
+                raise ValueError(f"KV memory {name!r} has shape {kv.shape}, expected "
+                                 f"[{want[0]}, {want[1]}, m, {want[2]}] for this base model")
+            self.kv[name] = kv
+
+    def memory_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of one memory (LoRA A/B and KV keys/values)."""
+        return self.lora_parameters(name) + (list(self.kv[name].parameters()) if name in self.kv else [])
+
+    def lora_parameters(self, name: str) -> list[nn.Parameter]:
+        """The LoRA A/B weights of one memory (empty if it has no LoRA)."""
+        if name not in self.lora_names:
+            return []
+        from peft.tuners.lora import LoraLayer
+
+        params = []
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and name in module.lora_A:
+                params += list(module.lora_A[name].parameters()) + list(module.lora_B[name].parameters())
+        return params
+
+    def _use_lora(self, name: str | None) -> None:
+        if name == self._active_lora:
+            return
+        if name is not None:
+            # peft's set_adapter also freezes the others; every adapter stays trainable here and
+            # receives gradients only when active.
+            self.model.set_adapter(name)
+            for n in self.lora_names:
+                for p in self.lora_parameters(n):
+                    p.requires_grad_(True)
+        self._active_lora = name
+
+    def base_model(self) -> nn.Module:
+        """The transformers model underneath peft (same weights, LoRA layers included)."""
+        from peft import PeftModel
+
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, memory: MemorySpec = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for `input_ids` [B, T] with the given memory per batch (a name), per
+        row (a list of names/None), or none. `attention_mask` [B, T] marks real tokens (left
+        padding allowed)."""
+        batch, length = input_ids.shape
+        names = [memory] * batch if memory is None or isinstance(memory, str) else list(memory)
+        if len(names) != batch:
+            raise ValueError(f"{len(names)} memory names for a batch of {batch}")
+        for n in names:
+            if n is not None and n not in self.memory_names:
+                raise KeyError(f"no memory named {n!r}; have {self.memory_names}")
+        kvs = [self.kv[n] if n is not None and n in self.kv else None for n in names]
+        cache, prefix_mask, prefix_len = prefix_cache(kvs, self.model.config)
+        prefix_mask = prefix_mask.to(input_ids.device)
+        prefix_len = prefix_len.to(input_ids.device)
+        tokens_mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                       else attention_mask.bool())
+        position_ids = prefix_len[:, None] + (tokens_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict = {"position_ids": position_ids}
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        if cache is not None and (attention_mask is not None or not bool(prefix_mask.all())):
+            kwargs["attention_mask"] = torch.cat([prefix_mask, tokens_mask], dim=1).long()
+        elif cache is None and attention_mask is not None:
+            kwargs["attention_mask"] = tokens_mask.long()
+        with self._lora_context(names):
+            out = self.model(input_ids=input_ids, **{**kwargs, **self._lora_kwargs(names)})
+        return out.logits
+
+    def _lora_kwargs(self, names: list) -> dict:
+        if not self.lora_names or len(set(names)) == 1:
+            return {}
+        # mixed batch: peft routes each row through its own adapter ("__base__" = none)
+        return {"adapter_names": [n if n in self.lora_names else "__base__" for n in names]}
+
+    def _lora_context(self, names: list):
+        if not self.lora_names:
+            return contextlib.nullcontext()
+        if len(set(names)) > 1:
+            return contextlib.nullcontext()
+        name = names[0]
+        if name in self.lora_names:
+            self._use_lora(name)
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    @torch.no_grad()
+    def capture_kv(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the dense base model (gates off, adapters off) for `token_ids`."""
+        mode = self.gates.mode if self.gates is not None else None
+        if self.gates is not None:
+            self.gates.mode = "off"
+        try:
+            ctx = self.model.disable_adapter() if self.lora_names else contextlib.nullcontext()
+            with ctx:
+                return capture_kv(self.model, token_ids)
+        finally:
+            if self.gates is not None:
+                self.gates.mode = mode
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over positions 1..T-1 of each row (the first token of a row is
+    never scored, with or without a KV memory, so every method is scored on the same tokens)."""
+    logits = logits[:, :-1].float()
+    target = input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    nll = nll.view_as(target)
+    if attention_mask is not None:
+        valid = (attention_mask[:, 1:] & attention_mask[:, :-1]).bool() if attention_mask.dtype == torch.bool \
+            else (attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool())
+        nll = nll * valid
+        count = valid.sum()
+    else:
+        count = torch.tensor(target.numel())
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "none":
+        return nll
+    return nll.sum() / count.clamp(min=1)

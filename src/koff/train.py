@@ -1,0 +1,260 @@
+"""The offloading loop, and `decompose`: base model -> sparse backbone + per-domain memories.
+
+Each step is either
+  a domain step:         a batch of domain d's text with memory d active, or
+  a regularization step: (every `reg_every`-th step) a batch of general-domain text with a
+                         randomly chosen memory active,
+with the gates sampled (hard concrete) and the target sparsity enforced by the controller. The
+target warms up from 0 to s*; in the last `consolidate_frac` of steps the mask is fixed to the
+final top-k mask and only the memories train, so they finish under the mask they will serve with.
+Base weights never change.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import DecomposeConfig, MemoryConfig, TrainConfig, dump_config
+from .data import BlockStream, Domain, check_no_test_leak, pack, tokenize_files
+from .gates import NeuronGates, sparsity_report
+from .memory import KVMemory, lora_config
+from .model import KoffModel, lm_loss
+from .sparsity import Lagrangian, make_controller, target_at
+
+
+@dataclass
+class Streams:
+    """Training data of one run: a block stream per domain plus the general stream."""
+
+    domains: dict[str, BlockStream]
+    general: BlockStream | None
+    kv_init: dict[str, torch.Tensor]
+    """Per domain, the leading train tokens its KV memory is initialised from."""
+
+
+def build_streams(domains: list[Domain], general: list[Path], tokenizer, cfg: TrainConfig,
+                  kv_tokens: int = 0) -> Streams:
+    """Tokenise and pack every domain's train files (and the general files) deterministically."""
+    streams, kv_init = {}, {}
+    for i, d in enumerate(domains):
+        tokens = tokenize_files(d.train, tokenizer, d.text_field)
+        streams[d.name] = BlockStream(pack(tokens, cfg.seq_len), cfg.batch_size, seed=cfg.seed * 1000 + i)
+        kv_init[d.name] = tokens[:kv_tokens]
+    gen = None
+    if general:
+        tokens = tokenize_files(general, tokenizer)
+        gen = BlockStream(pack(tokens, cfg.seq_len), cfg.batch_size, seed=cfg.seed * 1000 + 999)
+    return Streams(streams, gen, kv_init)
+
+
+def add_memories(km: KoffModel, names: list[str], kv_init: dict[str, torch.Tensor], cfg: MemoryConfig,
+                 seed: int) -> None:
+    """Create one fresh memory per name: LoRA (B = 0, so it starts as a no-op) and a KV memory
+    initialised from the base model's own cache of the domain's first tokens."""
+    torch.manual_seed(seed)  # LoRA A init draws from the global RNG: same memories in every run
+    for name in names:
+        lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else None
+        kv = None
+        if cfg.kv_tokens:
+            ids = kv_init[name]
+            if ids.numel() < cfg.kv_tokens:
+                raise ValueError(f"domain {name!r} has fewer than {cfg.kv_tokens} train tokens for its KV memory")
+            k, v = km.capture_kv(ids)
+            kv = KVMemory(k, v, num_frozen=cfg.kv_frozen_tokens)
+        km.add_memory(name, lora=lora, kv=kv)
+
+
+def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) -> list[torch.Tensor]:
+    """The first `tokens_per_domain` tokens (whole blocks) of each domain's packed train text."""
+    out = []
+    for s in streams.domains.values():
+        n = max(1, tokens_per_domain // seq_len)
+        blocks = s.blocks[:n]
+        out.extend(blocks[i: i + 8] for i in range(0, blocks.shape[0], 8))
+    return out
+
+
+def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
+            learn_gates: bool = True, memories: list[str] | None = None, mask_scope: str | None = None,
+            desc: str = "offload", progress: bool = True) -> dict:
+    """Run the offloading loop on `km` in place; returns a summary.
+
+    `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
+    the memories. `memories` restricts which memories train (default: all of `km`).
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    gates = km.gates if learn_gates else None
+    names = memories if memories is not None else km.memory_names
+    domain_names = list(streams.domains)
+    for d in domain_names:
+        if names and d not in names and d in km.memory_names:
+            raise ValueError(f"domain {d!r} has a memory that is not being trained")
+    controller = make_controller(cfg.controller, cfg.rho) if gates is not None else None
+
+    groups = []
+    if gates is not None:
+        groups.append({"params": list(gates.parameters()), "lr": cfg.lr_gates, "name": "gates"})
+    lora = [p for n in names for p in km.lora_parameters(n)]
+    kv = [p for n in names if n in km.kv for p in km.kv[n].parameters()]
+    if lora:
+        groups.append({"params": lora, "lr": cfg.lr_lora, "name": "lora"})
+    if kv:
+        groups.append({"params": kv, "lr": cfg.lr_kv, "name": "kv"})
+    if not groups:
+        raise ValueError("nothing to train: no gates and no memories")
+    optimizer = torch.optim.Adam(groups)
+    lam_opt = None
+    if isinstance(controller, Lagrangian):
+        lam_opt = torch.optim.Adam(controller.parameters(), lr=cfg.lr_lambda, maximize=True)
+    km, optimizer = accelerator.prepare(km, optimizer)
+    device = accelerator.device
+    model = accelerator.unwrap_model(km)
+
+    rng = random.Random(cfg.seed)
+    noise = torch.Generator().manual_seed(cfg.seed + 17)
+    consolidate_from = cfg.steps - round(cfg.consolidate_frac * cfg.steps) if gates is not None else cfg.steps
+    metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+    domain_turn = 0
+    last_loss: dict[str, list[float]] = {}
+    fixed = False
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    try:
+        for step in bar:
+            target = target_at(step, cfg.steps, target_sparsity, cfg.warmup_frac)
+            consolidating = gates is not None and step >= consolidate_from
+            if consolidating and not fixed:
+                gates.set_mask(gates.final_mask(target_sparsity, scope=mask_scope or cfg.mask_scope))
+                fixed = True
+                if not lora and not kv:
+                    break  # mask-only: nothing left to train once the mask is fixed
+            regularize = bool(cfg.reg_every) and (step + 1) % cfg.reg_every == 0 and streams.general is not None
+            if regularize:
+                batch, domain = streams.general.next(), None
+                memory = rng.choice(names) if names else None
+            else:
+                domain = domain_names[domain_turn % len(domain_names)]
+                domain_turn += 1
+                batch = streams.domains[domain].next()
+                memory = domain if domain in names else None
+            batch = batch.to(device)
+            if gates is not None and not consolidating:
+                gates.resample(noise)
+            loss = lm_loss(model(batch, memory=memory), batch)
+            total = loss
+            s_hat = None
+            if gates is not None and not consolidating:
+                s_hat = gates.expected_sparsity()
+                total = loss + controller.penalty(s_hat, target)
+            accelerator.backward(total)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if lam_opt is not None and not consolidating:
+                lam_opt.step()
+                lam_opt.zero_grad(set_to_none=True)
+            if gates is not None and not consolidating:
+                controller.after_step(gates, target)
+            key = domain or "general"
+            loss = loss.item()
+            last_loss.setdefault(key, []).append(loss)
+            record = {"step": step, "phase": "consolidate" if consolidating else ("warmup" if target < target_sparsity else "main"),
+                      "kind": "general" if regularize else "domain", "domain": key, "memory": memory,
+                      "loss": loss, "target": target if gates is not None else None,
+                      "expected_sparsity": (gates.expected_sparsity().item() if gates is not None and not consolidating
+                                            else (target_sparsity if consolidating else None)),
+                      "seconds": round(time.time() - t0, 3)}
+            if controller is not None:
+                record.update(controller.state())
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            bar.set_postfix(loss=f"{loss:.3f}", s=("-" if record["expected_sparsity"] is None
+                                                          else f"{record['expected_sparsity']:.3f}"), t=f"{target:.3f}")
+    finally:
+        if metrics:
+            metrics.close()
+    if gates is not None and not fixed:
+        gates.set_mask(gates.final_mask(target_sparsity, scope=mask_scope or cfg.mask_scope))
+    tail = max(1, cfg.steps // 10)
+    return {"steps": cfg.steps, "seconds": round(time.time() - t0, 1),
+            "final_loss": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in last_loss.items()}}
+
+
+def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
+    from .scores import activation_stats, log_alpha_from_scores, neuron_scores
+
+    if cfg.gate_init == "constant":
+        return NeuronGates.for_model(base, init=cfg.gate_init_center)
+    stats = None
+    if cfg.gate_init != "magnitude":
+        stats = activation_stats(base, calibration_batches(streams, cfg.calibration_tokens, cfg.seq_len))
+    scores = neuron_scores(cfg.gate_init, base, stats)
+    return NeuronGates.for_model(base, init=log_alpha_from_scores(scores, cfg.gate_init_center, cfg.gate_init_scale))
+
+
+def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: bool = True,
+              desc: str = "decompose") -> KoffModel:
+    """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
+    `out`; returns the trained model."""
+    from .artifact import memory_record, write_run
+    from .base import fingerprint, inspect_model, load_base
+
+    base, tok, source = load_base(cfg.model)
+    streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, cfg.memory.kv_tokens)
+    gates = _init_gates(base, streams, cfg.train) if prune else None
+    km = KoffModel(base, gates)
+    names = [d.name for d in cfg.domains]
+    if not cfg.memory.empty:
+        add_memories(km, names, streams.kv_init, cfg.memory, cfg.train.seed)
+    metrics_path = out / "metrics.jsonl"
+    summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
+                      learn_gates=prune, desc=desc, progress=progress)
+    keep = gates.mask if prune else None
+    geo = inspect_model(base)
+    report = sparsity_report(base, keep, cfg.target_sparsity if prune else 0.0)
+    manifest = {
+        "base_model": {"source": source, "fingerprint": fingerprint(source), "architecture": geo.architecture,
+                       "model_type": geo.model_type, "num_layers": geo.num_layers, "hidden_size": geo.hidden_size,
+                       "intermediate_sizes": list(geo.intermediate_sizes), "num_kv_heads": geo.num_kv_heads,
+                       "head_dim": geo.head_dim},
+        "target_sparsity": cfg.target_sparsity if prune else 0.0,
+        "pruned": prune,
+        "sparsity": report,
+        "domains": names,
+        "data": {d.name: d.to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]},
+        "training": cfg.to_dict() | {"prune": prune},
+        "metrics": summary,
+    }
+    records = [memory_record(km, n, {"domain": n, "trained_steps": cfg.train.steps}) for n in km.memory_names]
+    write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg))
+    return km
+
+
+def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True) -> Path:
+    """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
+
+    With `cfg.reference`, dense + memories is trained the same way (same data, steps, seeds,
+    memory initialisation; no gates) into OUTPUT/reference, the upper bound `evaluate` compares
+    against. The run appears at `cfg.output` only when everything has been written.
+    """
+    from .artifact import atomic_directory
+
+    cfg.validate()
+    check_no_test_leak(cfg.domains, cfg.general)
+    with atomic_directory(cfg.output, overwrite=overwrite) as tmp:
+        train_run(cfg, tmp, prune=cfg.prune, progress=progress,
+                   desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
+        if cfg.reference and cfg.prune and not cfg.memory.empty:
+            ref = tmp / "reference"
+            ref.mkdir()
+            train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories")
+    return Path(cfg.output)

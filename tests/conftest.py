@@ -1,0 +1,139 @@
+"""Tiny randomly initialised models of several architectures, built in-process, plus a tiny
+tokenizer and text corpus, so that every code path runs in seconds without any download."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma")
+"""Tiny models of these families are built for the tests (see `tiny_config`)."""
+
+WORDS = {
+    "en": "the cat sat on a mat and the dog ran to the park with a red ball every day".split(),
+    "fr": "le chat est sur le tapis et le chien court au parc avec une balle rouge".split(),
+    "es": "el gato se sienta en la alfombra y el perro corre al parque con una pelota".split(),
+    "de": "die katze sitzt auf der matte und der hund rennt in den park mit einem ball".split(),
+}
+
+
+def tiny_config(arch: str, vocab: int = 160):
+    """A 2-layer model config of the given family (hidden 32, FFN width 48, GQA 4/2 heads)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=8)
+    if arch == "gemma":
+        return tf.GemmaConfig(**common, head_dim=8)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 160):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab))
+    # random init gives near-zero logits; widen weights so masks and memories visibly matter
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def corpus(lang: str, n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(f"{lang}-{seed}")
+    words = WORDS[lang]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(12, 30))) for _ in range(n_docs)]
+
+
+def tiny_tokenizer(vocab: int = 160):
+    """A BPE tokenizer trained in-process on the tiny corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    texts = [d for lang in WORDS for d in corpus(lang, 50, 0)]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def write_model_folder(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, seed, vocab=len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_domain_files(root: Path, langs=("en", "fr", "es")) -> dict[str, dict[str, Path]]:
+    """train/test text per language under root/<lang>/."""
+    out = {}
+    for lang in langs:
+        d = root / lang
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "train.txt").write_text("\n".join(corpus(lang, 120, 1)) + "\n")
+        (d / "test.txt").write_text("\n".join(corpus(lang, 30, 2)) + "\n")
+        out[lang] = {"train": d / "train.txt", "test": d / "test.txt"}
+    gen = root / "general.jsonl"
+    import json
+
+    gen.write_text("\n".join(json.dumps({"question": q, "answer": a})
+                             for q, a in zip(corpus("en", 60, 3), corpus("en", 60, 4))) + "\n")
+    out["general"] = {"train": gen}
+    return out
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory) -> Path:
+    return write_model_folder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen_folder(tmp_path_factory) -> Path:
+    return write_model_folder(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    return write_domain_files(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config_dict(model_folder: Path, data: dict, out: Path, langs=("en", "fr"), **train) -> dict:
+    """A decompose config (as YAML would give it) for a tiny model: a few quick steps."""
+    return {
+        "model": str(model_folder),
+        "domains": {lang: {"train": [str(data[lang]["train"])], "test": [str(data[lang]["test"])]} for lang in langs},
+        "general": [str(data["general"]["train"])],
+        "target_sparsity": 0.25,
+        "output": str(out),
+        "memory": {"lora_rank": 4, "kv_tokens": 4},
+        "train": {"steps": 8, "batch_size": 2, "seq_len": 16, "reg_every": 4, "calibration_tokens": 64,
+                  "warmup_frac": 0.25, "consolidate_frac": 0.25, **train},
+    }
