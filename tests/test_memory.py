@@ -45,7 +45,7 @@ def test_mixed_memories_in_one_batch_match_single_rows(arch):
     """Each row of a mixed batch gets its own LoRA delta and KV prefix (different lengths too)."""
     km = KoffModel(tiny_model(arch))
     torch.manual_seed(1)
-    for name, m in (("a", 4), ("b", 7)):
+    for name, m in (("m1", 4), ("m2", 7)):
         k, v = km.capture_kv(torch.randint(3, 150, (m,)))
         km.add_memory(name, lora=lora_config(4), kv=KVMemory(k + 0.1 * torch.randn_like(k), v))
     with torch.no_grad():  # make the LoRA deltas non-zero and different
@@ -53,7 +53,7 @@ def test_mixed_memories_in_one_batch_match_single_rows(arch):
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     x = torch.randint(3, 150, (3, 8))
-    names = ["a", "b", None]
+    names = ["m1", "m2", None]
     with torch.no_grad():
         mixed = km(x, memory=names)
         for i, n in enumerate(names):
@@ -76,17 +76,17 @@ def test_sink_tokens_never_train():
 
 def test_gradients_reach_only_gates_and_the_active_memory():
     km = KoffModel(tiny_model("qwen2"), NeuronGates.for_model(tiny_model("qwen2")))
-    for name in ("a", "b"):
+    for name in ("m1", "m2"):
         k, v = km.capture_kv(torch.randint(3, 150, (4,)))
         km.add_memory(name, lora=lora_config(4), kv=KVMemory(k, v, num_frozen=0))
     x = torch.randint(3, 150, (2, 10))
     km.gates.resample()
-    lm_loss(km(x, memory="b"), x).backward()
+    lm_loss(km(x, memory="m2"), x).backward()
     with_grad = {n for n, p in km.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any(n.startswith("gates.") for n in with_grad)
-    assert any(".b." in n and "lora_B" in n for n in with_grad)
-    assert {"kv.b.keys", "kv.b.values"} <= with_grad
-    assert not any(".a." in n or n.startswith("kv.a.") for n in with_grad)
+    assert any(".m2." in n and "lora_B" in n for n in with_grad)
+    assert {"kv.m2.keys", "kv.m2.values"} <= with_grad
+    assert not any(".m1." in n or n.startswith("kv.m1.") for n in with_grad)
     frozen = [n for n, p in km.model.named_parameters() if "lora_" not in n]
     assert frozen and not any(n in with_grad for n in frozen)
     assert all(not p.requires_grad for n, p in km.model.named_parameters() if "lora_" not in n)
@@ -104,3 +104,6 @@ def test_memory_validation():
         km(torch.randint(3, 150, (1, 4)), memory="nope")
     with pytest.raises(ValueError, match="must both be"):
         KVMemory(k, v[0])
+    for bad in ("a", "lora", "", "x/y", ".hidden", "__base__"):
+        with pytest.raises(ValueError, match="invalid memory name"):
+            km.add_memory(bad, kv=KVMemory(k, v))

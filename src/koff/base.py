@@ -115,7 +115,9 @@ def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     Returns `(model, tokenizer, source)` where `source` is the resolved path or hub id.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # koff shows its own progress
     source = resolve_model(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 
-DEMO_STEPS = 120
+DEMO_STEPS = 100
 
 
 def _files(value: str) -> tuple[str, list[Path]]:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="bundled model, en/fr/es, a few minutes of training, then evaluate")
     p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
-    _add_eval_args(p, max_tokens=8192)
+    _add_eval_args(p, max_tokens=4096)
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

@@ -28,7 +28,11 @@ class EvalSettings:
     block: int = 256
     max_tokens: int | None = None
     """Per domain: score only the first max_tokens test tokens (None: the whole split)."""
-    batch_size: int = 8
+    batch_size: int = 4
+    swap: bool = True
+    """Score every memory on every domain (False: each memory on its own domain only)."""
+    dense: bool = True
+    """Also score the dense base model (and dense + memories when the run has a reference)."""
 
 
 @dataclass
@@ -92,7 +96,6 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     sets = {d.name: test_set(d, tok, settings) for d in domains}
     names = [d.name for d in domains]
     memories = [m for m in sorted(run.memories) if m in names] + [m for m in sorted(run.memories) if m not in names]
-    cells = {}
 
     def score(label: str, model_: KoffModel, memory, domain: str) -> dict:
         desc = f"{label} | {domain}" if progress else None
@@ -100,10 +103,11 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
 
     rows: dict[str, dict] = {}
     pruned = km.gates is not None
-    if pruned:
-        km.gates.mode = "off"
-    rows["dense"] = {d: score("dense", km, None, d) for d in names}
-    ref = run.reference
+    if settings.dense:
+        if pruned:
+            km.gates.mode = "off"
+        rows["dense"] = {d: score("dense", km, None, d) for d in names}
+    ref = run.reference if settings.dense else None
     if ref is not None:
         ref_km, _ = build_model(ref, model)
         rows["dense + memories"] = {d: score("dense + memories", ref_km, d, d) for d in names if d in ref.memories}
@@ -115,9 +119,12 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     swap = {}
     for m in memories:
         for d in names:
-            swap[(m, d)] = score(f"{label} + memory {m}", km, m, d)
+            if settings.swap or m == d:
+                swap[(m, d)] = score(f"{label} + memory {m}", km, m, d)
     if memories:
         rows[f"{label} + own memory"] = {d: swap[(d, d)] for d in names if (d, d) in swap}
+    if not rows:
+        raise ValueError(f"{run_dir}: nothing to evaluate (no gates, no memories, dense scoring off)")
     subsets = ["test"] + sorted({s for ts in sets.values() for s in ts.subsets})
     result = {
         "run": str(run.path),
@@ -126,12 +133,12 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
         "sparsity": {k: run.manifest["sparsity"][k] for k in ("ffn", "global", "global_without_embeddings")},
         "settings": asdict(settings),
         "subsets": subsets,
-        "tokens": {d: {s: v["tokens"] for s, v in rows["dense"][d].items()} for d in names},
+        "tokens": {d: {s: v["tokens"] for s, v in next(iter(rows.values()))[d].items()} for d in names},
         "rows": rows,
         "swap": {"memories": memories, "domains": names,
-                 **{s: [[swap[(m, d)].get(s, {}).get("ppl") for d in names] for m in memories] for s in subsets}},
+                 **{s: [[swap.get((m, d), {}).get(s, {}).get("ppl") for d in names] for m in memories]
+                    for s in subsets}},
     }
-    cells.update(result)
     if write:
         out = Path(run_dir) / "eval"
         atomic_write_text(out / "perplexity.json", json.dumps(result, indent=2))

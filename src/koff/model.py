@@ -8,6 +8,8 @@ the backbone is never reloaded or copied.
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +21,7 @@ from .gates import NeuronGates
 from .memory import KVMemory, capture_kv, prefix_cache
 
 MemorySpec = str | None | Sequence[str | None]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class KoffModel(nn.Module):
@@ -46,15 +49,18 @@ class KoffModel(nn.Module):
         """Add a memory: `lora` is a peft LoraConfig (or None), `kv` a KVMemory (or None)."""
         if name in self.memory_names:
             raise ValueError(f"memory {name!r} already exists")
-        if name in ("__base__", "") or "/" in name or name.startswith("."):
-            raise ValueError(f"invalid memory name {name!r}")
+        if not _NAME.fullmatch(name) or name == "__base__" or name in "lora_":
+            raise ValueError(f"invalid memory name {name!r}: use letters, digits, '_', '-' or '.', starting with a "
+                             "letter or digit (and not a piece of 'lora_', which peft reserves)")
         if lora is not None:
             from peft import PeftModel, get_peft_model
 
             if isinstance(self.model, PeftModel):
                 self.model.add_adapter(name, lora)
             else:
-                self.model = get_peft_model(self.model, lora, adapter_name=name)
+                with warnings.catch_warnings():  # peft probes a deprecated transformers attribute
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                    self.model = get_peft_model(self.model, lora, adapter_name=name)
                 self.model.eval()
                 if self.gates is not None:  # re-hook onto the LoRA-wrapped down_proj
                     self.gates.attach(self.model)
