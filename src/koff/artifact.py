@@ -157,9 +157,13 @@ def _lora_config_dict(cfg) -> dict:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def write_memory(folder: Path, rec: MemoryRecord, base_source: str | None = None) -> dict[str, str]:
-    """Write one memory's files into `folder` (which must exist and be empty); returns hashes."""
+def write_memory(folder: Path, rec: MemoryRecord, base_source: str | None = None,
+                 extra: dict[str, bytes] | None = None) -> dict[str, str]:
+    """Write one memory's files into `folder` (which must exist and be empty); returns hashes.
+    `extra` files (e.g. the memory's training metrics) are written and hashed alongside."""
     files: dict[str, str] = {}
+    for fname, data in (extra or {}).items():
+        (folder / fname).write_bytes(data)
     if rec.lora_state is not None:
         cfg = dict(rec.lora_config or {})
         cfg["base_model_name_or_path"] = base_source
@@ -218,11 +222,12 @@ def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log
     (folder / "koff.json").write_text(json.dumps(manifest, indent=2))
 
 
-def add_memory(run_dir: Path, rec: MemoryRecord, base_source: str | None = None, overwrite: bool = False) -> Path:
+def add_memory(run_dir: Path, rec: MemoryRecord, base_source: str | None = None, overwrite: bool = False,
+               extra: dict[str, bytes] | None = None) -> Path:
     """Add (or with `overwrite`, replace) one memory in an existing run; other files are untouched."""
     final = Path(run_dir) / "memories" / rec.name
     with atomic_directory(final, overwrite=overwrite) as tmp:
-        write_memory(tmp, rec, base_source)
+        write_memory(tmp, rec, base_source, extra)
     return final
 
 

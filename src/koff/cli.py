@@ -156,6 +156,51 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    out = export_run(args.run, args.out, model=args.model, overwrite=args.overwrite)
+    import json
+
+    m = json.loads((out / "koff_backbone.json").read_text())
+    p = m["parameters"]
+    print(f"wrote {out}: backbone {p['backbone']:,} parameters (dense {p['dense']:,}, "
+          f"{1 - p['backbone'] / p['dense']:.1%} removed), memories: {', '.join(m['memories']) or 'none'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .artifact import build_model, load_run
+    from .generate import generate
+
+    km, tok = build_model(load_run(args.run), model=args.model)
+    memory = None if args.memory in (None, "none") else args.memory
+    for prompt, text in zip(args.prompt, generate(km, tok, args.prompt, memory, max_new_tokens=args.max_new_tokens,
+                                                  temperature=args.temperature, seed=args.seed, chat=args.chat)):
+        print(f"[{memory or 'backbone'}] {prompt}{'' if args.chat else ''}\033[1m{text}\033[0m" if sys.stdout.isatty()
+              else f"[{memory or 'backbone'}] {prompt}{text}")
+    return 0
+
+
+def cmd_add_domain(args) -> int:
+    from .data import Domain, bundled_domain
+    from .train import add_domain
+
+    if args.train:
+        domain = Domain(name=args.name, train=list(args.train), test=list(args.test or []), text_field=args.text_field)
+    else:
+        domain = bundled_domain(args.name)
+    general = None
+    if args.general:
+        from .data import general_files
+
+        general = general_files() if args.general == ["bundled"] else [] if args.general == ["none"] else args.general
+    path = add_domain(args.run, domain, steps=args.steps, general=general, reference=not args.no_reference,
+                      overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"koff {__version__}")
@@ -176,6 +221,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
     _add_eval_args(p, max_tokens=4096)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="physically smaller backbone + memories in standard (peft) formats")
+    p.add_argument("run", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--model", help="base model location, if it moved since the run was made")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate text with the backbone and a memory")
+    p.add_argument("run", type=Path)
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--memory", help="memory name (default: the bare backbone)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--model", help="base model location, if it moved since the run was made")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("add-domain", help="train a new memory on a run's frozen backbone and add it")
+    p.add_argument("run", type=Path)
+    p.add_argument("--name", required=True, help="memory name (a bundled language when no --train is given)")
+    p.add_argument("--train", type=Path, nargs="+", help="training files (.txt or .jsonl)")
+    p.add_argument("--test", type=Path, nargs="+", help="test files")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--general", nargs="+", help="general data for regularization ('bundled', 'none' or files; "
+                                                "default: the run's)")
+    p.add_argument("--steps", type=int, help="training steps (default: the run's)")
+    p.add_argument("--no-reference", action="store_true", help="skip training it on the dense reference too")
+    p.add_argument("--overwrite", action="store_true", help="replace a memory of the same name")
+    p.set_defaults(func=cmd_add_domain)
 
     args = parser.parse_args(argv)
     from .artifact import ArtifactError

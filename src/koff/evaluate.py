@@ -95,7 +95,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     domains = _domains_of(run)
     sets = {d.name: test_set(d, tok, settings) for d in domains}
     names = [d.name for d in domains]
-    memories = [m for m in sorted(run.memories) if m in names] + [m for m in sorted(run.memories) if m not in names]
+    memories = [n for n in names if n in run.memories] + [m for m in sorted(run.memories) if m not in names]
 
     def score(label: str, model_: KoffModel, memory, domain: str) -> dict:
         desc = f"{label} | {domain}" if progress else None

@@ -110,38 +110,46 @@ class KoffModel(nn.Module):
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, memory: MemorySpec = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for `input_ids` [B, T] with the given memory per batch (a name), per
-        row (a list of names/None), or none. `attention_mask` [B, T] marks real tokens (left
-        padding allowed)."""
-        batch, length = input_ids.shape
+    def row_names(self, memory: MemorySpec, batch: int) -> list[str | None]:
+        """One memory name (or None) per batch row, validated."""
         names = [memory] * batch if memory is None or isinstance(memory, str) else list(memory)
         if len(names) != batch:
             raise ValueError(f"{len(names)} memory names for a batch of {batch}")
         for n in names:
             if n is not None and n not in self.memory_names:
                 raise KeyError(f"no memory named {n!r}; have {self.memory_names}")
+        return names
+
+    def prefix(self, names: list[str | None]):
+        """The KV prefix for these rows: `(cache, prefix_mask [B, M], prefix_len [B])`."""
         kvs = [self.kv[n] if n is not None and n in self.kv else None for n in names]
-        cache, prefix_mask, prefix_len = prefix_cache(kvs, self.model.config)
+        return prefix_cache(kvs, self.model.config)
+
+    def run(self, input_ids: torch.Tensor, names: list[str | None], **kwargs):
+        """Call the underlying model with each row's LoRA adapter active (the model output)."""
+        with self._lora_context(names):
+            return self.model(input_ids=input_ids, **kwargs, **self._lora_kwargs(names))
+
+    def forward(self, input_ids: torch.Tensor, memory: MemorySpec = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for `input_ids` [B, T] with the given memory per batch (a name), per
+        row (a list of names/None), or none. `attention_mask` [B, T] marks real tokens (left
+        padding allowed)."""
+        names = self.row_names(memory, input_ids.shape[0])
+        cache, prefix_mask, prefix_len = self.prefix(names)
         prefix_mask = prefix_mask.to(input_ids.device)
         prefix_len = prefix_len.to(input_ids.device)
         tokens_mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                        else attention_mask.bool())
         position_ids = prefix_len[:, None] + (tokens_mask.long().cumsum(-1) - 1).clamp(min=0)
-        kwargs: dict = {"position_ids": position_ids}
+        kwargs: dict = {"position_ids": position_ids, "use_cache": cache is not None}
         if cache is not None:
             kwargs["past_key_values"] = cache
-            kwargs["use_cache"] = True
-        else:
-            kwargs["use_cache"] = False
         if cache is not None and (attention_mask is not None or not bool(prefix_mask.all())):
             kwargs["attention_mask"] = torch.cat([prefix_mask, tokens_mask], dim=1).long()
         elif cache is None and attention_mask is not None:
             kwargs["attention_mask"] = tokens_mask.long()
-        with self._lora_context(names):
-            out = self.model(input_ids=input_ids, **{**kwargs, **self._lora_kwargs(names)})
-        return out.logits
+        return self.run(input_ids, names, **kwargs).logits
 
     def _lora_kwargs(self, names: list) -> dict:
         if not self.lora_names or len(set(names)) == 1:
@@ -150,13 +158,10 @@ class KoffModel(nn.Module):
         return {"adapter_names": [n if n in self.lora_names else "__base__" for n in names]}
 
     def _lora_context(self, names: list):
-        if not self.lora_names:
+        if not self.lora_names or len(set(names)) > 1:
             return contextlib.nullcontext()
-        if len(set(names)) > 1:
-            return contextlib.nullcontext()
-        name = names[0]
-        if name in self.lora_names:
-            self._use_lora(name)
+        if names[0] in self.lora_names:
+            self._use_lora(names[0])
             return contextlib.nullcontext()
         return self.model.disable_adapter()
 

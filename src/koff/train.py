@@ -258,3 +258,58 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
             ref.mkdir()
             train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories")
     return Path(cfg.output)
+
+
+def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
+               reference: bool = True, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train one new memory on a run's frozen backbone (mask fixed) and add it to the run.
+
+    Uses the run's memory and training configuration (`steps` overrides the step count). No
+    existing file of the run changes: the memory lands in RUN/memories/NAME with its own manifest
+    and metrics. With `reference`, and when the run has a dense + memories reference, the same
+    memory is trained on the dense model too, so `evaluate` can show its upper bound.
+    """
+    import dataclasses
+    import tempfile
+
+    from .artifact import add_memory as store_memory
+    from .artifact import build_model, load_run, memory_record
+    from .config import ConfigError
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    if domain.name in run.memories and not overwrite:
+        raise ConfigError(f"{run_dir}: a memory named {domain.name!r} exists already (pass --overwrite to replace it)")
+    training = run.manifest["training"]
+    mem_cfg = MemoryConfig(**training["memory"])
+    if mem_cfg.empty:
+        raise ConfigError(f"{run_dir}: the run was trained without memories; there is nothing to add")
+    train_cfg = TrainConfig(**training["train"])
+    if steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, steps=steps)
+    if general is None:
+        general = [Path(p) for p in training.get("general", [])]
+    if not general:
+        train_cfg = dataclasses.replace(train_cfg, reg_every=0)
+    known = [Domain.from_dict(d) for name, d in run.manifest.get("data", {}).items() if name != "general"]
+    check_no_test_leak(known + [domain], general)
+
+    targets = [(run, run_dir)]
+    ref = run.reference if reference else None
+    if ref is not None:
+        targets.append((ref, run_dir / "reference"))
+    for target, folder in targets:
+        km, tok = build_model(target, memories=[])
+        streams = build_streams([domain], general, tok, train_cfg, mem_cfg.kv_tokens)
+        add_memories(km, [domain.name], streams.kv_init, mem_cfg, train_cfg.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = Path(tmp) / "metrics.jsonl"
+            summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
+                              memories=[domain.name], progress=progress,
+                              desc=f"add-domain {domain.name}" + (" (reference)" if target is ref else ""))
+            rec = memory_record(km, domain.name, {"domain": domain.name, "data": domain.to_dict(), "added_after": True,
+                                                  "trained_steps": train_cfg.steps, "metrics": summary,
+                                                  "general": [str(p) for p in general]})
+            store_memory(folder, rec, target.manifest["base_model"]["source"], overwrite=overwrite,
+                         extra={"metrics.jsonl": metrics.read_bytes()})
+    return run_dir / "memories" / domain.name

@@ -1,0 +1,73 @@
+"""Text generation with memories swapped per request.
+
+`generate` takes a batch of prompts and one memory name per prompt: every row gets its own LoRA
+delta (peft's mixed-adapter batches) and its own KV prefix (rows with shorter or no memory are
+padded with masked slots), prompts are left-padded, and each row's positions continue after its
+own memory. The backbone is shared by all rows and never copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .model import KoffModel
+
+
+@torch.no_grad()
+def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | None | Sequence[str | None] = None,
+             max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[str]:
+    """Continue each prompt with its memory (greedy when temperature is 0); returns the new text.
+
+    `memory` is one name for the whole batch, or one name (or None for the bare backbone) per prompt.
+    `chat` wraps each prompt in the tokenizer's chat template as a user turn.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    names = km.row_names(memory, len(prompts))
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("every prompt must have at least one token")
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=torch.bool)
+    device = next(km.model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+
+    cache, prefix_mask, prefix_len = km.prefix(names)
+    if cache is None:
+        cache = DynamicCache(config=km.model.config)
+    attention = torch.cat([prefix_mask.to(device), mask], dim=1)
+    positions = prefix_len.to(device)[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    step_ids = ids
+    for _ in range(max_new_tokens):
+        logits = km.run(step_ids, names, attention_mask=attention.long(), position_ids=positions,
+                        past_key_values=cache, use_cache=True).logits[:, -1].float()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+        if eos is not None:
+            done |= nxt == eos
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+        attention = torch.cat([attention, torch.ones_like(step_ids, dtype=torch.bool)], dim=1)
+        positions = positions[:, -1:] + 1
+    return [tokenizer.decode([t for t in o if t != eos], skip_special_tokens=True) for o in out]
