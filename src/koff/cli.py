@@ -201,6 +201,21 @@ def cmd_add_domain(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analysis import LapeSettings, analyze_run
+
+    settings = LapeSettings(tokens=args.tokens, specific_rate=args.specific_rate,
+                            activation_quantile=args.activation_quantile, general_rate=args.general_rate)
+    out = analyze_run(args.run, settings, baselines=tuple(args.baselines), model=args.model)
+    for name, r in out["masks"].items():
+        sp, ge = r["specific"], r["general"]
+        print(f"{name:10} specific: OR {sp['odds_ratio']:.2f} [{sp['ci95'][0]:.2f}, {sp['ci95'][1]:.2f}] "
+              f"p={sp['fisher_p']:.2g} | general: OR {ge['odds_ratio']:.2f} [{ge['ci95'][0]:.2f}, "
+              f"{ge['ci95'][1]:.2f}] p={ge['fisher_p']:.2g}")
+    print(f"wrote {args.run / 'analysis'} (specialization.json, .md, plots)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"koff {__version__}")
@@ -252,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip training it on the dense reference too")
     p.add_argument("--overwrite", action="store_true", help="replace a memory of the same name")
     p.set_defaults(func=cmd_add_domain)
+
+    p = sub.add_parser("analyze", help="which neurons did offloading remove? (LAPE + enrichment statistics)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per language for activation counts")
+    p.add_argument("--specific-rate", type=float, default=0.01)
+    p.add_argument("--activation-quantile", type=float, default=0.95)
+    p.add_argument("--general-rate", type=float, default=0.01)
+    p.add_argument("--baselines", nargs="*", default=["magnitude", "wanda-sp"], choices=["magnitude", "wanda-sp", "flap"])
+    p.add_argument("--model", help="base model location, if it moved since the run was made")
+    p.set_defaults(func=cmd_analyze)
 
     args = parser.parse_args(argv)
     from .artifact import ArtifactError

@@ -60,6 +60,8 @@ class TrainConfig:
     """"wanda-sp", "flap", "magnitude" (log_alpha from per-layer z-scores of that score) or "constant"."""
     gate_init_center: float = 3.0
     gate_init_scale: float = 2.0
+    log_alpha_limit: float = 4.605
+    """log_alpha is clamped to [-limit, limit] (Sheared-LLaMA: log 1e2), so gradients never vanish."""
     calibration_tokens: int = 4096
     """Tokens of each domain's train text used for activation statistics."""
     mask_scope: str = "global"

@@ -192,13 +192,15 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
 def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
     from .scores import activation_stats, log_alpha_from_scores, neuron_scores
 
+    limits = (-cfg.log_alpha_limit, cfg.log_alpha_limit)
     if cfg.gate_init == "constant":
-        return NeuronGates.for_model(base, init=cfg.gate_init_center)
+        return NeuronGates.for_model(base, init=cfg.gate_init_center, log_alpha_range=limits)
     stats = None
     if cfg.gate_init != "magnitude":
         stats = activation_stats(base, calibration_batches(streams, cfg.calibration_tokens, cfg.seq_len))
     scores = neuron_scores(cfg.gate_init, base, stats)
-    return NeuronGates.for_model(base, init=log_alpha_from_scores(scores, cfg.gate_init_center, cfg.gate_init_scale))
+    return NeuronGates.for_model(base, init=log_alpha_from_scores(scores, cfg.gate_init_center, cfg.gate_init_scale),
+                                 log_alpha_range=limits)
 
 
 def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: bool = True,
