@@ -115,6 +115,8 @@ class Run:
     keep: list[torch.Tensor] | None
     log_alpha: list[torch.Tensor] | None
     memories: dict[str, MemoryRecord]
+    bias: list[torch.Tensor] | None = None
+    """FLAP bias compensation added to each layer's down_proj output (one-shot FLAP runs only)."""
 
     @property
     def domains(self) -> list[str]:
@@ -191,8 +193,12 @@ def write_memory(folder: Path, rec: MemoryRecord, base_source: str | None = None
     return files
 
 
-def save_mask(folder: Path, keep: list[torch.Tensor], log_alpha: list[torch.Tensor] | None) -> None:
+def save_mask(folder: Path, keep: list[torch.Tensor], log_alpha: list[torch.Tensor] | None,
+              bias: list[torch.Tensor] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    if bias is not None:
+        save_file({f"layers.{i}.down_bias": b.detach().float().cpu().contiguous() for i, b in enumerate(bias)},
+                  str(folder / "bias.safetensors"), metadata={"format": "pt"})
     save_file({f"layers.{i}.keep": k.to(torch.uint8).contiguous() for i, k in enumerate(keep)},
               str(folder / "mask.safetensors"), metadata={"format": "pt"})
     if log_alpha is not None:
@@ -201,13 +207,13 @@ def save_mask(folder: Path, keep: list[torch.Tensor], log_alpha: list[torch.Tens
 
 
 def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log_alpha: list[torch.Tensor] | None,
-              memories: list[MemoryRecord], config_yaml: str) -> None:
+              memories: list[MemoryRecord], config_yaml: str, bias: list[torch.Tensor] | None = None) -> None:
     """Write a complete run into a temporary folder (which may already hold metrics.jsonl).
     koff.json lists the sha256 of every backbone-level file."""
     folder = Path(folder)
     (folder / "config.yaml").write_text(config_yaml)
     if keep is not None:
-        save_mask(folder / "backbone", keep, log_alpha)
+        save_mask(folder / "backbone", keep, log_alpha, bias)
     for rec in memories:
         d = folder / "memories" / rec.name
         d.mkdir(parents=True)
@@ -370,7 +376,7 @@ def load_run(path: Path) -> Run:
     files = _require(m, "files", dict, where)
     _check_hashes(path, files, where)
 
-    keep = log_alpha = None
+    keep = log_alpha = bias = None
     if pruned:
         tensors = _load_tensors(path / "backbone" / "mask.safetensors")
         keep = []
@@ -394,6 +400,15 @@ def load_run(path: Path) -> Run:
                     raise ArtifactError(f"{path / 'backbone/gates.safetensors'}: tensor 'layers.{i}.log_alpha' "
                                         f"missing or not of shape [{width}]")
                 log_alpha.append(t)
+        if (path / "backbone" / "bias.safetensors").is_file():
+            b = _load_tensors(path / "backbone" / "bias.safetensors")
+            bias = []
+            for i in range(geometry.num_layers):
+                t = b.get(f"layers.{i}.down_bias")
+                if t is None or list(t.shape) != [geometry.hidden_size]:
+                    raise ArtifactError(f"{path / 'backbone/bias.safetensors'}: tensor 'layers.{i}.down_bias' "
+                                        f"missing or not of shape [{geometry.hidden_size}]")
+                bias.append(t)
 
     memories = {}
     mem_root = path / "memories"
@@ -406,7 +421,7 @@ def load_run(path: Path) -> Run:
         missing = [d for d in domains if d not in memories]
         if missing:
             raise ArtifactError(f"{path}: domains {missing} are listed in koff.json but have no memories/<name> folder")
-    return Run(path=path, manifest=m, keep=keep, log_alpha=log_alpha, memories=memories)
+    return Run(path=path, manifest=m, keep=keep, log_alpha=log_alpha, memories=memories, bias=bias)
 
 
 def check_base(run: Run, source: str, fingerprint: str) -> None:
@@ -480,6 +495,7 @@ def build_model(run: Run, model: str | None = None, memories: list[str] | None =
     if run.keep is not None:
         gates = NeuronGates.for_model(base, init=run.log_alpha if run.log_alpha is not None else 3.0)
         gates.set_mask(run.keep)
+        gates.set_bias(run.bias)
         gates.requires_grad_(False)
     km = KoffModel(base, gates)
     for name in memories if memories is not None else list(run.memories):

@@ -13,6 +13,9 @@ from .memory import LORA_TARGETS
 from .sparsity import CONTROLLERS
 
 
+MASKS = ("learned", "magnitude", "wanda-sp", "flap")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or invalid."""
 
@@ -84,6 +87,9 @@ class DecomposeConfig:
     """Also train dense + memories the same way (no gates) into OUTPUT/reference."""
     prune: bool = True
     """False: no gates at all (the dense + memories run itself)."""
+    mask: str = "learned"
+    """"learned": koff's gates. "magnitude", "wanda-sp" or "flap": a one-shot mask from that score
+    at s* (train.mask_scope ranking), fixed from step 0; only memories train (a baseline)."""
 
     def validate(self) -> None:
         if not self.domains:
@@ -94,6 +100,8 @@ class DecomposeConfig:
         for d in self.domains:
             if not d.train:
                 raise ConfigError(f"domain {d.name!r} has no training files")
+        if self.mask not in MASKS:
+            raise ConfigError(f"mask must be one of {MASKS}, got {self.mask!r}")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ConfigError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
         t, m = self.train, self.memory
@@ -126,6 +134,7 @@ class DecomposeConfig:
             "train": dataclasses.asdict(self.train),
             "reference": self.reference,
             "prune": self.prune,
+            "mask": self.mask,
             "output": str(self.output),
         }
 
@@ -193,7 +202,7 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
     """Build and validate a DecomposeConfig from a YAML-like mapping."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    known = {"model", "domains", "general", "target_sparsity", "memory", "train", "reference", "prune", "output"}
+    known = {"model", "domains", "general", "target_sparsity", "memory", "train", "reference", "prune", "mask", "output"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
@@ -228,6 +237,7 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
         train=_section(TrainConfig, raw.get("train"), f"{source}: train"),
         reference=bool(raw.get("reference", True)),
         prune=bool(raw.get("prune", True)),
+        mask=str(raw.get("mask", "learned")),
     )
     cfg.validate()
     return cfg

@@ -66,14 +66,26 @@ def prune_model(model: nn.Module, keep: list[torch.Tensor]) -> list[torch.Tensor
     return kept
 
 
-def _resize_to(model: nn.Module, widths: list[int]) -> None:
+def add_down_bias(model: nn.Module, bias: list[torch.Tensor]) -> None:
+    """Fold a per-layer output bias (FLAP compensation) into each down_proj."""
+    for mlp, b in zip(gated_mlps(model), bias):
+        old = mlp.down_proj
+        new = nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(b.to(old.weight.dtype) + (old.bias if old.bias is not None else 0))
+        new.requires_grad_(False)
+        mlp.down_proj = new
+
+
+def _resize_to(model: nn.Module, widths: list[int], down_bias: bool = False) -> None:
     """Swap each layer's FFN linears for empty ones of the given width (weights loaded later)."""
     for mlp, w in zip(gated_mlps(model), widths):
         for name in FFN_ROWS:
             old = getattr(mlp, name)
             setattr(mlp, name, nn.Linear(old.in_features, w, bias=old.bias is not None, dtype=old.weight.dtype))
         old = mlp.down_proj
-        mlp.down_proj = nn.Linear(w, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype)
+        mlp.down_proj = nn.Linear(w, old.out_features, bias=down_bias or old.bias is not None, dtype=old.weight.dtype)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = w
 
@@ -132,6 +144,8 @@ def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bo
     check_base(run, source, fp)
     dense_counts = parameter_counts(base)
     kept = prune_model(base, run.keep)
+    if run.bias is not None:
+        add_down_bias(base, run.bias)
     counts = parameter_counts(base)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         state = {k: v.contiguous() for k, v in base.state_dict().items()}
@@ -171,6 +185,7 @@ def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bo
             "source_run": str(Path(run_dir).resolve()),
             "base_model": dict(run.manifest["base_model"]),
             "intermediate_sizes": [int(k.numel()) for k in kept],
+            "down_proj_bias": run.bias is not None,
             "target_sparsity": run.target_sparsity,
             "sparsity": run.manifest["sparsity"],
             "parameters": {"dense": dense_counts["total"], "backbone": counts["total"]},
@@ -219,7 +234,7 @@ def load_backbone(folder: Path, dtype: torch.dtype = torch.float32):
     if len(widths) != len(gated_mlps(model)):
         raise ArtifactError(f"{folder / 'koff_backbone.json'}: {len(widths)} layer widths for a model of "
                             f"{len(gated_mlps(model))} layers")
-    _resize_to(model, widths)
+    _resize_to(model, widths, down_bias=bool(m.get("down_proj_bias", False)))
     try:
         state = load_file(str(folder / "model.safetensors"))
     except Exception as e:

@@ -91,6 +91,7 @@ class NeuronGates(nn.Module):
         self.mode = "sample"
         self._z: list[torch.Tensor | None] = [None] * len(tensors)
         self._mask: list[torch.Tensor] | None = None
+        self.bias: list[torch.Tensor] | None = None
         self._handles: list = []
         self.clamp_()
 
@@ -112,7 +113,22 @@ class NeuronGates(nn.Module):
         self.detach()
         for i, mlp in enumerate(gated_mlps(model)):
             self._handles.append(mlp.down_proj.register_forward_pre_hook(self._hook(i)))
+            self._handles.append(mlp.down_proj.register_forward_hook(self._bias_hook(i)))
         return self
+
+    def _bias_hook(self, layer: int):
+        def add(module, args, output):
+            if self.mode != "mask" or self.bias is None:
+                return None
+            return output + self.bias[layer].to(dtype=output.dtype)
+
+        return add
+
+    def set_bias(self, bias: Sequence[torch.Tensor] | None) -> None:
+        """Per-layer vectors added to down_proj's output whenever the fixed mask is applied: the
+        mean contribution of the pruned neurons (FLAP's bias compensation). None removes them."""
+        dev = self.log_alpha[0].device
+        self.bias = None if bias is None else [b.detach().float().to(dev) for b in bias]
 
     def detach(self) -> None:
         for h in self._handles:

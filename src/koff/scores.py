@@ -129,3 +129,14 @@ def log_alpha_from_scores(scores: list[torch.Tensor], center: float = 3.0, scale
         z = (ls - ls.mean()) / ls.std().clamp(min=1e-12)
         out.append((center + scale * z).float())
     return out
+
+
+def flap_compensation(model: nn.Module, stats: ActivationStats, keep: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FLAP's bias compensation: per layer, sum over pruned neurons j of W_down[:, j] * E[X_j], the
+    mean output the pruned neurons would have added."""
+    out = []
+    for m, mean, k in zip(gated_mlps(model), stats.mean, keep):
+        w = _linear(m.down_proj).weight.double()
+        removed = ~k.bool()
+        out.append((w[:, removed] @ mean[removed]).float() if removed.any() else torch.zeros(w.shape[0]))
+    return out

@@ -189,6 +189,25 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
             "final_loss": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in last_loss.items()}}
 
 
+def _oneshot_gates(base, streams: Streams, kind: str, sparsity: float, cfg: TrainConfig) -> NeuronGates:
+    """A fixed one-shot mask at `sparsity` from a neuron score (FLAP adds its bias compensation)."""
+    from .gates import topk_keep_mask
+    from .scores import activation_stats, flap_compensation, log_alpha_from_scores, neuron_scores
+
+    stats = None
+    if kind != "magnitude":
+        stats = activation_stats(base, calibration_batches(streams, cfg.calibration_tokens, cfg.seq_len))
+    scores = neuron_scores(kind, base, stats)
+    keep = topk_keep_mask(scores, sparsity, scope=cfg.mask_scope)
+    gates = NeuronGates.for_model(base, init=log_alpha_from_scores(scores, cfg.gate_init_center, cfg.gate_init_scale),
+                                  log_alpha_range=(-cfg.log_alpha_limit, cfg.log_alpha_limit))
+    gates.set_mask(keep)
+    gates.requires_grad_(False)
+    if kind == "flap":
+        gates.set_bias(flap_compensation(base, stats, keep))
+    return gates
+
+
 def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
     from .scores import activation_stats, log_alpha_from_scores, neuron_scores
 
@@ -212,14 +231,23 @@ def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: boo
 
     base, tok, source = load_base(cfg.model)
     streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, cfg.memory.kv_tokens)
-    gates = _init_gates(base, streams, cfg.train) if prune else None
+    learned = prune and cfg.mask == "learned"
+    gates = None
+    if learned:
+        gates = _init_gates(base, streams, cfg.train)
+    elif prune:
+        gates = _oneshot_gates(base, streams, cfg.mask, cfg.target_sparsity, cfg.train)
     km = KoffModel(base, gates)
     names = [d.name for d in cfg.domains]
     if not cfg.memory.empty:
         add_memories(km, names, streams.kv_init, cfg.memory, cfg.train.seed)
     metrics_path = out / "metrics.jsonl"
-    summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
-                      learn_gates=prune, desc=desc, progress=progress)
+    if learned or not cfg.memory.empty:
+        summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
+                          learn_gates=learned, desc=desc, progress=progress)
+    else:  # a one-shot mask and no memories: nothing to train
+        metrics_path.write_text("")
+        summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
     keep = gates.mask if prune else None
     geo = inspect_model(base)
     report = sparsity_report(base, keep, cfg.target_sparsity if prune else 0.0)
@@ -237,7 +265,8 @@ def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: boo
         "metrics": summary,
     }
     records = [memory_record(km, n, {"domain": n, "trained_steps": cfg.train.steps}) for n in km.memory_names]
-    write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg))
+    write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg),
+              bias=gates.bias if prune else None)
     return km
 
 
