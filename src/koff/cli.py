@@ -216,6 +216,23 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    ids = compare(args.config, only=args.only, limit=args.limit, dry_run=args.dry_run)
+    verb = "would run" if args.dry_run else "ran"
+    print(f"{verb} {len(ids)} cell(s)" + (":\n  " + "\n  ".join(ids) if ids else " (every cell has a result)"))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    path = report(args.results)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"koff {__version__}")
@@ -277,6 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", nargs="*", default=["magnitude", "wanda-sp"], choices=["magnitude", "wanda-sp", "flap"])
     p.add_argument("--model", help="base model location, if it moved since the run was made")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compare", help="run a grid of methods x seeds (skips cells that have results)")
+    p.add_argument("config", type=Path, help="grid config (YAML), e.g. configs/grid.yaml")
+    p.add_argument("--only", nargs="+", help="run only cells whose id contains one of these")
+    p.add_argument("--limit", type=int, help="run at most N cells this time")
+    p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="Markdown tables + PNG plots from the cells of `koff compare`")
+    p.add_argument("results", type=Path, help="the grid's results folder (holding cells/)")
+    p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
     from .artifact import ArtifactError

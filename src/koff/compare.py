@@ -1,0 +1,260 @@
+"""`koff compare CONFIG`: run a grid of methods x seeds (plus one-seed sweeps) on the same frozen
+base model, data and token budget, one JSON result per cell.
+
+The grid config (YAML) names a shared `base` decompose config, the `methods` (overrides of it),
+the `seeds`, optional `sweeps`, the evaluation budget and where results go. A cell whose JSON
+exists is skipped, so a grid can be filled over several invocations; cells are written
+atomically as they finish. `koff report DIR` turns the cells into tables and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .config import ConfigError, config_from_dict
+
+
+@dataclass
+class Cell:
+    id: str
+    method: str
+    group: str
+    """"main" or the sweep's name."""
+    seed: int
+    config: dict
+    kind: str = "decompose"
+    """"decompose" (train, or a one-shot mask) or "dense" (the unpruned base model, no training)."""
+    setting: dict = field(default_factory=dict)
+    """The sweep's override for this cell (empty in the main table)."""
+    deterministic: bool = False
+    """No randomness (dense, one-shot masks without training): run for the first seed only."""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=,-]+", "-", text).strip("-")
+
+
+def _setting_slug(setting: dict) -> str:
+    flat = []
+
+    def walk(prefix, d):
+        for k, v in sorted(d.items()):
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat.append(f"{k}={v}")
+
+    walk("", setting)
+    return _slug(",".join(flat))
+
+
+def load_grid(path: Path) -> dict:
+    """Read and check a grid config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid config {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    for key in ("base", "methods"):
+        if not isinstance(spec.get(key), dict):
+            raise ConfigError(f"{path}: '{key}' must be a mapping")
+    unknown = sorted(set(spec) - {"name", "results", "work", "base", "methods", "seeds", "sweeps", "eval"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {unknown}")
+    spec.setdefault("seeds", [0])
+    spec.setdefault("sweeps", {})
+    spec.setdefault("eval", {})
+    spec["_path"] = str(path)
+    return spec
+
+
+def expand(spec: dict) -> list[Cell]:
+    """Every cell of the grid: methods x seeds, then each sweep's methods x settings x seeds."""
+    cells: list[Cell] = []
+
+    def make(method: str, group: str, seed: int, setting: dict) -> Cell:
+        if method not in spec["methods"]:
+            raise ConfigError(f"{spec['_path']}: sweep {group!r} names unknown method {method!r}")
+        over = dict(spec["methods"][method] or {})
+        kind = over.pop("kind", "decompose")
+        deterministic = over.pop("deterministic", kind == "dense")
+        cfg = _merge(_merge(spec["base"], over), setting)
+        cfg.setdefault("train", {})["seed"] = seed
+        cfg["reference"] = False
+        suffix = f"__{_setting_slug(setting)}" if setting else ""
+        cid = _slug(f"{method}{suffix}__seed{seed}")
+        return Cell(cid, method, group, seed, cfg, kind, setting, deterministic)
+
+    def seeds_for(method: str, seeds: list[int]) -> list[int]:
+        if method not in spec["methods"]:
+            raise ConfigError(f"{spec['_path']}: a sweep names unknown method {method!r}")
+        m = spec["methods"][method] or {}
+        det = m.get("deterministic", m.get("kind") == "dense")
+        return seeds[:1] if det else seeds
+
+    for method in spec["methods"]:
+        for seed in seeds_for(method, spec["seeds"]):
+            cells.append(make(method, "main", seed, {}))
+    for name, sweep in spec["sweeps"].items():
+        if not isinstance(sweep, dict) or "methods" not in sweep or "settings" not in sweep:
+            raise ConfigError(f"{spec['_path']}: sweep {name!r} needs 'methods' and 'settings'")
+        for method in sweep["methods"]:
+            for setting in sweep["settings"]:
+                for seed in seeds_for(method, sweep.get("seeds", spec["seeds"][:1])):
+                    cells.append(make(method, name, seed, setting))
+    seen = {}
+    for c in cells:  # the same cell may appear in two groups: run it once
+        seen.setdefault(c.id, c)
+    return list(seen.values())
+
+
+def _curves(metrics: Path, max_points: int = 400) -> dict:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    if not rows:
+        return {}
+    stride = max(1, len(rows) // max_points)
+    keep = rows[::stride]
+    out = {"step": [r["step"] for r in keep], "loss": [r["loss"] for r in keep],
+           "kind": [r["kind"] for r in keep], "domain": [r["domain"] for r in keep]}
+    for key in ("target", "expected_sparsity", "lambda1", "lambda2", "shift", "total_shift"):
+        if any(key in r for r in keep):
+            out[key] = [r.get(key) for r in keep]
+    return out
+
+
+def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: bool) -> dict:
+    """Perplexity per domain (own memory and backbone alone) and general-ability tasks."""
+    from .artifact import build_model, load_run
+    from .base import load_base
+    from .data import Domain
+    from .evaluate import EvalSettings, block_nll, summarize, test_set
+    from .gates import sparsity_report
+    from .model import KoffModel
+    from .tasks import score_task
+
+    settings = EvalSettings(block=eval_spec.get("block", 256), max_tokens=eval_spec.get("max_tokens"),
+                            batch_size=eval_spec.get("batch_size", 4))
+    if run_dir is None:
+        cfg = config_from_dict({**cell.config, "output": "unused"}, cell.id)
+        base, tok, source = load_base(cfg.model)
+        km = KoffModel(base)
+        domains = cfg.domains
+        report = sparsity_report(base, None, 0.0)
+        memories: list[str] = []
+    else:
+        run = load_run(run_dir)
+        km, tok = build_model(run)
+        domains = [Domain.from_dict(run.manifest["data"][d]) for d in run.domains]
+        report = run.manifest["sparsity"]
+        memories = sorted(run.memories)
+        source = run.manifest["base_model"]["source"]
+    sets = {d.name: test_set(d, tok, settings) for d in domains}
+    ppl = {}
+    for d in domains:
+        ts = sets[d.name]
+        row = {"backbone": summarize(block_nll(km, ts.blocks, None, settings.batch_size,
+                                               f"{cell.id} {d.name}" if progress else None), ts)}
+        if d.name in memories:
+            row["own"] = summarize(block_nll(km, ts.blocks, d.name, settings.batch_size,
+                                             f"{cell.id} {d.name}+mem" if progress else None), ts)
+        ppl[d.name] = row
+    swap = None
+    if eval_spec.get("swap_for") and cell.method in eval_spec["swap_for"] and cell.group == "main" and memories:
+        names = [d.name for d in domains]
+        swap = {"memories": memories, "domains": names, "test": []}
+        for m in memories:
+            swap["test"].append([ppl[d.name]["own"]["test"]["ppl"] if m == d.name else
+                                 summarize(block_nll(km, sets[d.name].blocks, m, settings.batch_size),
+                                           sets[d.name])["test"]["ppl"] for d in domains])
+    tasks = {}
+    for name, n in (eval_spec.get("tasks") or {}).items():
+        tasks[name] = score_task(km, tok, name, memory=None, max_items=n)
+    return {"ppl": ppl, "tasks": tasks, "sparsity": report, "swap": swap, "base_model": source,
+            "eval_settings": {"block": settings.block, "max_tokens": settings.max_tokens}}
+
+
+def run_cell(cell: Cell, spec: dict, progress: bool = True) -> Path:
+    """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically."""
+    from .artifact import atomic_write_text
+    from .train import decompose
+
+    results = Path(spec.get("results", "results")) / "cells"
+    work = Path(spec.get("work", "runs/grid"))
+    out_path = results / f"{cell.id}.json"
+    t0 = time.time()
+    run_dir = None
+    train_info = {"steps": 0, "seconds": 0.0, "tokens": 0}
+    if cell.kind == "dense":
+        pass
+    elif cell.kind == "decompose":
+        cfg = config_from_dict({**cell.config, "output": str(work / cell.id)}, cell.id)
+        decompose(cfg, overwrite=True, progress=progress)
+        run_dir = work / cell.id
+        summary = json.loads((run_dir / "koff.json").read_text())["metrics"]
+        t = cfg.train
+        trained = summary["steps"] > 0
+        train_info = {"steps": t.steps if trained else 0, "seconds": summary["seconds"],
+                      "tokens": (t.steps * t.batch_size * t.seq_len) if trained else 0}
+    else:
+        raise ConfigError(f"cell {cell.id}: unknown kind {cell.kind!r}")
+    result = evaluate_cell(cell, run_dir, spec["eval"], progress)
+    keep = None
+    if run_dir is not None:
+        from .artifact import load_run
+
+        run = load_run(run_dir)
+        if run.keep is not None:
+            keep = [float(k.float().mean()) for k in run.keep]
+    record = {
+        "id": cell.id, "method": cell.method, "group": cell.group, "seed": cell.seed, "setting": cell.setting,
+        "deterministic": cell.deterministic, "kind": cell.kind,
+        "config": cell.config, "train": train_info, "kept_fraction_per_layer": keep,
+        "curves": _curves(run_dir / "metrics.jsonl") if run_dir is not None else {},
+        "command": f"koff compare {spec['_path']}", "grid": spec.get("name"), "koff_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": round(time.time() - t0, 1),
+        **result,
+    }
+    atomic_write_text(out_path, json.dumps(record, indent=1))
+    return out_path
+
+
+def compare(config: Path, only: list[str] | None = None, limit: int | None = None, progress: bool = True,
+            dry_run: bool = False) -> list[str]:
+    """Run every missing cell of a grid (optionally only ids matching `only` substrings, at most
+    `limit` cells); returns the ids run (or, with `dry_run`, the ids that would run)."""
+    spec = load_grid(config)
+    results = Path(spec.get("results", "results")) / "cells"
+    todo = [c for c in expand(spec) if not (results / f"{c.id}.json").is_file()]
+    if only:
+        todo = [c for c in todo if any(o in c.id for o in only)]
+    if limit is not None:
+        todo = todo[:limit]
+    if dry_run:
+        return [c.id for c in todo]
+    done = []
+    for c in todo:
+        run_cell(c, spec, progress)
+        done.append(c.id)
+    return done

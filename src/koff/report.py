@@ -1,0 +1,307 @@
+"""`koff report DIR`: aggregate the cell JSONs written by `koff compare` into a Markdown report
+and PNG plots. Every table and figure states the command, model, data, steps and seeds behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .artifact import ArtifactError, atomic_write_text
+
+
+def load_cells(results: Path) -> list[dict]:
+    """All cell records under RESULTS/cells/."""
+    folder = Path(results) / "cells"
+    if not folder.is_dir():
+        raise ArtifactError(f"{results}: no cells/ folder (run `koff compare CONFIG` first)")
+    cells = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            cells.append(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{p}: not valid JSON ({e})") from None
+    if not cells:
+        raise ArtifactError(f"{folder}: no cell results")
+    return cells
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    return (statistics.fmean(values), statistics.stdev(values) if n > 1 else 0.0, n)
+
+
+def _fmt(ms: tuple[float, float, int] | None, digits: int = 1, pct: bool = False) -> str:
+    if ms is None:
+        return "–"
+    m, s, n = ms
+    scale = 100 if pct else 1
+    if n > 1:
+        return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    return f"{m * scale:.{digits}f}"
+
+
+def cell_ppl(cell: dict, domain: str, which: str = "best") -> float | None:
+    """A cell's perplexity on a domain: with its own memory when it has one ("best"), or the
+    backbone alone ("backbone")."""
+    row = cell["ppl"].get(domain)
+    if row is None:
+        return None
+    if which == "best" and "own" in row:
+        return row["own"]["test"]["ppl"]
+    return row["backbone"]["test"]["ppl"]
+
+
+def _domains(cells: list[dict]) -> list[str]:
+    for c in cells:
+        if c.get("ppl"):
+            return list(c["ppl"])
+    return []
+
+
+def _tasks(cells: list[dict]) -> list[str]:
+    names: list[str] = []
+    for c in cells:
+        for t in c.get("tasks", {}):
+            if t not in names:
+                names.append(t)
+    return names
+
+
+def _task_value(cell: dict, task: str) -> float | None:
+    r = cell.get("tasks", {}).get(task)
+    if r is None:
+        return None
+    return r.get("acc", r.get("solution_ppl"))
+
+
+def main_table(cells: list[dict]) -> list[dict]:
+    """One row per method of the main grid: mean ± std over seeds of every number."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for c in cells:
+        if c["group"] == "main":
+            by_method[c["method"]].append(c)
+    domains, tasks = _domains(cells), _tasks(cells)
+    rows = []
+    for method, cs in by_method.items():
+        row = {"method": method, "seeds": sorted(c["seed"] for c in cs), "deterministic": cs[0].get("deterministic"),
+               "memory": any("own" in r for c in cs for r in c["ppl"].values()),
+               "global_sparsity": cs[0]["sparsity"].get("global", 0.0),
+               "ffn_sparsity": cs[0]["sparsity"].get("ffn", 0.0), "tokens": cs[0]["train"]["tokens"],
+               "steps": cs[0]["train"]["steps"]}
+        for d in domains:
+            row[d] = _mean_std([cell_ppl(c, d) for c in cs])
+            row[f"{d}/backbone"] = _mean_std([cell_ppl(c, d, "backbone") for c in cs])
+        per_seed_mean = [statistics.fmean(cell_ppl(c, d) for d in domains) for c in cs]
+        row["mean"] = _mean_std(per_seed_mean)
+        for t in tasks:
+            vals = [v for v in (_task_value(c, t) for c in cs) if v is not None]
+            row[f"task/{t}"] = _mean_std(vals) if vals else None
+        rows.append(row)
+    return rows
+
+
+def _caption(cells: list[dict], group: str = "main") -> str:
+    cs = [c for c in cells if c["group"] == group] or cells
+    c0 = cs[0]
+    cfg = c0["config"]
+    seeds = sorted({c["seed"] for c in cs})
+    t = cfg.get("train", {})
+    model = Path(str(c0.get("base_model", cfg.get("model")))).name
+    ev = c0.get("eval_settings", {})
+    domains = cfg.get("domains")
+    dom = ", ".join(domains) if isinstance(domains, list) else ", ".join(domains or {})
+    return (f"`{c0['command']}` · model {model} · domains {dom} · {t.get('steps')} steps × {t.get('batch_size')}×"
+            f"{t.get('seq_len')} tokens · seeds {seeds} · PPL on the first {ev.get('max_tokens') or 'all'} test tokens "
+            f"per language ({ev.get('block')}-token blocks)")
+
+
+def to_markdown(cells: list[dict], figures: list[str]) -> str:
+    domains, tasks = _domains(cells), _tasks(cells)
+    rows = main_table(cells)
+    lines = ["# koff results", "", _caption(cells), "",
+             "## Main table (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
+             "Perplexity with the method's own memory where it has one, else of the backbone alone; "
+             "mean ± std over seeds (one number: a single seed or a deterministic method). Lower is better; "
+             "task columns are accuracy (%) of the backbone alone, GSM8K is the perplexity of reference solutions.",
+             "",
+             "| method | seeds | " + " | ".join(domains) + " | mean | backbone alone " + "/".join(domains) + " | "
+             + " | ".join(tasks) + " | global sparsity |",
+             "|---|---|" + "---:|" * (len(domains) + 2 + len(tasks) + 1)]
+    for r in rows:
+        seeds = "det." if r["deterministic"] else ",".join(map(str, r["seeds"]))
+        backbone = " / ".join(_fmt(r[f"{d}/backbone"]) for d in domains)
+        task_cells = [(_fmt(r[f"task/{t}"], 2) if t == "gsm8k" else _fmt(r[f"task/{t}"], 1, pct=True)) for t in tasks]
+        lines.append(f"| {r['method']} | {seeds} | " + " | ".join(_fmt(r[d]) for d in domains) + f" | {_fmt(r['mean'])} | "
+                     f"{backbone} | " + " | ".join(task_cells) + f" | {r['global_sparsity']:.3f} |")
+    groups = sorted({c["group"] for c in cells} - {"main"})
+    for g in groups:
+        cs = [c for c in cells if c["group"] == g]
+        lines += ["", f"## Sweep: {g}", "", _caption(cells, g) + " (one seed per cell unless listed)", "",
+                  "| method | setting | seeds | " + " | ".join(domains) + " | mean | backbone alone mean | global sparsity |",
+                  "|---|---|---|" + "---:|" * (len(domains) + 3)]
+        keyed: dict[tuple, list[dict]] = defaultdict(list)
+        for c in cs:
+            keyed[(c["method"], json.dumps(c["setting"], sort_keys=True))].append(c)
+        for (method, setting), group in sorted(keyed.items()):
+            vals = {d: _mean_std([cell_ppl(c, d) for c in group]) for d in domains}
+            mean = _mean_std([statistics.fmean(cell_ppl(c, d) for d in domains) for c in group])
+            bb = _mean_std([statistics.fmean(cell_ppl(c, d, "backbone") for d in domains) for c in group])
+            lines.append(f"| {method} | `{setting}` | {','.join(str(c['seed']) for c in group)} | "
+                         + " | ".join(_fmt(vals[d]) for d in domains)
+                         + f" | {_fmt(mean)} | {_fmt(bb)} | {group[0]['sparsity'].get('global', 0):.3f} |")
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _savefig(fig, path: Path) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plots(cells: list[dict], out: Path) -> list[Path]:
+    """PPL vs sparsity per method, swap-matrix heatmap, kept fraction per layer, training curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    domains = _domains(cells)
+    written = []
+
+    def footer(fig, text):
+        fig.text(0.01, 0.005, text.replace("`", ""), fontsize=6, wrap=True)
+
+    # 1. PPL vs sparsity: every cell that differs from the main table only in target_sparsity
+    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        if c["group"] == "main" or set(c["setting"]) == {"target_sparsity"}:
+            if c["kind"] == "dense":
+                continue
+            x = c["sparsity"].get("global", 0.0)
+            series[c["method"]][round(x, 4)].append(statistics.fmean(cell_ppl(c, d) for d in domains))
+    multi = {m: s for m, s in series.items() if len(s) > 1}
+    if multi:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m, pts in sorted(multi.items()):
+            xs = sorted(pts)
+            ys = [statistics.fmean(pts[x]) for x in xs]
+            err = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m)
+        dense = [c for c in cells if c["kind"] == "dense"]
+        if dense:
+            ax.axhline(statistics.fmean(cell_ppl(dense[0], d) for d in domains), color="gray", ls="--", label="dense")
+        ax.set_xlabel("global sparsity (fraction of all parameters removed)")
+        ax.set_ylabel(f"mean PPL over {', '.join(domains)}")
+        ax.set_yscale("log")
+        ax.set_title("Perplexity vs sparsity (own memory where the method has one)")
+        ax.legend(fontsize=7)
+        footer(fig, _caption(cells))
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        written.append(out / "ppl_vs_sparsity.png")
+        _savefig(fig, written[-1])
+        plt.close(fig)
+
+    # 2. swap matrix heatmap
+    swap_cells = [c for c in cells if c.get("swap")]
+    if swap_cells:
+        c = sorted(swap_cells, key=lambda c: c["seed"])[0]
+        sw = c["swap"]
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+        data = [[v if v is not None else math.nan for v in row] for row in sw["test"]]
+        im = ax.imshow(data, cmap="viridis_r")
+        ax.set_xticks(range(len(sw["domains"])), sw["domains"])
+        ax.set_yticks(range(len(sw["memories"])), sw["memories"])
+        ax.set_xlabel("domain evaluated")
+        ax.set_ylabel("memory active")
+        for i, row in enumerate(data):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=9)
+        fig.colorbar(im, ax=ax, label="PPL")
+        ax.set_title(f"Swap matrix: {c['method']} seed {c['seed']}")
+        footer(fig, _caption(cells))
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        written.append(out / "swap_matrix.png")
+        _savefig(fig, written[-1])
+        plt.close(fig)
+
+    # 3. kept-neuron fraction per layer
+    kept: dict[str, list[list[float]]] = defaultdict(list)
+    for c in cells:
+        if c["group"] == "main" and c.get("kept_fraction_per_layer"):
+            kept[c["method"]].append(c["kept_fraction_per_layer"])
+    if kept:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        seen_masks = set()
+        for m, runs in sorted(kept.items()):
+            mean = [statistics.fmean(v) for v in zip(*runs)]
+            key = tuple(round(x, 4) for x in mean)
+            if key in seen_masks:  # methods sharing one mask (e.g. a one-shot mask with/without LoRA)
+                continue
+            seen_masks.add(key)
+            ax.plot(range(len(mean)), mean, marker=".", label=m)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("fraction of FFN neurons kept")
+        ax.set_title("Kept FFN neurons per layer (mean over seeds)")
+        ax.legend(fontsize=7, ncol=2)
+        footer(fig, _caption(cells))
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        written.append(out / "kept_per_layer.png")
+        _savefig(fig, written[-1])
+        plt.close(fig)
+
+    # 4. training curves of the main koff cells
+    curve_cells = [c for c in cells if c["group"] == "main" and c.get("curves", {}).get("expected_sparsity")]
+    if curve_cells:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        for c in sorted(curve_cells, key=lambda c: (c["method"], c["seed"])):
+            cv = c["curves"]
+            label = f"{c['method']} s{c['seed']}"
+            steps = cv["step"]
+            loss = cv["loss"]
+            k = max(1, len(loss) // 40)
+            smooth = [statistics.fmean(loss[max(0, i - k): i + 1]) for i in range(len(loss))]
+            axes[0].plot(steps, smooth, label=label, lw=1)
+            axes[1].plot(steps, [v if v is not None else math.nan for v in cv["expected_sparsity"]], label=label, lw=1)
+            ctrl = cv.get("lambda1") or cv.get("total_shift")
+            if ctrl:
+                axes[2].plot(steps, [v if v is not None else math.nan for v in ctrl], label=label, lw=1)
+        c0 = curve_cells[0]["curves"]
+        if c0.get("target"):
+            axes[1].plot(c0["step"], c0["target"], "k--", lw=1, label="target")
+        axes[0].set_title("training loss (moving average)")
+        axes[1].set_title("expected sparsity vs target")
+        axes[2].set_title("controller: λ1 or total log α shift")
+        for a in axes:
+            a.set_xlabel("step")
+        axes[1].legend(fontsize=6)
+        footer(fig, _caption(cells))
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        written.append(out / "training_curves.png")
+        _savefig(fig, written[-1])
+        plt.close(fig)
+    return written
+
+
+def report(results: Path) -> Path:
+    """Write RESULTS/report.md and its figures from RESULTS/cells/*.json."""
+    results = Path(results)
+    cells = load_cells(results)
+    figs = plots(cells, results)
+    path = results / "report.md"
+    atomic_write_text(path, to_markdown(cells, [str(f) for f in figs]))
+    return path

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import yaml
+
+from koff.cli import main
+from koff.compare import expand, load_grid
+from koff.config import ConfigError
+
+from conftest import tiny_config_dict
+
+
+@pytest.fixture
+def grid(llama_folder, data_files, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "general").mkdir(parents=True)
+    (root / "general" / "arc_challenge.jsonl").write_text("\n".join(json.dumps(
+        {"query": "Question: the cat sat on", "choices": ["the mat", "le chat"], "gold": i % 2}) for i in range(4)) + "\n")
+    monkeypatch.setenv("KOFF_DATA", str(root))
+    base = tiny_config_dict(llama_folder, data_files, tmp_path / "unused", steps=3)
+    base.pop("output")
+    spec = {
+        "name": "tiny", "results": str(tmp_path / "results"), "work": str(tmp_path / "work"), "base": base,
+        "seeds": [0, 1],
+        "eval": {"block": 16, "max_tokens": 64, "tasks": {"arc_challenge": 4}, "swap_for": ["koff"]},
+        "methods": {
+            "dense": {"kind": "dense"},
+            "wanda-sp": {"mask": "wanda-sp", "memory": {"lora_rank": 0, "kv_tokens": 0}, "deterministic": True},
+            "wanda-sp+lora": {"mask": "wanda-sp", "memory": {"kv_tokens": 0}},
+            "koff": {},
+        },
+        "sweeps": {"sparsity": {"methods": ["koff", "wanda-sp"], "settings": [{"target_sparsity": 0.5}]}},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path, tmp_path
+
+
+def test_grid_expansion(grid):
+    path, _ = grid
+    cells = expand(load_grid(path))
+    ids = [c.id for c in cells]
+    assert ids == ["dense__seed0", "wanda-sp__seed0", "wanda-sp+lora__seed0", "wanda-sp+lora__seed1", "koff__seed0",
+                   "koff__seed1", "koff__target_sparsity=0.5__seed0", "wanda-sp__target_sparsity=0.5__seed0"]
+    koff1 = next(c for c in cells if c.id == "koff__seed1")
+    assert koff1.config["train"]["seed"] == 1 and koff1.config["reference"] is False
+
+
+def test_compare_runs_resumes_and_reports(grid):
+    path, tmp = grid
+    assert main(["compare", str(path), "--limit", "3"]) == 0
+    done = sorted(p.stem for p in (tmp / "results" / "cells").glob("*.json"))
+    assert done == ["dense__seed0", "wanda-sp+lora__seed0", "wanda-sp__seed0"]
+    before = {p.name: p.read_bytes() for p in (tmp / "results" / "cells").glob("*.json")}
+    assert main(["compare", str(path)]) == 0  # fills the rest, leaves finished cells alone
+    after = {p.name: p.read_bytes() for p in (tmp / "results" / "cells").glob("*.json")}
+    assert len(after) == 8 and all(after[k] == v for k, v in before.items())
+    koff = json.loads((tmp / "results" / "cells" / "koff__seed0.json").read_text())
+    assert koff["train"]["tokens"] == 3 * 2 * 16 and koff["swap"]["memories"] == ["en", "fr"]
+    assert set(koff["ppl"]["en"]) == {"own", "backbone"} and koff["tasks"]["arc_challenge"]["items"] == 4
+    assert len(koff["curves"]["expected_sparsity"]) == 3
+    wanda = json.loads((tmp / "results" / "cells" / "wanda-sp__seed0.json").read_text())
+    assert wanda["train"]["tokens"] == 0 and set(wanda["ppl"]["en"]) == {"backbone"}
+    assert main(["report", str(tmp / "results")]) == 0
+    md = (tmp / "results" / "report.md").read_text()
+    assert "| koff | 0,1 |" in md and "## Sweep: sparsity" in md
+    assert (tmp / "results" / "swap_matrix.png").is_file() and (tmp / "results" / "training_curves.png").is_file()
+
+
+def test_grid_errors(tmp_path):
+    (tmp_path / "g.yaml").write_text("methods: {}\n")
+    with pytest.raises(ConfigError, match="'base' must be a mapping"):
+        load_grid(tmp_path / "g.yaml")
+    (tmp_path / "g.yaml").write_text("base: {}\nmethods: {a: {}}\nsweeps: {s: {methods: [b], settings: [{}]}}\n")
+    with pytest.raises(ConfigError, match="unknown method 'b'"):
+        expand(load_grid(tmp_path / "g.yaml"))

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from koff.artifact import ArtifactError
+from koff.report import main_table, report, to_markdown
+
+
+def _cell(method, seed, ppl_own, ppl_bb, group="main", setting=None, sparsity=0.118, tasks=None, det=False,
+          kind="decompose"):
+    domains = ["en", "fr"]
+    ppl = {}
+    for d, o, b in zip(domains, ppl_own or [None, None], ppl_bb):
+        row = {"backbone": {"test": {"ppl": b, "tokens": 8160}}}
+        if o is not None:
+            row["own"] = {"test": {"ppl": o, "tokens": 8160}}
+        ppl[d] = row
+    return {"id": f"{method}__seed{seed}", "method": method, "group": group, "seed": seed, "setting": setting or {},
+            "deterministic": det, "kind": kind, "ppl": ppl, "tasks": tasks or {},
+            "sparsity": {"global": sparsity, "ffn": 0.2}, "train": {"steps": 300, "tokens": 153600, "seconds": 1},
+            "config": {"domains": ["en", "fr"], "target_sparsity": 0.2, "train": {"steps": 300, "batch_size": 4,
+                                                                                  "seq_len": 128}},
+            "command": "koff compare configs/grid.yaml", "base_model": "/x/SmolLM2-135M-Instruct",
+            "eval_settings": {"block": 256, "max_tokens": 8192}, "kept_fraction_per_layer": [0.8, 0.8],
+            "curves": {}, "swap": None}
+
+
+@pytest.fixture
+def cells():
+    return [
+        _cell("dense", 0, None, [40.0, 50.0], sparsity=0.0, det=True, kind="dense",
+              tasks={"arc_challenge": {"acc": 0.30}, "gsm8k": {"solution_ppl": 3.0}}),
+        _cell("koff", 0, [30.0, 20.0], [60.0, 70.0], tasks={"arc_challenge": {"acc": 0.25}, "gsm8k": {"solution_ppl": 4.0}}),
+        _cell("koff", 1, [32.0, 22.0], [62.0, 72.0], tasks={"arc_challenge": {"acc": 0.27}, "gsm8k": {"solution_ppl": 4.2}}),
+        _cell("koff", 2, [34.0, 24.0], [64.0, 74.0], tasks={"arc_challenge": {"acc": 0.29}, "gsm8k": {"solution_ppl": 4.4}}),
+        _cell("koff", 0, [50.0, 40.0], [90.0, 99.0], group="sparsity", setting={"target_sparsity": 0.4}, sparsity=0.236),
+    ]
+
+
+def test_main_table_aggregates_over_seeds(cells):
+    rows = {r["method"]: r for r in main_table(cells)}
+    assert set(rows) == {"dense", "koff"}
+    m, s, n = rows["koff"]["en"]
+    assert (m, n) == (32.0, 3) and s == pytest.approx(2.0)
+    assert rows["koff"]["mean"][0] == pytest.approx(27.0)
+    assert rows["koff"]["en/backbone"][0] == 62.0
+    assert rows["koff"]["task/arc_challenge"][0] == pytest.approx(0.27)
+    assert rows["dense"]["en"] == (40.0, 0.0, 1)
+
+
+def test_markdown_has_expected_rows(cells):
+    md = to_markdown(cells, [])
+    assert "| koff | 0,1,2 | 32.0 ± 2.0 | 22.0 ± 2.0 | 27.0 ± 2.0 | 62.0 ± 2.0 / 72.0 ± 2.0 | 27.0 ± 2.0 | 4.20 ± 0.20 | 0.118 |" in md
+    assert "| dense | det. | 40.0 | 50.0 | 45.0 | 40.0 / 50.0 | 30.0 | 3.00 | 0.000 |" in md
+    assert "## Sweep: sparsity" in md
+    assert '| koff | `{"target_sparsity": 0.4}` | 0 | 50.0 | 40.0 | 45.0 | 94.5 | 0.236 |' in md
+    assert "koff compare configs/grid.yaml" in md and "seeds [0, 1, 2]" in md
+
+
+def test_report_writes_markdown_and_plots(cells, tmp_path):
+    (tmp_path / "cells").mkdir()
+    for c in cells:
+        (tmp_path / "cells" / f"{c['id']}_{c['group']}.json").write_text(json.dumps(c))
+    path = report(tmp_path)
+    assert path.read_text().startswith("# koff results")
+    assert (tmp_path / "ppl_vs_sparsity.png").stat().st_size > 0
+    assert (tmp_path / "kept_per_layer.png").stat().st_size > 0
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ArtifactError, match="no cells/ folder"):
+        report(tmp_path)
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "x.json").write_text("{oops")
+    with pytest.raises(ArtifactError, match="x.json: not valid JSON"):
+        report(tmp_path)
