@@ -40,7 +40,7 @@ def test_grid_expansion(grid):
     path, _ = grid
     cells = expand(load_grid(path))
     ids = [c.id for c in cells]
-    assert ids == ["dense__seed0", "wanda-sp__seed0", "wanda-sp+lora__seed0", "wanda-sp+lora__seed1", "koff__seed0",
+    assert ids == ["dense__seed0", "wanda-sp__seed0", "wanda-sp+lora__seed0", "koff__seed0", "wanda-sp+lora__seed1",
                    "koff__seed1", "koff__target_sparsity=0.5__seed0", "wanda-sp__target_sparsity=0.5__seed0"]
     koff1 = next(c for c in cells if c.id == "koff__seed1")
     assert koff1.config["train"]["seed"] == 1 and koff1.config["reference"] is False

@@ -25,7 +25,7 @@ def test_expected_sparsity_matches_monte_carlo():
 def test_expected_sparsity_weights_by_parameters():
     la = [torch.full((10,), 20.0), torch.full((10,), -20.0)]  # layer 0 kept, layer 1 removed
     gates = NeuronGates([10, 10], [1, 3], init=la, log_alpha_range=(-30.0, 30.0))
-    assert float(gates.expected_sparsity()) == pytest.approx(30 / 40, abs=1e-4)
+    assert gates.expected_sparsity().item() == pytest.approx(30 / 40, abs=1e-4)
 
 
 def test_samples_are_in_unit_interval_and_differentiable():

@@ -103,3 +103,13 @@ def test_memory_variants(llama_folder, data_files, tmp_path, kind):
     assert ("adapter_model.safetensors" in files) == (kind == "lora")
     assert ("kv.safetensors" in files) == (kind == "kv")
     assert (tmp_path / "r" / "reference").exists() == (kind != "none")
+
+
+def test_distillation_from_the_reference(llama_folder, data_files, tmp_path):
+    cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "r", steps=3, distill=0.5))
+    decompose(cfg, progress=False)
+    assert (tmp_path / "r" / "reference" / "koff.json").is_file()
+    cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "r2", steps=3, distill=0.5))
+    cfg.reference = False
+    with pytest.raises(ValueError, match="distill needs the dense"):
+        decompose(cfg, progress=False)

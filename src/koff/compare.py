@@ -114,9 +114,10 @@ def expand(spec: dict) -> list[Cell]:
         det = m.get("deterministic", m.get("kind") == "dense")
         return seeds[:1] if det else seeds
 
-    for method in spec["methods"]:
-        for seed in seeds_for(method, spec["seeds"]):
-            cells.append(make(method, "main", seed, {}))
+    for seed in spec["seeds"]:  # seed-major: a partly filled grid covers every method first
+        for method in spec["methods"]:
+            if seed in seeds_for(method, spec["seeds"]):
+                cells.append(make(method, "main", seed, {}))
     for name, sweep in spec["sweeps"].items():
         if not isinstance(sweep, dict) or "methods" not in sweep or "settings" not in sweep:
             raise ConfigError(f"{spec['_path']}: sweep {name!r} needs 'methods' and 'settings'")

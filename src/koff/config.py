@@ -69,6 +69,9 @@ class TrainConfig:
     """Tokens of each domain's train text used for activation statistics."""
     mask_scope: str = "global"
     """Final mask: "global" top-k over all layers, or "layer" (the same fraction in every layer)."""
+    distill: float = 0.0
+    """Weight w of distillation from the dense + memories reference (trained first):
+    loss = (1 - w) * LM + w * KL(reference || student). 0: off (the paper's objective)."""
     seed: int = 0
 
 
@@ -115,6 +118,8 @@ class DecomposeConfig:
             raise ConfigError(f"train.mask_scope must be 'global' or 'layer', got {t.mask_scope!r}")
         if not (0 <= t.warmup_frac <= 1 and 0 <= t.consolidate_frac < 1 and t.warmup_frac + t.consolidate_frac <= 1):
             raise ConfigError("train.warmup_frac and train.consolidate_frac must be in [0, 1] and sum to at most 1")
+        if not 0.0 <= t.distill <= 1.0:
+            raise ConfigError(f"train.distill must be in [0, 1], got {t.distill}")
         if t.reg_every < 0 or t.reg_every == 1:
             raise ConfigError("train.reg_every must be 0 (no regularization) or >= 2")
         if t.reg_every and not self.general:

@@ -83,11 +83,13 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
 
 def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
             learn_gates: bool = True, memories: list[str] | None = None, mask_scope: str | None = None,
-            desc: str = "offload", progress: bool = True) -> dict:
+            desc: str = "offload", progress: bool = True, teacher: KoffModel | None = None) -> dict:
     """Run the offloading loop on `km` in place; returns a summary.
 
     `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
-    the memories. `memories` restricts which memories train (default: all of `km`).
+    the memories. `memories` restricts which memories train (default: all of `km`). With a
+    `teacher` (the dense model + memories of the same names) and `cfg.distill` > 0, the loss is
+    (1 - w) * LM loss + w * KL(teacher || student) on every step.
     """
     from accelerate import Accelerator
 
@@ -149,8 +151,15 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
             batch = batch.to(device)
             if gates is not None and not consolidating:
                 gates.resample(noise)
-            loss = lm_loss(model(batch, memory=memory), batch)
+            logits = model(batch, memory=memory)
+            loss = lm_loss(logits, batch)
             total = loss
+            if teacher is not None and cfg.distill > 0:
+                with torch.no_grad():
+                    target_logp = torch.log_softmax(teacher(batch, memory=memory).float(), dim=-1)
+                kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), dim=-1), target_logp,
+                                                log_target=True, reduction="none").sum(-1).mean()
+                total = (1 - cfg.distill) * loss + cfg.distill * kl
             s_hat = None
             if gates is not None and not consolidating:
                 s_hat = gates.expected_sparsity()
@@ -223,9 +232,9 @@ def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
 
 
 def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: bool = True,
-              desc: str = "decompose") -> KoffModel:
+              desc: str = "decompose", teacher: KoffModel | None = None) -> KoffModel:
     """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
-    `out`; returns the trained model."""
+    `out`; returns the trained model. `teacher` is used when `cfg.train.distill` > 0."""
     from .artifact import memory_record, write_run
     from .base import fingerprint, inspect_model, load_base
 
@@ -244,7 +253,7 @@ def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: boo
     metrics_path = out / "metrics.jsonl"
     if learned or not cfg.memory.empty:
         summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
-                          learn_gates=learned, desc=desc, progress=progress)
+                          learn_gates=learned, desc=desc, progress=progress, teacher=teacher)
     else:  # a one-shot mask and no memories: nothing to train
         metrics_path.write_text("")
         summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
@@ -281,13 +290,20 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
 
     cfg.validate()
     check_no_test_leak(cfg.domains, cfg.general)
+    reference = cfg.reference and cfg.prune and not cfg.memory.empty
+    if cfg.train.distill > 0 and not reference:
+        raise ValueError("train.distill needs the dense + memories reference (reference: true, prune, memories)")
     with atomic_directory(cfg.output, overwrite=overwrite) as tmp:
-        train_run(cfg, tmp, prune=cfg.prune, progress=progress,
-                   desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
-        if cfg.reference and cfg.prune and not cfg.memory.empty:
+        teacher = None
+        if reference:  # trained first: with train.distill it is the teacher
             ref = tmp / "reference"
             ref.mkdir()
-            train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories")
+            teacher = train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories")
+            teacher.requires_grad_(False)
+            if cfg.train.distill <= 0:
+                teacher = None
+        train_run(cfg, tmp, prune=cfg.prune, progress=progress, teacher=teacher,
+                  desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
     return Path(cfg.output)
 
 
