@@ -107,3 +107,23 @@ def test_memory_validation():
     for bad in ("a", "lora", "", "x/y", ".hidden", "__base__"):
         with pytest.raises(ValueError, match="invalid memory name"):
             km.add_memory(bad, kv=KVMemory(k, v))
+
+
+def test_fast_memory_switch_equals_peft_set_adapter():
+    km = KoffModel(tiny_model("llama"))
+    for name in ("m1", "m2", "m3"):
+        km.add_memory(name, lora=lora_config(4))
+    with torch.no_grad():
+        for n, p in km.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    x = torch.randint(3, 150, (2, 8))
+    with torch.no_grad():
+        fast = {n: km(x, memory=n) for n in ("m2", "m1", "m3", "m2")}
+    # every adapter stays trainable after switching
+    assert all(p.requires_grad for n in ("m1", "m2", "m3") for p in km.lora_parameters(n))
+    with torch.no_grad():
+        for n in ("m1", "m2", "m3"):
+            km.model.set_adapter(n)  # peft's own switch
+            torch.testing.assert_close(km.model(input_ids=x).logits, fast[n], atol=0, rtol=0)
+    assert not torch.allclose(fast["m1"], fast["m2"])

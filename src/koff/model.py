@@ -39,6 +39,7 @@ class KoffModel(nn.Module):
         self.kv = nn.ModuleDict()
         self.lora_names: list[str] = []
         self._active_lora: str | None = None
+        self._lora_layers: list | None = None
 
     # -- memories --------------------------------------------------------------------------------
     @property
@@ -66,6 +67,7 @@ class KoffModel(nn.Module):
                     self.gates.attach(self.model)
             self.lora_names.append(name)
             self._active_lora = None
+            self._lora_layers = None
             self._use_lora(name)  # peft activates the first adapter; be explicit
         if kv is not None:
             g = self.geometry
@@ -92,15 +94,28 @@ class KoffModel(nn.Module):
         return params
 
     def _use_lora(self, name: str | None) -> None:
+        """Make `name` the active LoRA adapter of every LoRA layer.
+
+        peft's `set_adapter` walks every module and re-freezes parameters (tens of ms on a small
+        model); a switch here only retargets the cached LoRA layers, so swapping memories per
+        request costs microseconds. Every adapter stays trainable: only the active one ever
+        receives gradients.
+        """
         if name == self._active_lora:
             return
         if name is not None:
-            # peft's set_adapter also freezes the others; every adapter stays trainable here and
-            # receives gradients only when active.
-            self.model.set_adapter(name)
-            for n in self.lora_names:
-                for p in self.lora_parameters(n):
-                    p.requires_grad_(True)
+            if self._lora_layers is None:
+                from peft.tuners.lora import LoraLayer
+
+                self.model.set_adapter(name)  # peft's own bookkeeping, once after adapters change
+                self._lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+                for layer in self._lora_layers:
+                    for n in self.lora_names:
+                        layer.lora_A[n].requires_grad_(True)
+                        layer.lora_B[n].requires_grad_(True)
+            for layer in self._lora_layers:
+                layer._active_adapter = [name]
+            self.model.base_model.active_adapter = name
         self._active_lora = name
 
     def base_model(self) -> nn.Module:
