@@ -46,14 +46,20 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
         cache = DynamicCache(config=km.model.config)
     attention = torch.cat([prefix_mask.to(device), mask], dim=1)
     positions = prefix_len.to(device)[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with km.lora_for(names):  # one LoRA routing (for mixed rows: one weight gather) for all steps
+        return _decode(km, tokenizer, ids, attention, positions, cache, max_new_tokens, temperature, seed, pad)
+
+
+def _decode(km, tokenizer, step_ids, attention, positions, cache, max_new_tokens, temperature, seed, pad) -> list[str]:
+    """Greedy or sampled decoding, the cache already holding each row's memory prefix."""
+    batch, device = step_ids.shape[0], step_ids.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     eos = tokenizer.eos_token_id
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in prompts]
-    step_ids = ids
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(batch)]
     for _ in range(max_new_tokens):
-        logits = km.run(step_ids, names, attention_mask=attention.long(), position_ids=positions,
-                        past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = km.model(input_ids=step_ids, attention_mask=attention.long(), position_ids=positions,
+                          past_key_values=cache, use_cache=True).logits[:, -1].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)

@@ -142,8 +142,8 @@ class KoffModel(nn.Module):
 
     def run(self, input_ids: torch.Tensor, names: list[str | None], **kwargs):
         """Call the underlying model with each row's LoRA adapter active (the model output)."""
-        with self._lora_context(names):
-            return self.model(input_ids=input_ids, **kwargs, **self._lora_kwargs(names))
+        with self.lora_for(names):
+            return self.model(input_ids=input_ids, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, memory: MemorySpec = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,19 +166,72 @@ class KoffModel(nn.Module):
             kwargs["attention_mask"] = tokens_mask.long()
         return self.run(input_ids, names, **kwargs).logits
 
-    def _lora_kwargs(self, names: list) -> dict:
-        if not self.lora_names or len(set(names)) == 1:
-            return {}
-        # mixed batch: peft routes each row through its own adapter ("__base__" = none)
-        return {"adapter_names": [n if n in self.lora_names else "__base__" for n in names]}
+    @contextlib.contextmanager
+    def lora_for(self, names: list[str | None]):
+        """Within this context every forward routes row i through the LoRA adapter names[i].
 
-    def _lora_context(self, names: list):
-        if not self.lora_names or len(set(names)) > 1:
-            return contextlib.nullcontext()
-        if names[0] in self.lora_names:
+        One name for all rows activates that adapter (or none); mixed names are served by
+        koff's own hooks: each LoRA layer adds B[i] @ A[i] @ x with the rows' adapter weights
+        gathered from stacks built once per context, two batched matmuls per layer whatever the
+        number of distinct memories (peft's mixed-adapter path loops over adapters).
+        """
+        if not self.lora_names:
+            yield
+            return
+        unique = set(names)
+        if len(unique) == 1 and names[0] in self.lora_names:
             self._use_lora(names[0])
-            return contextlib.nullcontext()
-        return self.model.disable_adapter()
+            yield
+            return
+        previous = self._active_lora
+        self._use_lora(self.lora_names[0])  # make sure the layer cache exists
+        layers = self._lora_layers
+        for layer in layers:
+            layer._active_adapter = []  # base weights only; deltas come from the hooks below
+        self._active_lora = "__none__"
+        handles = []
+        try:
+            if unique - {None}:
+                index = torch.tensor([self.lora_names.index(n) if n in self.lora_names else len(self.lora_names)
+                                      for n in names])
+                for layer in layers:
+                    handles.append(layer.register_forward_hook(self._mixed_hook(layer, index)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._active_lora = None
+            if previous is not None and previous != "__none__":
+                self._use_lora(previous)
+            else:
+                self._use_lora(self.lora_names[0])
+
+    def _mixed_hook(self, layer, index: torch.Tensor):
+        rank = max(layer.lora_A[n].weight.shape[0] for n in self.lora_names if n in layer.lora_A)
+        a_rows, b_cols = [], []
+        for n in self.lora_names:
+            if n not in layer.lora_A:
+                a_rows.append(None)
+                b_cols.append(None)
+                continue
+            a = layer.lora_A[n].weight  # [r, in]
+            b = layer.lora_B[n].weight * layer.scaling[n]  # [out, r], scaling folded in
+            pad = rank - a.shape[0]
+            a_rows.append(torch.cat([a, a.new_zeros(pad, a.shape[1])]) if pad else a)
+            b_cols.append(torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1) if pad else b)
+        ref_a = next(a for a in a_rows if a is not None)
+        ref_b = next(b for b in b_cols if b is not None)
+        a_stack = torch.stack([a if a is not None else torch.zeros_like(ref_a) for a in a_rows] + [torch.zeros_like(ref_a)])
+        b_stack = torch.stack([b if b is not None else torch.zeros_like(ref_b) for b in b_cols] + [torch.zeros_like(ref_b)])
+        a_rows_idx = a_stack[index.to(a_stack.device)]  # [B, r, in]
+        b_rows_idx = b_stack[index.to(b_stack.device)]  # [B, out, r]
+
+        def add_delta(module, args, output):
+            x = args[0].to(a_rows_idx.dtype)
+            delta = torch.bmm(torch.bmm(x, a_rows_idx.transpose(1, 2)), b_rows_idx.transpose(1, 2))
+            return output + delta.to(output.dtype)
+
+        return add_delta
 
     @torch.no_grad()
     def capture_kv(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,8 +240,7 @@ class KoffModel(nn.Module):
         if self.gates is not None:
             self.gates.mode = "off"
         try:
-            ctx = self.model.disable_adapter() if self.lora_names else contextlib.nullcontext()
-            with ctx:
+            with self.lora_for([None]):
                 return capture_kv(self.model, token_ids)
         finally:
             if self.gates is not None:
