@@ -52,21 +52,9 @@ def _add_decompose_args(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """Merge a YAML config (if any) with command-line flags."""
-    from .config import config_from_dict
-    import yaml
+    from .config import ConfigError, config_from_dict, read_yaml
 
-    raw: dict = {}
-    if args.config:
-        from .config import ConfigError
-
-        if not args.config.is_file():
-            raise ConfigError(f"config file {args.config} does not exist")
-        try:
-            raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{args.config}: invalid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{args.config}: expected a mapping at the top level")
+    raw: dict = read_yaml(args.config) if args.config else {}
     domains = raw.get("domains")
     if args.domains or args.train:
         domains = {}
@@ -78,8 +66,6 @@ def build_config(args: argparse.Namespace):
                              "text_field": args.text_field}
         unknown = sorted(set(tests) - {n for n, _ in args.train})
         if unknown:
-            from .config import ConfigError
-
             raise ConfigError(f"--test given for {unknown}, which have no --train files")
     if domains is not None:
         raw["domains"] = domains

@@ -16,10 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from . import __version__
-from .config import ConfigError, config_from_dict
+from .config import ConfigError, config_from_dict, read_yaml
 
 
 @dataclass
@@ -68,15 +66,7 @@ def _setting_slug(setting: dict) -> str:
 
 def load_grid(path: Path) -> dict:
     """Read and check a grid config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid config {path} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+    spec = read_yaml(path, "grid config")
     for key in ("base", "methods"):
         if not isinstance(spec.get(key), dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping")

@@ -248,16 +248,25 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
     return cfg
 
 
-def load_config(path: Path) -> DecomposeConfig:
-    """Read a YAML config file."""
+def read_yaml(path: Path, what: str = "config file") -> dict:
+    """A YAML file holding a mapping (an empty file is an empty mapping)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    return config_from_dict(raw, str(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: Path) -> DecomposeConfig:
+    """Read a YAML config file."""
+    return config_from_dict(read_yaml(path), str(path))
 
 
 def dump_config(cfg: DecomposeConfig) -> str:

@@ -99,6 +99,22 @@ def _document_from_json(obj: dict, text_field: str, where: str) -> str:
                     f"record); fields present: {sorted(obj)}")
 
 
+def read_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSONL file; errors name file and line."""
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}")
+        yield i, obj
+
+
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
     """Documents of a .txt (one per non-empty line) or .jsonl file (one JSON object per line)."""
     path = Path(path)
@@ -110,16 +126,7 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
     docs = []
     if path.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}")
-            docs.append(_document_from_json(obj, text_field, f"{path}:{i}"))
+        docs = [_document_from_json(obj, text_field, f"{path}:{i}") for i, obj in read_jsonl(path, text)]
     else:
         docs = [line for line in text.splitlines() if line.strip()]
     if not docs:

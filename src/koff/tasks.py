@@ -11,7 +11,6 @@ The first `max_items` items of each file are used, the same for every method.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, data_root
+from .data import DataError, data_root, read_jsonl
 
 TASK_FILES = {
     "arc_challenge": "arc_challenge.jsonl",
@@ -46,15 +45,9 @@ def load_task(name: str, max_items: int | None = None, root: Path | None = None)
     if not path.is_file():
         raise DataError(f"task file {path} does not exist (set KOFF_DATA to the shared data folder)")
     items = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, r in read_jsonl(path):
         if max_items is not None and len(items) >= max_items:
             break
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
         try:
             if name == "gsm8k":
                 items.append(Item([f"Question: {r['question']}\nAnswer:"], [" " + r["answer"]], 0))
