@@ -124,7 +124,7 @@ def main() -> None:
     for i in range(60):
         name = names[i % 3]
         t = time.perf_counter()
-        km._use_lora(name)
+        km.activate_lora(name)
         _ = km.kv[name]
         switches.append(time.perf_counter() - t)
     sw = statistics.median(switches[3:])

@@ -68,7 +68,7 @@ class KoffModel(nn.Module):
             self.lora_names.append(name)
             self._active_lora = None
             self._lora_layers = None
-            self._use_lora(name)  # peft activates the first adapter; be explicit
+            self.activate_lora(name)  # peft activates the first adapter; be explicit
         if kv is not None:
             g = self.geometry
             want = (g.num_layers, g.num_kv_heads, g.head_dim)
@@ -93,7 +93,7 @@ class KoffModel(nn.Module):
                 params += list(module.lora_A[name].parameters()) + list(module.lora_B[name].parameters())
         return params
 
-    def _use_lora(self, name: str | None) -> None:
+    def activate_lora(self, name: str) -> None:
         """Make `name` the active LoRA adapter of every LoRA layer.
 
         peft's `set_adapter` walks every module and re-freezes parameters (tens of ms on a small
@@ -103,19 +103,18 @@ class KoffModel(nn.Module):
         """
         if name == self._active_lora:
             return
-        if name is not None:
-            if self._lora_layers is None:
-                from peft.tuners.lora import LoraLayer
+        if self._lora_layers is None:
+            from peft.tuners.lora import LoraLayer
 
-                self.model.set_adapter(name)  # peft's own bookkeeping, once after adapters change
-                self._lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-                for layer in self._lora_layers:
-                    for n in self.lora_names:
-                        layer.lora_A[n].requires_grad_(True)
-                        layer.lora_B[n].requires_grad_(True)
+            self.model.set_adapter(name)  # peft's own bookkeeping, once after adapters change
+            self._lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
             for layer in self._lora_layers:
-                layer._active_adapter = [name]
-            self.model.base_model.active_adapter = name
+                for n in self.lora_names:
+                    layer.lora_A[n].requires_grad_(True)
+                    layer.lora_B[n].requires_grad_(True)
+        for layer in self._lora_layers:
+            layer._active_adapter = [name]  # what peft's per-layer set_adapter sets, minus the re-freezing
+        self.model.base_model.active_adapter = name
         self._active_lora = name
 
     def base_model(self) -> nn.Module:
@@ -180,11 +179,11 @@ class KoffModel(nn.Module):
             return
         unique = set(names)
         if len(unique) == 1 and names[0] in self.lora_names:
-            self._use_lora(names[0])
+            self.activate_lora(names[0])
             yield
             return
         previous = self._active_lora
-        self._use_lora(self.lora_names[0])  # make sure the layer cache exists
+        self.activate_lora(self.lora_names[0])  # make sure the layer cache exists
         layers = self._lora_layers
         for layer in layers:
             layer._active_adapter = []  # base weights only; deltas come from the hooks below
@@ -201,10 +200,7 @@ class KoffModel(nn.Module):
             for h in handles:
                 h.remove()
             self._active_lora = None
-            if previous is not None and previous != "__none__":
-                self._use_lora(previous)
-            else:
-                self._use_lora(self.lora_names[0])
+            self.activate_lora(previous if previous not in (None, "__none__") else self.lora_names[0])
 
     def _mixed_hook(self, layer, index: torch.Tensor):
         rank = max(layer.lora_A[n].weight.shape[0] for n in self.lora_names if n in layer.lora_A)
