@@ -163,7 +163,7 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
             s_hat = None
             if gates is not None and not consolidating:
                 s_hat = gates.expected_sparsity()
-                total = loss + controller.penalty(s_hat, target)
+                total = total + controller.penalty(s_hat, target)
             accelerator.backward(total)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
