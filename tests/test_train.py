@@ -109,6 +109,13 @@ def test_distillation_from_the_reference(llama_folder, data_files, tmp_path):
     cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "r", steps=3, distill=0.5))
     decompose(cfg, progress=False)
     assert (tmp_path / "r" / "reference" / "koff.json").is_file()
+    plain = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "p", steps=3))
+    decompose(plain, progress=False)
+    # the reference is the same; the distilled student is not
+    assert ((tmp_path / "r/reference/memories/en/kv.safetensors").read_bytes()
+            == (tmp_path / "p/reference/memories/en/kv.safetensors").read_bytes())
+    assert ((tmp_path / "r/memories/en/kv.safetensors").read_bytes()
+            != (tmp_path / "p/memories/en/kv.safetensors").read_bytes())
     cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "r2", steps=3, distill=0.5))
     cfg.reference = False
     with pytest.raises(ValueError, match="distill needs the dense"):
