@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 
-DEMO_STEPS = 100
+DEMO_STEPS = 80
 
 
 def _files(value: str) -> tuple[str, list[Path]]:

@@ -146,6 +146,17 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     return result
 
 
+def shown_subsets(result: dict) -> list[str]:
+    """Subsets to display: a subset that covers exactly the scored tokens of every domain (e.g.
+    FLORES under a small token budget) would repeat the "test" table."""
+    out = []
+    for s in result["subsets"]:
+        if s != "test" and all(result["tokens"][d].get(s) == result["tokens"][d].get("test") for d in result["tokens"]):
+            continue
+        out.append(s)
+    return out
+
+
 def _fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
@@ -159,9 +170,11 @@ def to_markdown(result: dict) -> str:
              f"(achieved FFN {sp['ffn']:.3f}, global {sp['global']:.3f}, global without embeddings "
              f"{sp['global_without_embeddings']:.3f}). Blocks of {result['settings']['block']} tokens, "
              "token-weighted; lower is better.", ""]
-    for s in result["subsets"]:
+    for s in shown_subsets(result):
         toks = ", ".join(f"{d} {result['tokens'][d].get(s, 0):,}" for d in names)
-        lines += [f"## {s} (scored tokens: {toks})", "", "| method | " + " | ".join(names) + " |",
+        also = [x for x in result["subsets"] if x != s and x not in shown_subsets(result)]
+        title = f"{s} (= {', '.join(also)})" if s == "test" and also else s
+        lines += [f"## {title} (scored tokens: {toks})", "", "| method | " + " | ".join(names) + " |",
                   "|---|" + "---:|" * len(names)]
         for method, row in result["rows"].items():
             lines.append(f"| {method} | " + " | ".join(_fmt(row.get(d, {}).get(s, {}).get("ppl")) for d in names) + " |")
@@ -182,9 +195,14 @@ def print_result(result: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    sp = result["sparsity"]
+    console.print(f"target s* = {result['target_sparsity']} of FFN parameters; achieved: FFN {sp['ffn']:.3f}, "
+                  f"global {sp['global']:.3f}, global without embeddings {sp['global_without_embeddings']:.3f}")
     names = result["swap"]["domains"] or list(result["tokens"])
-    for s in result["subsets"]:
-        t = Table(title=f"perplexity, {s} ({result['settings']['block']}-token blocks)")
+    for s in shown_subsets(result):
+        also = [x for x in result["subsets"] if x != s and x not in shown_subsets(result)]
+        label = f"{s} = {', '.join(also)}" if s == "test" and also else s
+        t = Table(title=f"perplexity, {label} ({result['settings']['block']}-token blocks)")
         t.add_column("method")
         for d in names:
             t.add_column(f"{d} ({result['tokens'][d].get(s, 0):,} tok)", justify="right")
@@ -192,7 +210,7 @@ def print_result(result: dict) -> None:
             t.add_row(method, *[_fmt(row.get(d, {}).get(s, {}).get("ppl")) for d in names])
         console.print(t)
         if result["swap"]["memories"]:
-            w = Table(title=f"swap matrix, {s}: memory (row) on domain (column)")
+            w = Table(title=f"swap matrix, {label}: memory (row) on domain (column)")
             w.add_column("memory")
             for d in names:
                 w.add_column(d, justify="right")
