@@ -82,8 +82,8 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
 
 
 def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
-            learn_gates: bool = True, memories: list[str] | None = None, mask_scope: str | None = None,
-            desc: str = "offload", progress: bool = True, teacher: KoffModel | None = None) -> dict:
+            learn_gates: bool = True, memories: list[str] | None = None, desc: str = "offload",
+            progress: bool = True, teacher: KoffModel | None = None) -> dict:
     """Run the offloading loop on `km` in place; returns a summary.
 
     `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
@@ -128,6 +128,7 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
     domain_turn = 0
     last_loss: dict[str, list[float]] = {}
     fixed = False
+    steps_run = 0
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True)
     try:
@@ -135,7 +136,7 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
             target = target_at(step, cfg.steps, target_sparsity, cfg.warmup_frac)
             consolidating = gates is not None and step >= consolidate_from
             if consolidating and not fixed:
-                gates.set_mask(gates.final_mask(target_sparsity, scope=mask_scope or cfg.mask_scope))
+                gates.set_mask(gates.final_mask(target_sparsity, scope=cfg.mask_scope))
                 fixed = True
                 if not lora and not kv:
                     break  # mask-only: nothing left to train once the mask is fixed
@@ -160,10 +161,8 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
                 kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), dim=-1), target_logp,
                                                 log_target=True, reduction="none").sum(-1).mean()
                 total = (1 - cfg.distill) * loss + cfg.distill * kl
-            s_hat = None
             if gates is not None and not consolidating:
-                s_hat = gates.expected_sparsity()
-                total = total + controller.penalty(s_hat, target)
+                total = total + controller.penalty(gates.expected_sparsity(), target)
             accelerator.backward(total)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -172,6 +171,7 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
                 lam_opt.zero_grad(set_to_none=True)
             if gates is not None and not consolidating:
                 controller.after_step(gates, target)
+            steps_run += 1
             key = domain or "general"
             loss = loss.item()
             last_loss.setdefault(key, []).append(loss)
@@ -192,9 +192,9 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
         if metrics:
             metrics.close()
     if gates is not None and not fixed:
-        gates.set_mask(gates.final_mask(target_sparsity, scope=mask_scope or cfg.mask_scope))
+        gates.set_mask(gates.final_mask(target_sparsity, scope=cfg.mask_scope))
     tail = max(1, cfg.steps // 10)
-    return {"steps": cfg.steps, "seconds": round(time.time() - t0, 1),
+    return {"steps": cfg.steps, "steps_run": steps_run, "seconds": round(time.time() - t0, 1),
             "final_loss": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in last_loss.items()}}
 
 
