@@ -205,9 +205,8 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True) -> Path:
         run_dir = work / cell.id
         summary = json.loads((run_dir / "koff.json").read_text())["metrics"]
         t = cfg.train
-        trained = summary["steps"] > 0
-        train_info = {"steps": t.steps if trained else 0, "seconds": summary["seconds"],
-                      "tokens": (t.steps * t.batch_size * t.seq_len) if trained else 0}
+        steps = summary.get("steps_run", summary["steps"])
+        train_info = {"steps": steps, "seconds": summary["seconds"], "tokens": steps * t.batch_size * t.seq_len}
     else:
         raise ConfigError(f"cell {cell.id}: unknown kind {cell.kind!r}")
     result = evaluate_cell(cell, run_dir, spec["eval"], progress)
