@@ -74,3 +74,22 @@ def test_grid_errors(tmp_path):
     (tmp_path / "g.yaml").write_text("base: {}\nmethods: {a: {}}\nsweeps: {s: {methods: [b], settings: [{}]}}\n")
     with pytest.raises(ConfigError, match="unknown method 'b'"):
         expand(load_grid(tmp_path / "g.yaml"))
+
+
+def test_claims_let_workers_share_a_grid(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from koff.compare import claim
+
+    lock = tmp_path / "cells" / "x.lock"
+    with claim(lock) as mine:
+        assert mine and lock.read_text() == str(os.getpid())
+        with claim(lock) as other:  # a live holder (this process) keeps it
+            assert other is False
+    assert not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # a finished process's claim is stale
+    with claim(lock) as mine:
+        assert mine

@@ -9,8 +9,10 @@ atomically as they finish. `koff report DIR` turns the cells into tables and plo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -245,6 +247,41 @@ def compare(config: Path, only: list[str] | None = None, limit: int | None = Non
         return [c.id for c in todo]
     done = []
     for c in todo:
-        run_cell(c, spec, progress)
-        done.append(c.id)
+        if (results / f"{c.id}.json").is_file():
+            continue  # another worker finished it meanwhile
+        with claim(results / f"{c.id}.lock") as mine:
+            if not mine or (results / f"{c.id}.json").is_file():
+                continue
+            run_cell(c, spec, progress)
+            done.append(c.id)
     return done
+
+
+@contextlib.contextmanager
+def claim(lock: Path):
+    """Claim a cell for this process (several `koff compare` workers can share a grid).
+    Yields False when a live process holds the claim; a dead holder's claim is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or 0)
+                os.kill(holder, 0)
+                yield False  # alive: its cell
+                return
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale claim of a dead worker
+                continue
+            except PermissionError:
+                yield False
+                return
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
