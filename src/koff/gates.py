@@ -40,19 +40,16 @@ def sample_hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator | N
     return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
 
 
-def topk_keep_mask(scores: Sequence[torch.Tensor], sparsity: float, weights: Sequence[int] | None = None,
-                   scope: str = "global") -> list[torch.Tensor]:
+def topk_keep_mask(scores: Sequence[torch.Tensor], sparsity: float, scope: str = "global") -> list[torch.Tensor]:
     """Boolean keep-masks removing the lowest-scoring neurons.
 
     scope "global" ranks all neurons of all layers together and removes exactly
     `round(sparsity * total)` of them; "layer" removes `round(sparsity * width)` in every layer.
-    `weights` (parameters per neuron, per layer) is accepted for future mixed-size structures;
-    neurons of one model all own the same number of parameters, so counts equal parameter shares.
+    Every FFN neuron of a model owns the same number of parameters, so a neuron count is also a
+    parameter share.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if weights is not None and len(set(weights)) > 1:
-        raise ValueError("top-k masks over neurons of different sizes are not supported")
     if scope == "layer":
         masks = []
         for s in scores:
@@ -98,9 +95,9 @@ class NeuronGates(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, init: float | Sequence[torch.Tensor] = 3.0, **kw) -> NeuronGates:
         """Gates sized for every gated MLP of `model`."""
-        widths = [m.down_proj.in_features if not hasattr(m.down_proj, "base_layer") else m.down_proj.base_layer.in_features
-                  for m in gated_mlps(model)]
-        return cls(widths, ffn_params_per_neuron(model), init=init, **kw)
+        from .base import inspect_model
+
+        return cls(inspect_model(model).intermediate_sizes, ffn_params_per_neuron(model), init=init, **kw)
 
     @property
     def widths(self) -> list[int]:
