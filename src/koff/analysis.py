@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import gated_mlps
+from .base import gated_mlps, plain_linear
 
 
 @dataclass
@@ -45,7 +45,7 @@ def activation_probability(model: nn.Module, batches: Iterable[torch.Tensor]) ->
     Counts are accumulated in forward hooks; the hooks return None so activations pass through.
     """
     mlps = gated_mlps(model)
-    widths = {getattr(m.gate_proj, "base_layer", m.gate_proj).out_features for m in mlps}
+    widths = {plain_linear(m.gate_proj).out_features for m in mlps}
     if len(widths) != 1:
         raise ValueError("LAPE needs equal FFN widths in every layer (analyse the dense base model)")
     counts = torch.zeros(len(mlps), widths.pop(), dtype=torch.float64)

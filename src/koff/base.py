@@ -104,7 +104,7 @@ def resolve_model(spec: str | os.PathLike | None) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a transformers model folder (no config.json)")
         return str(path.resolve())
-    if str(spec).startswith((".", "/", "~")) or os.sep in str(spec) and str(spec).count("/") > 1:
+    if str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:  # a path, not an "org/name" hub id
         raise ModelError(f"model folder {spec} does not exist")
     return str(spec)
 
@@ -178,14 +178,8 @@ class Geometry:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder layers of a causal LM (unwrapping PEFT wrappers)."""
-    m = model
-    for attr in ("base_model", "model"):
-        # PeftModel -> LoraModel -> XForCausalLM
-        if type(m).__name__ in ("PeftModel", "PeftModelForCausalLM", "LoraModel") and hasattr(m, attr):
-            m = getattr(m, attr)
-    if type(m).__name__ == "LoraModel":
-        m = m.model
+    """The list of decoder layers of a causal LM (through a peft wrapper, if any)."""
+    m = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     decoder = m.get_decoder() if hasattr(m, "get_decoder") else getattr(m, "model", None)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -207,8 +201,8 @@ def gated_mlps(model: nn.Module) -> list[nn.Module]:
     return mlps
 
 
-def _linear(module: nn.Module) -> nn.Module:
-    """The plain linear layer behind a possibly PEFT-wrapped one."""
+def plain_linear(module: nn.Module) -> nn.Module:
+    """The plain linear layer behind a possibly peft-wrapped one."""
     return getattr(module, "base_layer", module)
 
 
@@ -221,7 +215,7 @@ def inspect_model(model: nn.Module) -> Geometry:
     return Geometry(
         num_layers=len(mlps),
         hidden_size=cfg.hidden_size,
-        intermediate_sizes=tuple(_linear(m.down_proj).in_features for m in mlps),
+        intermediate_sizes=tuple(plain_linear(m.down_proj).in_features for m in mlps),
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         architecture=(model.config.architectures or [type(model).__name__])[0],
@@ -233,8 +227,9 @@ def ffn_params_per_neuron(model: nn.Module) -> list[int]:
     """Parameters owned by one FFN neuron in each layer: its gate/up rows (+bias) and down column."""
     out = []
     for mlp in gated_mlps(model):
-        n = _linear(mlp.gate_proj).in_features + _linear(mlp.up_proj).in_features + _linear(mlp.down_proj).out_features
-        n += sum(1 for lin in (_linear(mlp.gate_proj), _linear(mlp.up_proj)) if lin.bias is not None)
+        gate, up, down = (plain_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+        n = gate.in_features + up.in_features + down.out_features
+        n += sum(1 for lin in (gate, up) if lin.bias is not None)
         out.append(n)
     return out
 
@@ -255,6 +250,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     emb = inp.numel() + (0 if out is inp else out.numel())
     ffn = 0
     for mlp in gated_mlps(model):
-        for lin in (_linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)):
+        for lin in (plain_linear(mlp.gate_proj), plain_linear(mlp.up_proj), plain_linear(mlp.down_proj)):
             ffn += lin.weight.numel() + (0 if lin.bias is None else lin.bias.numel())
     return {"total": total, "embeddings": emb, "ffn": ffn}

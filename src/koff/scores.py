@@ -20,13 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import gated_mlps
+from .base import gated_mlps, plain_linear
 
 SCORES = ("magnitude", "wanda-sp", "flap")
-
-
-def _linear(module: nn.Module) -> nn.Module:
-    return getattr(module, "base_layer", module)
 
 
 @dataclass
@@ -60,7 +56,7 @@ def activation_stats(model: nn.Module, batches: Iterable[torch.Tensor], forward=
     which memory or gate mode is active.
     """
     mlps = gated_mlps(model)
-    sums = [torch.zeros(_linear(m.down_proj).in_features, dtype=torch.float64) for m in mlps]
+    sums = [torch.zeros(plain_linear(m.down_proj).in_features, dtype=torch.float64) for m in mlps]
     sumsq = [torch.zeros_like(s) for s in sums]
     count = [0]
 
@@ -94,19 +90,19 @@ def magnitude_scores(model: nn.Module) -> list[torch.Tensor]:
     """L1 norm of each neuron's weights (gate row + up row + down column)."""
     out = []
     for m in gated_mlps(model):
-        g, u, d = (_linear(m.gate_proj).weight, _linear(m.up_proj).weight, _linear(m.down_proj).weight)
+        g, u, d = (plain_linear(m.gate_proj).weight, plain_linear(m.up_proj).weight, plain_linear(m.down_proj).weight)
         out.append((g.abs().sum(1) + u.abs().sum(1) + d.abs().sum(0)).double().cpu())
     return out
 
 
 def wanda_sp_scores(model: nn.Module, stats: ActivationStats) -> list[torch.Tensor]:
     """||X_j||_2 * ||W_down[:, j]||_1."""
-    return [x * _linear(m.down_proj).weight.abs().sum(0).double().cpu() for x, m in zip(stats.l2, gated_mlps(model))]
+    return [x * plain_linear(m.down_proj).weight.abs().sum(0).double().cpu() for x, m in zip(stats.l2, gated_mlps(model))]
 
 
 def flap_scores(model: nn.Module, stats: ActivationStats) -> list[torch.Tensor]:
     """Var(X_j) * ||W_down[:, j]||_2^2 (FLAP's fluctuation metric)."""
-    return [v * _linear(m.down_proj).weight.double().pow(2).sum(0).cpu()
+    return [v * plain_linear(m.down_proj).weight.double().pow(2).sum(0).cpu()
             for v, m in zip(stats.variance, gated_mlps(model))]
 
 
@@ -136,7 +132,7 @@ def flap_compensation(model: nn.Module, stats: ActivationStats, keep: list[torch
     mean output the pruned neurons would have added."""
     out = []
     for m, mean, k in zip(gated_mlps(model), stats.mean, keep):
-        w = _linear(m.down_proj).weight.double()
+        w = plain_linear(m.down_proj).weight.double()
         removed = ~k.bool()
         out.append((w[:, removed] @ mean[removed]).float() if removed.any() else torch.zeros(w.shape[0]))
     return out
