@@ -221,7 +221,7 @@ def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log
     files = {}
     for f in sorted(folder.rglob("*")):
         rel = f.relative_to(folder).as_posix()
-        if f.is_file() and not rel.startswith(("memories/", "reference/", "eval/")):
+        if f.is_file() and not rel.startswith(("memories/", "reference/", "eval/", "checkpoint/", ".")):
             files[rel] = sha256_file(f)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "koff_version": __version__, **manifest,
                 "files": files}

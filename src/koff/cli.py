@@ -48,6 +48,8 @@ def _add_decompose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip training dense + memories for comparison")
     p.add_argument("-o", "--output", type=Path, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (train.checkpoint_every > 0)")
+    p.add_argument("--checkpoint-every", type=int, help="save a resumable state every N steps")
 
 
 def build_config(args: argparse.Namespace):
@@ -76,7 +78,7 @@ def build_config(args: argparse.Namespace):
             raw[key] = str(getattr(args, flag)) if flag != "sparsity" else getattr(args, flag)
     train = dict(raw.get("train") or {})
     for key in ("steps", "batch_size", "seq_len", "reg_every", "controller", "lr_gates", "lr_lora", "lr_kv",
-                "lr_lambda", "warmup_frac", "consolidate_frac", "gate_init", "mask_scope", "seed"):
+                "lr_lambda", "warmup_frac", "consolidate_frac", "gate_init", "mask_scope", "seed", "checkpoint_every"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     if train:
@@ -96,7 +98,7 @@ def cmd_decompose(args) -> int:
     from .train import decompose
 
     cfg = build_config(args)
-    out = decompose(cfg, overwrite=args.overwrite)
+    out = decompose(cfg, overwrite=args.overwrite, resume=args.resume)
     print(f"wrote {out}")
     return 0
 

@@ -71,6 +71,9 @@ class TrainConfig:
     """Tokens of each domain's train text used for activation statistics."""
     mask_scope: str = "global"
     """Final mask: "global" top-k over all layers, or "layer" (the same fraction in every layer)."""
+    checkpoint_every: int = 0
+    """Save a resumable training state every N steps (0: never). The run is then built in
+    OUTPUT.partial/ and `koff decompose --resume` continues it after an interruption."""
     distill: float = 0.0
     """Weight w of distillation from the dense + memories reference (trained first):
     loss = (1 - w) * LM + w * KL(reference || student). 0: off (the paper's objective)."""
@@ -122,6 +125,8 @@ class DecomposeConfig:
             raise ConfigError("train.warmup_frac and train.consolidate_frac must be in [0, 1] and sum to at most 1")
         if not 0.0 <= t.distill <= 1.0:
             raise ConfigError(f"train.distill must be in [0, 1], got {t.distill}")
+        if t.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
         if t.reg_every < 0 or t.reg_every == 1:
             raise ConfigError("train.reg_every must be 0 (no regularization) or >= 2")
         if t.reg_every and not self.general:

@@ -13,7 +13,9 @@ Base weights never change.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +85,15 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
 
 def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
             learn_gates: bool = True, memories: list[str] | None = None, desc: str = "offload",
-            progress: bool = True, teacher: KoffModel | None = None) -> dict:
+            progress: bool = True, teacher: KoffModel | None = None, checkpoint: Path | None = None) -> dict:
     """Run the offloading loop on `km` in place; returns a summary.
 
     `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
     the memories. `memories` restricts which memories train (default: all of `km`). With a
     `teacher` (the dense model + memories of the same names) and `cfg.distill` > 0, the loss is
-    (1 - w) * LM loss + w * KL(teacher || student) on every step.
+    (1 - w) * LM loss + w * KL(teacher || student) on every step. With `checkpoint` (a folder) and
+    `cfg.checkpoint_every` > 0 the state is saved every that many steps, and a checkpoint found
+    there at the start is resumed from exactly.
     """
     from accelerate import Accelerator
 
@@ -124,13 +128,27 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
     rng = random.Random(cfg.seed)
     noise = torch.Generator().manual_seed(cfg.seed + 17)
     consolidate_from = cfg.steps - round(cfg.consolidate_frac * cfg.steps) if gates is not None else cfg.steps
-    metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
     domain_turn = 0
     last_loss: dict[str, list[float]] = {}
     fixed = False
-    steps_run = 0
-    t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    steps_run = start = 0
+    elapsed = 0.0
+    if checkpoint is not None and (checkpoint.is_dir() or checkpoint.with_name(checkpoint.name + ".old").is_dir()):
+        from .checkpoint import load_checkpoint, restore
+
+        loop = restore(model, optimizer, lam_opt, controller, noise, *load_checkpoint(checkpoint))
+        start, domain_turn, steps_run, fixed = loop["step"], loop["domain_turn"], loop["steps_run"], loop["fixed"]
+        last_loss, elapsed = loop["last_loss"], loop["seconds"]
+        rng.setstate((loop["rng"][0], tuple(loop["rng"][1]), loop["rng"][2]))
+        for name, taken in loop["streams"].items():
+            (streams.general if name == "__general__" else streams.domains[name]).taken = taken
+    if metrics_path is not None:  # drop lines logged after the state being resumed from
+        lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.is_file() else []
+        metrics_path.write_text("".join(lines[:start]))
+    metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+    t0 = time.time() - elapsed
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True, initial=start,
+               total=cfg.steps)
     try:
         for step in bar:
             target = target_at(step, cfg.steps, target_sparsity, cfg.warmup_frac)
@@ -188,6 +206,17 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
                 metrics.flush()
             bar.set_postfix(loss=f"{loss:.3f}", s=("-" if record["expected_sparsity"] is None
                                                           else f"{record['expected_sparsity']:.3f}"), t=f"{target:.3f}")
+            if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                    and step + 1 < cfg.steps:
+                from .checkpoint import save_checkpoint
+
+                positions = {n: st.taken for n, st in streams.domains.items()}
+                if streams.general is not None:
+                    positions["__general__"] = streams.general.taken
+                save_checkpoint(checkpoint, model, optimizer, lam_opt, controller, noise, {
+                    "step": step + 1, "domain_turn": domain_turn, "steps_run": steps_run, "fixed": fixed,
+                    "last_loss": last_loss, "seconds": time.time() - t0, "rng": list(rng.getstate()),
+                    "streams": positions})
     finally:
         if metrics:
             metrics.close()
@@ -251,9 +280,12 @@ def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: boo
     if not cfg.memory.empty:
         add_memories(km, names, streams.kv_init, cfg.memory, cfg.train.seed)
     metrics_path = out / "metrics.jsonl"
+    checkpoint = out / "checkpoint" if cfg.train.checkpoint_every else None
     if learned or not cfg.memory.empty:
         summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
-                          learn_gates=learned, desc=desc, progress=progress, teacher=teacher)
+                          learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint, ignore_errors=True)
     else:  # a one-shot mask and no memories: nothing to train
         metrics_path.write_text("")
         summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
@@ -279,32 +311,68 @@ def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: boo
     return km
 
 
-def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True) -> Path:
+def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool = False) -> Path:
     """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
 
     With `cfg.reference`, dense + memories is trained the same way (same data, steps, seeds,
     memory initialisation; no gates) into OUTPUT/reference, the upper bound `evaluate` compares
-    against. The run appears at `cfg.output` only when everything has been written.
+    against. The run appears at `cfg.output` only when everything has been written. With
+    `cfg.train.checkpoint_every`, the run is built in OUTPUT.partial/ and `resume` continues it.
     """
-    from .artifact import atomic_directory
+    from .artifact import ArtifactError, atomic_directory
 
     cfg.validate()
     check_no_test_leak(cfg.domains, cfg.general)
     reference = cfg.reference and cfg.prune and not cfg.memory.empty
     if cfg.train.distill > 0 and not reference:
         raise ValueError("train.distill needs the dense + memories reference (reference: true, prune, memories)")
-    with atomic_directory(cfg.output, overwrite=overwrite) as tmp:
-        teacher = None
-        if reference:  # trained first: with train.distill it is the teacher
-            ref = tmp / "reference"
-            ref.mkdir()
+    output = Path(cfg.output)
+    if not cfg.train.checkpoint_every:
+        if resume:
+            raise ArtifactError("--resume needs a run trained with train.checkpoint_every > 0")
+        with atomic_directory(output, overwrite=overwrite) as tmp:
+            _decompose_into(cfg, tmp, reference, progress)
+        return output
+    if output.exists() and not overwrite:
+        raise ArtifactError(f"{output} already exists (choose another output or pass --overwrite)")
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists():
+        if not resume:
+            raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+        if (partial / ".koff-partial.yaml").read_text() != dump_config(cfg):
+            raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
+    else:
+        partial.mkdir(parents=True)
+        (partial / ".koff-partial.yaml").write_text(dump_config(cfg))
+    _decompose_into(cfg, partial, reference, progress)
+    (partial / ".koff-partial.yaml").unlink()
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        os.rmdir(tmp)
+        os.replace(partial, tmp)
+    return output
+
+
+def _decompose_into(cfg: DecomposeConfig, folder: Path, reference: bool, progress: bool) -> None:
+    """Train the reference (first: it is the teacher when distilling), then the run, in `folder`.
+    A reference already finished there (its koff.json written) is reused."""
+    from .artifact import build_model, load_run
+
+    teacher = None
+    if reference:
+        ref = folder / "reference"
+        if (ref / "koff.json").is_file():
+            if cfg.train.distill > 0:
+                teacher, _ = build_model(load_run(ref))
+        else:
+            ref.mkdir(exist_ok=True)
             teacher = train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories")
+        if teacher is not None:
             teacher.requires_grad_(False)
-            if cfg.train.distill <= 0:
-                teacher = None
-        train_run(cfg, tmp, prune=cfg.prune, progress=progress, teacher=teacher,
+        if cfg.train.distill <= 0:
+            teacher = None
+    if not (folder / "koff.json").is_file():
+        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher,
                   desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
-    return Path(cfg.output)
 
 
 def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
