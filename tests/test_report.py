@@ -29,10 +29,10 @@ def _cell(method, seed, ppl_own, ppl_bb, group="main", setting=None, sparsity=0.
 def cells():
     return [
         _cell("dense", 0, None, [40.0, 50.0], sparsity=0.0, det=True, kind="dense",
-              tasks={"arc_challenge": {"acc": 0.30}, "gsm8k": {"solution_ppl": 3.0}}),
-        _cell("koff", 0, [30.0, 20.0], [60.0, 70.0], tasks={"arc_challenge": {"acc": 0.25}, "gsm8k": {"solution_ppl": 4.0}}),
-        _cell("koff", 1, [32.0, 22.0], [62.0, 72.0], tasks={"arc_challenge": {"acc": 0.27}, "gsm8k": {"solution_ppl": 4.2}}),
-        _cell("koff", 2, [34.0, 24.0], [64.0, 74.0], tasks={"arc_challenge": {"acc": 0.29}, "gsm8k": {"solution_ppl": 4.4}}),
+              tasks={"arc_challenge": {"acc_norm": 0.30}, "gsm8k": {"solution_ppl": 3.0}}),
+        _cell("koff", 0, [30.0, 20.0], [60.0, 70.0], tasks={"arc_challenge": {"acc_norm": 0.25}, "gsm8k": {"solution_ppl": 4.0}}),
+        _cell("koff", 1, [32.0, 22.0], [62.0, 72.0], tasks={"arc_challenge": {"acc_norm": 0.27}, "gsm8k": {"solution_ppl": 4.2}}),
+        _cell("koff", 2, [34.0, 24.0], [64.0, 74.0], tasks={"arc_challenge": {"acc_norm": 0.29}, "gsm8k": {"solution_ppl": 4.4}}),
         _cell("koff", 0, [50.0, 40.0], [90.0, 99.0], group="sparsity", setting={"target_sparsity": 0.4}, sparsity=0.236),
     ]
 

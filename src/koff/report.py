@@ -75,7 +75,7 @@ def _task_value(cell: dict, task: str) -> float | None:
     r = cell.get("tasks", {}).get(task)
     if r is None:
         return None
-    return r.get("acc", r.get("solution_ppl"))
+    return r.get("acc_norm", r.get("acc", r.get("solution_ppl")))
 
 
 def main_table(cells: list[dict]) -> list[dict]:
@@ -126,7 +126,8 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
              "## Main table (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
              "Perplexity with the method's own memory where it has one, else of the backbone alone; "
              "mean ± std over seeds (one number: a single seed or a deterministic method). Lower is better; "
-             "task columns are accuracy (%) of the backbone alone, GSM8K is the perplexity of reference solutions.",
+             "task columns are length-normalised accuracy (%, acc_norm) of the backbone alone (no memory); GSM8K is "
+             "the perplexity of the reference solutions (lower is better).",
              "",
              "| method | seeds | " + " | ".join(domains) + " | mean | backbone alone " + "/".join(domains) + " | "
              + " | ".join(tasks) + " | global sparsity |",
