@@ -61,6 +61,12 @@ def test_compare_runs_resumes_and_reports(grid):
     assert len(koff["curves"]["expected_sparsity"]) == 3
     wanda = json.loads((tmp / "results" / "cells" / "wanda-sp__seed0.json").read_text())
     assert wanda["train"]["tokens"] == 0 and set(wanda["ppl"]["en"]) == {"backbone"}
+    trained = (tmp / "work" / "koff__seed0" / "backbone" / "mask.safetensors").stat().st_mtime_ns
+    (tmp / "results" / "cells" / "koff__seed0.json").unlink()  # re-evaluating a cell reuses its trained run
+    assert main(["compare", str(path), "--only", "koff__seed0"]) == 0
+    assert (tmp / "work" / "koff__seed0" / "backbone" / "mask.safetensors").stat().st_mtime_ns == trained
+    again = json.loads((tmp / "results" / "cells" / "koff__seed0.json").read_text())
+    assert again["ppl"] == koff["ppl"]
     assert main(["report", str(tmp / "results")]) == 0
     md = (tmp / "results" / "report.md").read_text()
     assert "| koff | 0,1 |" in md and "## Sweep: sparsity" in md

@@ -188,6 +188,14 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
             "eval_settings": {"block": settings.block, "max_tokens": settings.max_tokens}}
 
 
+def finished_run(run_dir: Path, cfg) -> bool:
+    """True when `run_dir` holds a complete run trained with exactly `cfg`."""
+    from .config import dump_config
+
+    config = run_dir / "config.yaml"
+    return (run_dir / "koff.json").is_file() and config.is_file() and config.read_text() == dump_config(cfg)
+
+
 def run_cell(cell: Cell, spec: dict, progress: bool = True) -> Path:
     """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically."""
     from .artifact import atomic_write_text
@@ -203,8 +211,9 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True) -> Path:
         pass
     elif cell.kind == "decompose":
         cfg = config_from_dict({**cell.config, "output": str(work / cell.id)}, cell.id)
-        decompose(cfg, overwrite=True, progress=progress)
         run_dir = work / cell.id
+        if not finished_run(run_dir, cfg):  # a run trained earlier (e.g. before an interrupted evaluation) is reused
+            decompose(cfg, overwrite=True, progress=progress)
         summary = json.loads((run_dir / "koff.json").read_text())["metrics"]
         t = cfg.train
         steps = summary.get("steps_run", summary["steps"])
