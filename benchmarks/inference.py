@@ -1,6 +1,6 @@
 """Serving a backbone with swappable memories: latency, swap time, mixed batches, bytes on disk.
 
-    python benchmarks/inference.py [--model PATH] [--run RUN] [--repeats 5]
+    python benchmarks/inference.py [--model PATH] [--run RUN] [--repeats 9]
 
 All measured side by side in one run on the real model (default: bundled SmolLM2-135M):
   (a) forward latency of the physically pruned backbone vs the dense model at s* = 0.2 and 0.4,
@@ -30,14 +30,17 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of two callables, timed alternately (first, second, first, ...) after one
+    warm-up each, so that drift in machine speed hits both sides alike."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, out in zip((first, second), times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def wanda_masks(base, tok, sparsities):
@@ -74,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
     ap.add_argument("--run", type=Path, help="a koff run to export and measure (default: one-shot masks)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=24)
@@ -100,15 +103,13 @@ def main() -> None:
         masks[run.target_sparsity] = run.keep
     for s, keep in wanda_masks(dense, tok, [0.2, 0.4]).items():
         masks.setdefault(s, keep)
-    print(f"(a) forward latency, batch {args.batch_size} x {args.seq_len} tokens, median of {args.repeats}")
+    print(f"(a) forward latency, batch {args.batch_size} x {args.seq_len} tokens, median of {args.repeats} (alternating)")
     print(f"    {'s*':>5} {'dense ms':>10} {'backbone ms':>12} {'speedup':>8} {'ideal':>7} {'ratio':>7}  (target >= 0.9)")
     with torch.inference_mode():
         for s, keep in sorted(masks.items()):
             small, _, _ = load_base(source)
             prune_model(small, keep)
-            t_dense = timed(lambda: dense(input_ids=x), args.repeats)
-            t_small = timed(lambda: small(input_ids=x), args.repeats)
-            t_dense = min(t_dense, timed(lambda: dense(input_ids=x), args.repeats))  # interleaved, best of two
+            t_dense, t_small = timed_pair(lambda: dense(input_ids=x), lambda: small(input_ids=x), args.repeats)
             ideal = matmul_params(dense) / matmul_params(small)
             speed = t_dense / t_small
             print(f"    {s:>5} {t_dense * 1e3:>10.1f} {t_small * 1e3:>12.1f} {speed:>8.3f} {ideal:>7.3f} {speed / ideal:>7.3f}")
@@ -138,10 +139,7 @@ def main() -> None:
     mixed = [names[i % 3] for i in range(args.batch_size)]
     run_single = lambda: generate(km, tok, prompts, "en", max_new_tokens=args.new_tokens)  # noqa: E731
     run_mixed = lambda: generate(km, tok, prompts, mixed, max_new_tokens=args.new_tokens)  # noqa: E731
-    reps = max(2, args.repeats // 2)
-    t_single = timed(run_single, reps)
-    t_mixed = timed(run_mixed, reps)
-    t_single = min(t_single, timed(run_single, reps))
+    t_single, t_mixed = timed_pair(run_single, run_mixed, max(3, args.repeats // 2))
     n_tokens = args.batch_size * args.new_tokens
     print(f"(c) greedy generation, batch {args.batch_size}, {args.new_tokens} new tokens per row: single memory "
           f"{n_tokens / t_single:.1f} tok/s, 3 memories mixed {n_tokens / t_mixed:.1f} tok/s, ratio "
