@@ -3,10 +3,17 @@ swappable per-domain memories (LoRA adapters + a trainable KV cache).
 
 The Python API mirrors the command line:
 
-    koff.decompose(config)          koff decompose
-    koff.evaluate_run(run_dir)      koff evaluate RUN
-    koff.load_run(run_dir)          read and validate a run directory
-    koff.build_model(run)           the backbone + memories as a KoffModel, ready to run
+    koff.decompose(config)                  koff decompose
+    koff.evaluate_run(run_dir)              koff evaluate RUN
+    koff.export_run(run_dir, out)           koff export RUN OUT
+    koff.load_backbone(out)                 the exported, physically smaller backbone
+    koff.generate.generate(model, tok, ...) koff generate RUN --memory M PROMPT
+    koff.add_domain(run_dir, domain)        koff add-domain RUN --name NAME
+    koff.analyze_run(run_dir)               koff analyze RUN
+    koff.compare.compare(grid)              koff compare GRID
+    koff.report.report(results)             koff report RESULTS
+    koff.load_run(run_dir)                  read and validate a run directory
+    koff.build_model(run)                   the backbone + memories as a KoffModel, ready to run
 """
 
 __version__ = "0.1.0"
@@ -17,8 +24,11 @@ from .config import (ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, co
 from .data import Domain, bundled_domain  # noqa: E402
 from .evaluate import EvalSettings, evaluate_run  # noqa: E402
 from .model import KoffModel  # noqa: E402
-from .train import decompose  # noqa: E402
+from .train import add_domain, decompose  # noqa: E402
+from .export import export_run, load_backbone  # noqa: E402
+from .analysis import analyze_run  # noqa: E402
 
-__all__ = ["__version__", "decompose", "evaluate_run", "EvalSettings", "load_run", "build_model", "Run",
+__all__ = ["__version__", "decompose", "evaluate_run", "export_run", "load_backbone", "add_domain", "analyze_run",
+           "EvalSettings", "load_run", "build_model", "Run",
            "KoffModel", "DecomposeConfig", "MemoryConfig", "TrainConfig", "config_from_dict", "load_config",
            "Domain", "bundled_domain", "ArtifactError", "ConfigError"]

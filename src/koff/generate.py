@@ -1,7 +1,8 @@
 """Text generation with memories swapped per request.
 
 `generate` takes a batch of prompts and one memory name per prompt: every row gets its own LoRA
-delta (peft's mixed-adapter batches) and its own KV prefix (rows with shorter or no memory are
+delta (`KoffModel.lora_for`: the rows' adapter weights gathered once, two batched matmuls per
+layer) and its own KV prefix (rows with shorter or no memory are
 padded with masked slots), prompts are left-padded, and each row's positions continue after its
 own memory. The backbone is shared by all rows and never copied.
 """
