@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma")
+ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma3")
 """Tiny models of these families are built for the tests (see `tiny_config`)."""
 
 WORDS = {
@@ -37,6 +37,9 @@ def tiny_config(arch: str, vocab: int = 160):
         return tf.Qwen3Config(**common, head_dim=8)
     if arch == "gemma":
         return tf.GemmaConfig(**common, head_dim=8)
+    if arch == "gemma3":  # sliding-window and global layers alternate
+        return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=16, layer_types=["sliding_attention",
+                                                                                         "full_attention"])
     raise ValueError(arch)
 
 

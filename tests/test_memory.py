@@ -13,7 +13,7 @@ def test_kv_memory_from_tokens_equals_real_prefix(arch):
     """A KV memory initialised from tokens t gives the same next-token logits as feeding t."""
     km = KoffModel(tiny_model(arch))
     t = torch.randint(3, 150, (7,))
-    x = torch.randint(3, 150, (2, 9))
+    x = torch.randint(3, 150, (2, 20))  # 7 + 20 tokens: longer than gemma3's 16-token sliding window
     k, v = km.capture_kv(t)
     km.add_memory("d", kv=KVMemory(k, v))
     with torch.no_grad():
