@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 
-DEMO_STEPS = 80
+DEMO_STEPS = 60
 
 
 def _files(value: str) -> tuple[str, list[Path]]:
