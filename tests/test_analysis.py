@@ -86,6 +86,13 @@ def test_enrichment_with_an_empty_cell_uses_haldane():
     assert e["haldane_corrected"] and e["odds_ratio"] == pytest.approx((2.5 * 4.5) / (0.5 * 0.5))
 
 
+def test_enrichment_without_selected_neurons_has_no_odds_ratio():
+    # A layer with no language-specific neuron: the 0.5 correction alone would make up a ratio.
+    e = enrichment(torch.tensor([1, 0, 0, 0], dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
+    assert e["odds_ratio"] is None and e["ci95"] is None and e["fisher_p"] != e["fisher_p"]
+    assert e["table"]["other_pruned"] == 1 and e["pruned_share_selected"] is None
+
+
 def test_analyze_run_writes_tables_and_plots(llama_folder, data_files, tmp_path):
     import json
 

@@ -129,15 +129,19 @@ def enrichment(pruned: torch.Tensor, selected: torch.Tensor) -> dict:
     c = int((pruned & ~selected).sum())   # other, pruned
     d = int((~pruned & ~selected).sum())  # other, kept
     table = [[a, b], [c, d]]
+    counts = {"table": {"selected_pruned": a, "selected_kept": b, "other_pruned": c, "other_kept": d},
+              "pruned_share_selected": a / (a + b) if a + b else None,
+              "pruned_share_other": c / (c + d) if c + d else None}
+    if not (a + b and c + d):
+        # An empty row (e.g. a layer with no selected neuron) says nothing about enrichment: the
+        # Haldane-corrected ratio would be a number made of the 0.5s alone.
+        return {**counts, "odds_ratio": None, "ci95": None, "haldane_corrected": False, "fisher_p": float("nan")}
     corrected = 0 in (a, b, c, d)
     aa, bb, cc, dd = (x + 0.5 for x in (a, b, c, d)) if corrected else (a, b, c, d)
     odds = (aa * dd) / (bb * cc)
     half = 1.959963984540054 * math.sqrt(1 / aa + 1 / bb + 1 / cc + 1 / dd)
-    p = float(fisher_exact(table, alternative="two-sided").pvalue) if (a + b) and (c + d) else float("nan")
-    return {"table": {"selected_pruned": a, "selected_kept": b, "other_pruned": c, "other_kept": d},
-            "pruned_share_selected": a / (a + b) if a + b else None,
-            "pruned_share_other": c / (c + d) if c + d else None,
-            "odds_ratio": odds, "ci95": [math.exp(math.log(odds) - half), math.exp(math.log(odds) + half)],
+    p = float(fisher_exact(table, alternative="two-sided").pvalue)
+    return {**counts, "odds_ratio": odds, "ci95": [math.exp(math.log(odds) - half), math.exp(math.log(odds) + half)],
             "haldane_corrected": corrected, "fisher_p": p}
 
 
@@ -224,7 +228,10 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     return out
 
 
-def _or(e: dict) -> str:
+def odds_text(e: dict) -> str:
+    """'OR [lo, hi]' of an enrichment record, or '–' where the ratio is undefined."""
+    if e["odds_ratio"] is None:
+        return "–"
     lo, hi = e["ci95"]
     return f"{e['odds_ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
 
@@ -251,8 +258,8 @@ def to_markdown(out: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in out["masks"].items():
         sp, ge = r["specific"], r["general"]
-        lines.append(f"| {name} | {r['pruned_fraction']:.1%} | {sp['pruned_share_selected'] or 0:.1%} | {_or(sp)} | "
-                     f"{_p(sp['fisher_p'])} | {ge['pruned_share_selected'] or 0:.1%} | {_or(ge)} | {_p(ge['fisher_p'])} |")
+        lines.append(f"| {name} | {r['pruned_fraction']:.1%} | {sp['pruned_share_selected'] or 0:.1%} | {odds_text(sp)} | "
+                     f"{_p(sp['fisher_p'])} | {ge['pruned_share_selected'] or 0:.1%} | {odds_text(ge)} | {_p(ge['fisher_p'])} |")
     lines += ["", "## Per language: share of its specific neurons removed (OR, Fisher p)", "",
               "| mask | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
     for name, r in out["masks"].items():
@@ -266,7 +273,7 @@ def to_markdown(out: dict) -> str:
     lines += ["", "## Per layer (koff mask): specific neurons pruned / kept, odds ratio [95% CI]", "",
               "| layer | specific pruned | specific kept | OR [95% CI] | p |", "|---:|---:|---:|---:|---:|"]
     for e in out["masks"]["koff"]["per_layer"]:
-        lines.append(f"| {e['layer']} | {e['specific_pruned']} | {e['specific_kept']} | {_or(e)} | {_p(e['fisher_p'])} |")
+        lines.append(f"| {e['layer']} | {e['specific_pruned']} | {e['specific_kept']} | {odds_text(e)} | {_p(e['fisher_p'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,7 +306,7 @@ def plot(out: dict, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9, 4))
     for name, r in out["masks"].items():
         pts = [(e["layer"], e["odds_ratio"], *e["ci95"]) for e in r["per_layer"]
-               if e["specific_pruned"] + e["specific_kept"] > 0]
+               if e["odds_ratio"] is not None]
         if not pts:
             continue
         x, y, lo, hi = zip(*pts)

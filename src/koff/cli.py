@@ -190,16 +190,14 @@ def cmd_add_domain(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import LapeSettings, analyze_run
+    from .analysis import LapeSettings, analyze_run, odds_text
 
     settings = LapeSettings(tokens=args.tokens, specific_rate=args.specific_rate,
                             activation_quantile=args.activation_quantile, general_rate=args.general_rate)
     out = analyze_run(args.run, settings, baselines=tuple(args.baselines), model=args.model)
     for name, r in out["masks"].items():
         sp, ge = r["specific"], r["general"]
-        print(f"{name:10} specific: OR {sp['odds_ratio']:.2f} [{sp['ci95'][0]:.2f}, {sp['ci95'][1]:.2f}] "
-              f"p={sp['fisher_p']:.2g} | general: OR {ge['odds_ratio']:.2f} [{ge['ci95'][0]:.2f}, "
-              f"{ge['ci95'][1]:.2f}] p={ge['fisher_p']:.2g}")
+        print(f"{name:10} specific: OR {odds_text(sp)} p={sp['fisher_p']:.2g} | general: OR {odds_text(ge)} p={ge['fisher_p']:.2g}")
     print(f"wrote {args.run / 'analysis'} (specialization.json, .md, plots)")
     return 0
 
