@@ -91,6 +91,9 @@ def test_enrichment_without_selected_neurons_has_no_odds_ratio():
     e = enrichment(torch.tensor([1, 0, 0, 0], dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
     assert e["odds_ratio"] is None and e["ci95"] is None and e["fisher_p"] != e["fisher_p"]
     assert e["table"]["other_pruned"] == 1 and e["pruned_share_selected"] is None
+    # ... nor a layer where nothing was pruned (Fisher's p is then 1: the table is fixed by its margins)
+    e = enrichment(torch.zeros(4, dtype=torch.bool), torch.tensor([1, 1, 0, 0], dtype=torch.bool))
+    assert e["odds_ratio"] is None and e["fisher_p"] == 1.0
 
 
 def test_analyze_run_writes_tables_and_plots(llama_folder, data_files, tmp_path):

@@ -133,9 +133,11 @@ def enrichment(pruned: torch.Tensor, selected: torch.Tensor) -> dict:
               "pruned_share_selected": a / (a + b) if a + b else None,
               "pruned_share_other": c / (c + d) if c + d else None}
     if not (a + b and c + d):
-        # An empty row (e.g. a layer with no selected neuron) says nothing about enrichment: the
-        # Haldane-corrected ratio would be a number made of the 0.5s alone.
         return {**counts, "odds_ratio": None, "ci95": None, "haldane_corrected": False, "fisher_p": float("nan")}
+    if not (a + c and b + d):
+        # A layer with no selected neuron, or none pruned, says nothing about enrichment: the
+        # Haldane-corrected ratio would be a number made of the 0.5s alone.
+        return {**counts, "odds_ratio": None, "ci95": None, "haldane_corrected": False, "fisher_p": 1.0}
     corrected = 0 in (a, b, c, d)
     aa, bb, cc, dd = (x + 0.5 for x in (a, b, c, d)) if corrected else (a, b, c, d)
     odds = (aa * dd) / (bb * cc)
