@@ -132,12 +132,12 @@ def enrichment(pruned: torch.Tensor, selected: torch.Tensor) -> dict:
     counts = {"table": {"selected_pruned": a, "selected_kept": b, "other_pruned": c, "other_kept": d},
               "pruned_share_selected": a / (a + b) if a + b else None,
               "pruned_share_other": c / (c + d) if c + d else None}
-    if not (a + b and c + d):
-        return {**counts, "odds_ratio": None, "ci95": None, "haldane_corrected": False, "fisher_p": float("nan")}
-    if not (a + c and b + d):
+    if not (a + b and c + d and a + c and b + d):
         # A layer with no selected neuron, or none pruned, says nothing about enrichment: the
-        # Haldane-corrected ratio would be a number made of the 0.5s alone.
-        return {**counts, "odds_ratio": None, "ci95": None, "haldane_corrected": False, "fisher_p": 1.0}
+        # Haldane-corrected ratio would be a number made of the 0.5s alone. With only a column
+        # empty the table is fixed by its margins, so Fisher's p is 1.
+        p = 1.0 if a + b and c + d else float("nan")
+        return {**counts, "odds_ratio": None, "ci95": None, "haldane_corrected": False, "fisher_p": p}
     corrected = 0 in (a, b, c, d)
     aa, bb, cc, dd = (x + 0.5 for x in (a, b, c, d)) if corrected else (a, b, c, d)
     odds = (aa * dd) / (bb * cc)
