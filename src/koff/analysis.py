@@ -230,10 +230,12 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     return out
 
 
-def odds_text(e: dict) -> str:
-    """'OR [lo, hi]' of an enrichment record, or '–' where the ratio is undefined."""
+def odds_text(e: dict, interval: bool = True) -> str:
+    """'OR [lo, hi]' (or 'OR' alone) of an enrichment record, or '–' where the ratio is undefined."""
     if e["odds_ratio"] is None:
         return "–"
+    if not interval:
+        return f"{e['odds_ratio']:.2f}"
     lo, hi = e["ci95"]
     return f"{e['odds_ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
 
@@ -269,7 +271,7 @@ def to_markdown(out: dict) -> str:
         for l in langs:
             pl = r["per_language"][l]
             cells.append("–" if pl["pruned_share"] is None else
-                         f"{pl['pruned']}/{pl['specific']} = {pl['pruned_share']:.0%} (OR {pl['enrichment']['odds_ratio']:.2f}, "
+                         f"{pl['pruned']}/{pl['specific']} = {pl['pruned_share']:.0%} (OR {odds_text(pl['enrichment'], interval=False)}, "
                          f"p {_p(pl['enrichment']['fisher_p'])})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Per layer (koff mask): specific neurons pruned / kept, odds ratio [95% CI]", "",
