@@ -3,7 +3,7 @@ import json
 import pytest
 
 from koff.artifact import ArtifactError
-from koff.report import main_table, report, to_markdown
+from koff.report import claims, main_table, report, to_markdown
 
 
 def _cell(method, seed, ppl_own, ppl_bb, group="main", setting=None, sparsity=0.118, tasks=None, det=False,
@@ -74,3 +74,36 @@ def test_report_errors(tmp_path):
     (tmp_path / "cells" / "x.json").write_text("{oops")
     with pytest.raises(ArtifactError, match="x.json: not valid JSON"):
         report(tmp_path)
+
+
+def _verdicts(cells):
+    return {c["claim"].split(" ")[0]: c for c in claims(cells)}
+
+
+def test_claims_not_measured_without_their_cells(cells):
+    v = _verdicts(cells)
+    assert [c["verdict"] for c in claims(cells)] == ["not measured"] * 3
+    assert v["mask-only"]["lines"] == ["missing: mask-only"]
+
+
+def test_claims_compare_the_right_cells(cells):
+    # koff en/fr = 32/22 (3 seeds); best one-shot+LoRA per language: wanda-sp on en (40), flap on fr (23)
+    cells = cells + [
+        _cell("wanda-sp+lora", 0, [40.0, 30.0], [90.0, 90.0]),
+        _cell("flap+lora", 0, [45.0, 23.0], [90.0, 90.0]),
+        _cell("mask-only", 0, None, [50.0, 30.0]),
+        _cell("koff-lora", 0, [33.0, 23.0], [60.0, 70.0]),
+        _cell("koff-kv", 0, [40.0, 21.0], [60.0, 70.0]),
+    ]
+    first = next(c for c in claims(cells) if "one-shot" in c["claim"])
+    assert first["verdict"] == "missed"  # fr: 1 - 22/23 = 4.3% < 10%
+    assert first["lines"][0].startswith("en: koff 32.0 ± 2.0 vs wanda-sp+lora 40.0: +20.0%")
+    assert "vs flap+lora 23.0: +4.3%" in first["lines"][1]
+    mask = next(c for c in claims(cells) if c["claim"].startswith("mask-only"))
+    assert mask["verdict"] == "met" and "+56.2%" in mask["lines"][0]  # 50/32 - 1
+    both = next(c for c in claims(cells) if c["claim"].startswith("LoRA + KV"))
+    assert both["verdict"] == "missed"  # fr: koff-kv 21 beats koff 22
+    md = to_markdown(cells, [])
+    assert "- **missed**: koff (LoRA + KV) perplexity at least 10% lower" in md
+    # the main table reads references first, then koff and its ablations, then baselines
+    assert md.index("| dense |") < md.index("| koff |") < md.index("| koff-lora |") < md.index("| wanda-sp+lora |")

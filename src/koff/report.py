@@ -104,6 +104,87 @@ def main_table(cells: list[dict]) -> list[dict]:
     return rows
 
 
+ONE_SHOT_LORA = ("magnitude+lora", "wanda-sp+lora", "flap+lora")
+# Reading order of the main table: references, koff and its ablations, then the baselines.
+METHOD_ORDER = ("dense", "dense+memories", "koff", "koff-lora", "koff-kv", "mask-only", "wanda-sp+memories",
+                "wanda-sp+lora", "flap+lora", "magnitude+lora", "wanda-sp", "flap", "magnitude")
+
+
+def _order(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _gap(a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
+    """How far apart two mean ± std entries are, in units of their combined spread (when both have seeds)."""
+    if a[2] > 1 and b[2] > 1:
+        spread = math.hypot(a[1], b[1])
+        return f"{abs(a[0] - b[0]) / spread:.1f} std apart" if spread > 0 else "no spread"
+    return "one seed: no std"
+
+
+def claims(cells: list[dict]) -> list[dict]:
+    """The issue's three comparisons at the main sparsity, computed from whatever cells exist.
+
+    Each entry: {"claim", "verdict" ("met", "missed" or "not measured"), "lines": [per-domain text]}.
+    """
+    rows = {r["method"]: r for r in main_table(cells)}
+    domains = _domains(cells)
+    out = []
+
+    def missing(names):
+        return [n for n in names if n not in rows]
+
+    # 1. koff at least 10% below the best one-shot mask + equal-budget LoRA, per language
+    c = {"claim": "koff (LoRA + KV) perplexity at least 10% lower than the best one-shot + equal-budget LoRA, "
+                  "per language"}
+    base = [m for m in ONE_SHOT_LORA if m in rows]
+    if "koff" not in rows or not base:
+        c.update(verdict="not measured", lines=[f"missing: {', '.join(missing(['koff']) + (['a one-shot + LoRA cell'] if not base else []))}"])
+    else:
+        ok, lines = True, []
+        for d in domains:
+            best = min(base, key=lambda m: rows[m][d][0])
+            k, b = rows["koff"][d], rows[best][d]
+            red = 1 - k[0] / b[0]
+            ok &= red >= 0.10
+            lines.append(f"{d}: koff {_fmt(k)} vs {best} {_fmt(b)}: {100 * red:+.1f}% ({_gap(k, b)})")
+        c.update(verdict="met" if ok else "missed", lines=lines)
+    out.append(c)
+
+    # 2. mask-only clearly worse than koff
+    c = {"claim": "mask-only (same gates and objective, no memory) clearly worse than koff: at least 10% higher "
+                  "perplexity, per language"}
+    if missing(["koff", "mask-only"]):
+        c.update(verdict="not measured", lines=[f"missing: {', '.join(missing(['koff', 'mask-only']))}"])
+    else:
+        ok, lines = True, []
+        for d in domains:
+            k, m = rows["koff"][d], rows["mask-only"][d]
+            rel = m[0] / k[0] - 1
+            ok &= rel >= 0.10
+            lines.append(f"{d}: mask-only {_fmt(m)} vs koff {_fmt(k)}: {100 * rel:+.1f}% ({_gap(m, k)})")
+        c.update(verdict="met" if ok else "missed", lines=lines)
+    out.append(c)
+
+    # 3. LoRA + KV better than each alone
+    c = {"claim": "LoRA + KV memories better than LoRA-only and KV-only memories, per language"}
+    if missing(["koff", "koff-lora", "koff-kv"]):
+        c.update(verdict="not measured", lines=[f"missing: {', '.join(missing(['koff', 'koff-lora', 'koff-kv']))}"])
+    else:
+        ok, lines = True, []
+        for d in domains:
+            k = rows["koff"][d]
+            parts = []
+            for alone in ("koff-lora", "koff-kv"):
+                a = rows[alone][d]
+                ok &= k[0] < a[0]
+                parts.append(f"{alone} {_fmt(a)} ({100 * (1 - k[0] / a[0]):+.1f}%, {_gap(k, a)})")
+            lines.append(f"{d}: koff {_fmt(k)} vs " + ", ".join(parts))
+        c.update(verdict="met" if ok else "missed", lines=lines)
+    out.append(c)
+    return out
+
+
 def _caption(cells: list[dict], group: str = "main") -> str:
     cs = [c for c in cells if c["group"] == group] or cells
     c0 = cs[0]
@@ -132,12 +213,18 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
              "| method | seeds | " + " | ".join(domains) + " | mean | backbone alone " + "/".join(domains) + " | "
              + " | ".join(tasks) + " | global sparsity |",
              "|---|---|" + "---:|" * (len(domains) + 2 + len(tasks) + 1)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: _order(r["method"])):
         seeds = "det." if r["deterministic"] else ",".join(map(str, r["seeds"]))
         backbone = " / ".join(_fmt(r[f"{d}/backbone"]) for d in domains)
         task_cells = [(_fmt(r[f"task/{t}"], 2) if t == "gsm8k" else _fmt(r[f"task/{t}"], 1, pct=True)) for t in tasks]
         lines.append(f"| {r['method']} | {seeds} | " + " | ".join(_fmt(r[d]) for d in domains) + f" | {_fmt(r['mean'])} | "
                      f"{backbone} | " + " | ".join(task_cells) + f" | {r['global_sparsity']:.3f} |")
+    lines += ["", "## The issue's comparisons (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
+              "Computed from the table above; a percentage is the relative perplexity difference of the means, "
+              "'std apart' the difference over the combined seed spread.", ""]
+    for c in claims(cells):
+        lines.append(f"- **{c['verdict']}**: {c['claim']}")
+        lines += [f"  - {t}" for t in c["lines"]]
     groups = sorted({c["group"] for c in cells} - {"main"})
     for g in groups:
         cs = [c for c in cells if c["group"] == g]
