@@ -98,7 +98,7 @@ def test_claims_compare_the_right_cells(cells):
     first = next(c for c in claims(cells) if "one-shot" in c["claim"])
     assert first["verdict"] == "missed"  # fr: 1 - 22/23 = 4.3% < 10%
     assert first["lines"][0].startswith("en: koff 32.0 ± 2.0 vs wanda-sp+lora 40.0: +20.0%")
-    assert "vs flap+lora 23.0: +4.3%" in first["lines"][1]
+    assert "vs flap+lora 23.0: +4.3% (0.5 std apart, one side's std only)" in first["lines"][1]
     mask = next(c for c in claims(cells) if c["claim"].startswith("mask-only"))
     assert mask["verdict"] == "met" and "+56.2%" in mask["lines"][0]  # 50/32 - 1
     both = next(c for c in claims(cells) if c["claim"].startswith("LoRA + KV"))

@@ -115,11 +115,15 @@ def _order(method: str) -> tuple[int, str]:
 
 
 def _gap(a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
-    """How far apart two mean ± std entries are, in units of their combined spread (when both have seeds)."""
-    if a[2] > 1 and b[2] > 1:
-        spread = math.hypot(a[1], b[1])
-        return f"{abs(a[0] - b[0]) / spread:.1f} std apart" if spread > 0 else "no spread"
-    return "one seed: no std"
+    """How far apart two mean ± std entries are, in units of their combined seed spread (of one side
+    only when the other has a single seed or is deterministic)."""
+    stds = [x[1] for x in (a, b) if x[2] > 1]
+    if not stds:
+        return "one seed: no std"
+    spread = math.hypot(*stds)
+    if spread == 0:
+        return "no spread"
+    return f"{abs(a[0] - b[0]) / spread:.1f} std apart" + ("" if len(stds) == 2 else ", one side's std only")
 
 
 def claims(cells: list[dict]) -> list[dict]:
