@@ -133,60 +133,42 @@ def claims(cells: list[dict]) -> list[dict]:
     """
     rows = {r["method"]: r for r in main_table(cells)}
     domains = _domains(cells)
-    out = []
+    one_shot = [m for m in ONE_SHOT_LORA if m in rows]
 
-    def missing(names):
-        return [n for n in names if n not in rows]
+    def check(claim: str, needs: list[str], judge) -> dict:
+        absent = [n for n in needs if n not in rows]
+        if absent:
+            return {"claim": claim, "verdict": "not measured", "lines": ["missing: " + ", ".join(absent)]}
+        judged = [judge(d) for d in domains]  # (met on this domain, text)
+        return {"claim": claim, "verdict": "met" if all(ok for ok, _ in judged) else "missed",
+                "lines": [text for _, text in judged]}
 
-    # 1. koff at least 10% below the best one-shot mask + equal-budget LoRA, per language
-    c = {"claim": "koff (LoRA + KV) perplexity at least 10% lower than the best one-shot + equal-budget LoRA, "
-                  "per language"}
-    base = [m for m in ONE_SHOT_LORA if m in rows]
-    if "koff" not in rows or not base:
-        c.update(verdict="not measured", lines=[f"missing: {', '.join(missing(['koff']) + (['a one-shot + LoRA cell'] if not base else []))}"])
-    else:
-        ok, lines = True, []
-        for d in domains:
-            best = min(base, key=lambda m: rows[m][d][0])
-            k, b = rows["koff"][d], rows[best][d]
-            red = 1 - k[0] / b[0]
-            ok &= red >= 0.10
-            lines.append(f"{d}: koff {_fmt(k)} vs {best} {_fmt(b)}: {100 * red:+.1f}% ({_gap(k, b)})")
-        c.update(verdict="met" if ok else "missed", lines=lines)
-    out.append(c)
+    def below_best_one_shot(d: str) -> tuple[bool, str]:
+        best = min(one_shot, key=lambda m: rows[m][d][0])
+        k, b = rows["koff"][d], rows[best][d]
+        red = 1 - k[0] / b[0]
+        return red >= 0.10, f"{d}: koff {_fmt(k)} vs {best} {_fmt(b)}: {100 * red:+.1f}% ({_gap(k, b)})"
 
-    # 2. mask-only clearly worse than koff
-    c = {"claim": "mask-only (same gates and objective, no memory) clearly worse than koff: at least 10% higher "
-                  "perplexity, per language"}
-    if missing(["koff", "mask-only"]):
-        c.update(verdict="not measured", lines=[f"missing: {', '.join(missing(['koff', 'mask-only']))}"])
-    else:
-        ok, lines = True, []
-        for d in domains:
-            k, m = rows["koff"][d], rows["mask-only"][d]
-            rel = m[0] / k[0] - 1
-            ok &= rel >= 0.10
-            lines.append(f"{d}: mask-only {_fmt(m)} vs koff {_fmt(k)}: {100 * rel:+.1f}% ({_gap(m, k)})")
-        c.update(verdict="met" if ok else "missed", lines=lines)
-    out.append(c)
+    def mask_only_worse(d: str) -> tuple[bool, str]:
+        k, m = rows["koff"][d], rows["mask-only"][d]
+        rel = m[0] / k[0] - 1
+        return rel >= 0.10, f"{d}: mask-only {_fmt(m)} vs koff {_fmt(k)}: {100 * rel:+.1f}% ({_gap(m, k)})"
 
-    # 3. LoRA + KV better than each alone
-    c = {"claim": "LoRA + KV memories better than LoRA-only and KV-only memories, per language"}
-    if missing(["koff", "koff-lora", "koff-kv"]):
-        c.update(verdict="not measured", lines=[f"missing: {', '.join(missing(['koff', 'koff-lora', 'koff-kv']))}"])
-    else:
-        ok, lines = True, []
-        for d in domains:
-            k = rows["koff"][d]
-            parts = []
-            for alone in ("koff-lora", "koff-kv"):
-                a = rows[alone][d]
-                ok &= k[0] < a[0]
-                parts.append(f"{alone} {_fmt(a)} ({100 * (1 - k[0] / a[0]):+.1f}%, {_gap(k, a)})")
-            lines.append(f"{d}: koff {_fmt(k)} vs " + ", ".join(parts))
-        c.update(verdict="met" if ok else "missed", lines=lines)
-    out.append(c)
-    return out
+    def both_beat_each(d: str) -> tuple[bool, str]:
+        k = rows["koff"][d]
+        alone = [rows[m][d] for m in ("koff-lora", "koff-kv")]
+        parts = [f"{m} {_fmt(a)} ({100 * (1 - k[0] / a[0]):+.1f}%, {_gap(k, a)})"
+                 for m, a in zip(("koff-lora", "koff-kv"), alone)]
+        return all(k[0] < a[0] for a in alone), f"{d}: koff {_fmt(k)} vs " + ", ".join(parts)
+
+    return [
+        check("koff (LoRA + KV) perplexity at least 10% lower than the best one-shot + equal-budget LoRA, "
+              "per language", ["koff"] + (one_shot or ["a one-shot + LoRA cell"]), below_best_one_shot),
+        check("mask-only (same gates and objective, no memory) clearly worse than koff: at least 10% higher "
+              "perplexity, per language", ["koff", "mask-only"], mask_only_worse),
+        check("LoRA + KV memories better than LoRA-only and KV-only memories, per language",
+              ["koff", "koff-lora", "koff-kv"], both_beat_each),
+    ]
 
 
 def _caption(cells: list[dict], group: str = "main") -> str:
