@@ -95,13 +95,14 @@ def test_claims_compare_the_right_cells(cells):
         _cell("koff-lora", 0, [33.0, 23.0], [60.0, 70.0]),
         _cell("koff-kv", 0, [40.0, 21.0], [60.0, 70.0]),
     ]
-    first = next(c for c in claims(cells) if "one-shot" in c["claim"])
+    v = _verdicts(cells)
+    first = v["koff"]
     assert first["verdict"] == "missed"  # fr: 1 - 22/23 = 4.3% < 10%
     assert first["lines"][0].startswith("en: koff 32.0 ± 2.0 vs wanda-sp+lora 40.0: +20.0%")
     assert "vs flap+lora 23.0: +4.3% (0.5 std apart, one side's std only)" in first["lines"][1]
-    mask = next(c for c in claims(cells) if c["claim"].startswith("mask-only"))
+    mask = v["mask-only"]
     assert mask["verdict"] == "met" and "+56.2%" in mask["lines"][0]  # 50/32 - 1
-    both = next(c for c in claims(cells) if c["claim"].startswith("LoRA + KV"))
+    both = v["LoRA"]
     assert both["verdict"] == "missed"  # fr: koff-kv 21 beats koff 22
     md = to_markdown(cells, [])
     assert "- **missed**: koff (LoRA + KV) perplexity at least 10% lower" in md

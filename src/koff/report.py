@@ -156,10 +156,9 @@ def claims(cells: list[dict]) -> list[dict]:
 
     def both_beat_each(d: str) -> tuple[bool, str]:
         k = rows["koff"][d]
-        alone = [rows[m][d] for m in ("koff-lora", "koff-kv")]
-        parts = [f"{m} {_fmt(a)} ({100 * (1 - k[0] / a[0]):+.1f}%, {_gap(k, a)})"
-                 for m, a in zip(("koff-lora", "koff-kv"), alone)]
-        return all(k[0] < a[0] for a in alone), f"{d}: koff {_fmt(k)} vs " + ", ".join(parts)
+        alone = {m: rows[m][d] for m in ("koff-lora", "koff-kv")}
+        parts = [f"{m} {_fmt(a)} ({100 * (1 - k[0] / a[0]):+.1f}%, {_gap(k, a)})" for m, a in alone.items()]
+        return all(k[0] < a[0] for a in alone.values()), f"{d}: koff {_fmt(k)} vs " + ", ".join(parts)
 
     return [
         check("koff (LoRA + KV) perplexity at least 10% lower than the best one-shot + equal-budget LoRA, "
