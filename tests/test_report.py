@@ -3,7 +3,7 @@ import json
 import pytest
 
 from koff.artifact import ArtifactError
-from koff.report import claims, main_table, report, to_markdown
+from koff.report import _fmt, claims, main_table, report, to_markdown
 
 
 def _cell(method, seed, ppl_own, ppl_bb, group="main", setting=None, sparsity=0.118, tasks=None, det=False,
@@ -65,6 +65,12 @@ def test_report_writes_markdown_and_plots(cells, tmp_path):
     assert path.read_text().startswith("# koff results")
     assert (tmp_path / "ppl_vs_sparsity.png").stat().st_size > 0
     assert (tmp_path / "kept_per_layer.png").stat().st_size > 0
+
+
+def test_tiny_spread_gets_an_extra_digit_not_a_zero():
+    assert _fmt((41.4866, 0.048, 3)) == "41.49 ± 0.05"
+    assert _fmt((41.5, 0.0, 3)) == "41.5 ± 0.0"
+    assert _fmt((0.2533, 0.0, 3), pct=True) == "25.3 ± 0.0"
 
 
 def test_report_errors(tmp_path):

@@ -40,6 +40,9 @@ def _fmt(ms: tuple[float, float, int] | None, digits: int = 1, pct: bool = False
     m, s, n = ms
     scale = 100 if pct else 1
     if n > 1:
+        # A real but tiny spread printed as "± 0.0" reads like a bug; show it with one more digit.
+        while 0 < s * scale < 0.5 * 10 ** -digits and digits < 3:
+            digits += 1
         return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
     return f"{m * scale:.{digits}f}"
 
