@@ -114,3 +114,15 @@ def test_claims_compare_the_right_cells(cells):
     assert "- **missed**: koff (LoRA + KV) perplexity at least 10% lower" in md
     # the main table reads references first, then koff and its ablations, then baselines
     assert md.index("| dense |") < md.index("| koff |") < md.index("| koff-lora |") < md.index("| wanda-sp+lora |")
+
+
+def test_claims_count_paired_seeds(cells):
+    # koff seeds 0/1/2 give en = 30/32/34; koff-lora loses to koff on seeds 0 and 1, wins on seed 2
+    cells = cells + [_cell("koff-lora", s, [en, 30.0], [60.0, 70.0]) for s, en in [(0, 31.0), (1, 33.0), (2, 33.5)]]
+    cells += [_cell("koff-kv", 0, [40.0, 30.0], [60.0, 70.0])]
+    both = _verdicts(cells)["LoRA"]
+    # 0.5 / hypot(2.0, 1.32) = 0.2 std apart
+    assert "koff-lora 32.5 ± 1.3 (+1.5%, 0.2 std apart; koff lower on 2 of 3 paired seeds)" in both["lines"][0]
+    # a single koff-kv seed shares only seed 0 with koff: no paired count
+    assert both["lines"][0].endswith("koff-kv 40.0 (+20.0%, 4.0 std apart, one side's std only)")
+

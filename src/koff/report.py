@@ -137,6 +137,16 @@ def claims(cells: list[dict]) -> list[dict]:
     rows = {r["method"]: r for r in main_table(cells)}
     domains = _domains(cells)
     one_shot = [m for m in ONE_SHOT_LORA if m in rows]
+    by_seed = {(c["method"], c["seed"]): c for c in cells if c["group"] == "main"}
+
+    def paired(lower: str, higher: str, d: str) -> str:
+        """Seed by seed (a seed fixes the data order for both methods): on how many shared seeds
+        `lower` has the lower perplexity. Empty when they share fewer than two seeds."""
+        seeds = sorted(s for m, s in by_seed if m == lower and (higher, s) in by_seed)
+        if len(seeds) < 2:
+            return ""
+        wins = sum(cell_ppl(by_seed[lower, s], d) < cell_ppl(by_seed[higher, s], d) for s in seeds)
+        return f"; {lower} lower on {wins} of {len(seeds)} paired seeds"
 
     def check(claim: str, needs: list[str], judge) -> dict:
         absent = [n for n in needs if n not in rows]
@@ -150,17 +160,20 @@ def claims(cells: list[dict]) -> list[dict]:
         best = min(one_shot, key=lambda m: rows[m][d][0])
         k, b = rows["koff"][d], rows[best][d]
         red = 1 - k[0] / b[0]
-        return red >= 0.10, f"{d}: koff {_fmt(k)} vs {best} {_fmt(b)}: {100 * red:+.1f}% ({_gap(k, b)})"
+        return red >= 0.10, (f"{d}: koff {_fmt(k)} vs {best} {_fmt(b)}: {100 * red:+.1f}% "
+                             f"({_gap(k, b)}{paired('koff', best, d)})")
 
     def mask_only_worse(d: str) -> tuple[bool, str]:
         k, m = rows["koff"][d], rows["mask-only"][d]
         rel = m[0] / k[0] - 1
-        return rel >= 0.10, f"{d}: mask-only {_fmt(m)} vs koff {_fmt(k)}: {100 * rel:+.1f}% ({_gap(m, k)})"
+        return rel >= 0.10, (f"{d}: mask-only {_fmt(m)} vs koff {_fmt(k)}: {100 * rel:+.1f}% "
+                             f"({_gap(m, k)}{paired('koff', 'mask-only', d)})")
 
     def both_beat_each(d: str) -> tuple[bool, str]:
         k = rows["koff"][d]
         alone = {m: rows[m][d] for m in ("koff-lora", "koff-kv")}
-        parts = [f"{m} {_fmt(a)} ({100 * (1 - k[0] / a[0]):+.1f}%, {_gap(k, a)})" for m, a in alone.items()]
+        parts = [f"{m} {_fmt(a)} ({100 * (1 - k[0] / a[0]):+.1f}%, {_gap(k, a)}{paired('koff', m, d)})"
+                 for m, a in alone.items()]
         return all(k[0] < a[0] for a in alone.values()), f"{d}: koff {_fmt(k)} vs " + ", ".join(parts)
 
     return [
@@ -209,7 +222,8 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
                      f"{backbone} | " + " | ".join(task_cells) + f" | {r['global_sparsity']:.3f} |")
     lines += ["", "## The issue's comparisons (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
               "Computed from the table above; a percentage is the relative perplexity difference of the means, "
-              "'std apart' the difference over the combined seed spread.", ""]
+              "'std apart' the difference over the combined seed spread, 'paired seeds' a seed-by-seed count "
+              "(one seed fixes the data order of both methods).", ""]
     for c in claims(cells):
         lines.append(f"- **{c['verdict']}**: {c['claim']}")
         lines += [f"  - {t}" for t in c["lines"]]
