@@ -296,6 +296,12 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         if dense:
             ax.axhline(statistics.fmean(cell_ppl(dense[0], d) for d in domains), color="gray", ls="--", label="dense")
         ax.set_xlabel("global sparsity (fraction of all parameters removed)")
+        # The FFN fraction is what s* targets; on one model it is the global fraction times a constant.
+        ratios = [c["sparsity"]["global"] / c["sparsity"]["ffn"] for c in cells if c["sparsity"].get("ffn")]
+        if ratios:
+            r = statistics.median(ratios)
+            top = ax.secondary_xaxis("top", functions=(lambda g: g / r, lambda f: f * r))
+            top.set_xlabel("FFN sparsity (fraction of FFN neurons removed, the target s*)")
         ax.set_ylabel(f"mean PPL over {', '.join(domains)}")
         ax.set_yscale("log")
         ax.set_title("Perplexity vs sparsity (own memory where the method has one)")
