@@ -125,4 +125,3 @@ def test_claims_count_paired_seeds(cells):
     assert "koff-lora 32.5 ± 1.3 (+1.5%, 0.2 std apart; koff lower on 2 of 3 paired seeds)" in both["lines"][0]
     # a single koff-kv seed shares only seed 0 with koff: no paired count
     assert both["lines"][0].endswith("koff-kv 40.0 (+20.0%, 4.0 std apart, one side's std only)")
-
