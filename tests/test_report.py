@@ -3,7 +3,7 @@ import json
 import pytest
 
 from koff.artifact import ArtifactError
-from koff.report import _fmt, claims, main_table, report, to_markdown
+from koff.report import _fmt, claims, main_table, report, sweep_rows, to_markdown
 
 
 def _cell(method, seed, ppl_own, ppl_bb, group="main", setting=None, sparsity=0.118, tasks=None, det=False,
@@ -53,8 +53,19 @@ def test_markdown_has_expected_rows(cells):
     assert "| koff | 0,1,2 | 32.0 ± 2.0 | 22.0 ± 2.0 | 27.0 ± 2.0 | 62.0 ± 2.0 / 72.0 ± 2.0 | 27.0 ± 2.0 | 4.20 ± 0.20 | 0.118 |" in md
     assert "| dense | det. | 40.0 | 50.0 | 45.0 | 40.0 / 50.0 | 30.0 | 3.00 | 0.000 |" in md
     assert "## Sweep: sparsity" in md
-    assert '| koff | `{"target_sparsity": 0.4}` | 0 | 50.0 | 40.0 | 45.0 | 94.5 | 0.236 |' in md
+    # The sweep cell has no task results (–); the default row is koff's main cell on the same seed only.
+    assert '| koff | `{"target_sparsity": 0.4}` | 0 | 50.0 | 40.0 | 45.0 | 94.5 | – | – | 0.236 |' in md
+    assert "| koff | default | 0 | 30.0 | 20.0 | 25.0 | 65.0 | 25.0 | 4.00 | 0.118 |" in md
     assert "koff compare configs/grid.yaml" in md and "seeds [0, 1, 2]" in md
+
+
+def test_sweep_rows_put_the_paired_default_first(cells):
+    cells.append(_cell("koff", 0, [20.0, 15.0], [50.0, 55.0], group="sparsity", setting={"target_sparsity": 0.1}))
+    cells.append(_cell("dense", 0, None, [1.0, 1.0], group="sparsity", setting={"x": 1}, det=True, kind="dense"))
+    rows = [(m, label, [c["seed"] for c in cs]) for m, label, cs in sweep_rows(cells, "sparsity")]
+    assert rows == [("dense", "default", [0]), ("dense", '`{"x": 1}`', [0]), ("koff", "default", [0]),
+                    ("koff", '`{"target_sparsity": 0.1}`', [0]), ("koff", '`{"target_sparsity": 0.4}`', [0])]
+    assert sweep_rows(cells, "no-such-group") == []
 
 
 def test_report_writes_markdown_and_plots(cells, tmp_path):

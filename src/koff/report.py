@@ -201,6 +201,26 @@ def _caption(cells: list[dict], group: str = "main") -> str:
             f"per language ({ev.get('block')}-token blocks)")
 
 
+def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]]]:
+    """Rows of one sweep table as (method, setting label, cells): for each method, its default setting
+    from the main grid on the seeds the sweep used (so the two are paired), then each swept setting."""
+    keyed: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for c in cells:
+        if c["group"] == group:
+            keyed[(c["method"], json.dumps(c["setting"], sort_keys=True))].append(c)
+    rows: list[tuple[str, str, list[dict]]] = []
+    for method in sorted({m for m, _ in keyed}, key=_order):
+        seeds = {c["seed"] for (m, _), cs in keyed.items() if m == method for c in cs}
+        default = sorted((c for c in cells if c["group"] == "main" and c["method"] == method
+                          and (c["seed"] in seeds or c.get("deterministic"))), key=lambda c: c["seed"])
+        if default:
+            rows.append((method, "default", default))
+        for (m, setting), cs in sorted(keyed.items()):
+            if m == method:
+                rows.append((method, f"`{setting}`", sorted(cs, key=lambda c: c["seed"])))
+    return rows
+
+
 def to_markdown(cells: list[dict], figures: list[str]) -> str:
     domains, tasks = _domains(cells), _tasks(cells)
     rows = main_table(cells)
@@ -229,20 +249,24 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
         lines += [f"  - {t}" for t in c["lines"]]
     groups = sorted({c["group"] for c in cells} - {"main"})
     for g in groups:
-        cs = [c for c in cells if c["group"] == g]
-        lines += ["", f"## Sweep: {g}", "", _caption(cells, g) + " (one seed per cell unless listed)", "",
-                  "| method | setting | seeds | " + " | ".join(domains) + " | mean | backbone alone mean | global sparsity |",
-                  "|---|---|---|" + "---:|" * (len(domains) + 3)]
-        keyed: dict[tuple, list[dict]] = defaultdict(list)
-        for c in cs:
-            keyed[(c["method"], json.dumps(c["setting"], sort_keys=True))].append(c)
-        for (method, setting), group in sorted(keyed.items()):
+        lines += ["", f"## Sweep: {g}", "", _caption(cells, g) + " (one seed per cell unless listed). Each method's "
+                  "first row is its default setting from the main grid, on the same seeds, for reference.", "",
+                  "| method | setting | seeds | " + " | ".join(domains) + " | mean | backbone alone mean | "
+                  + " | ".join(tasks) + " | global sparsity |",
+                  "|---|---|---|" + "---:|" * (len(domains) + 3 + len(tasks))]
+        for method, setting, group in sweep_rows(cells, g):
             vals = {d: _mean_std([cell_ppl(c, d) for c in group]) for d in domains}
             mean = _mean_std([statistics.fmean(cell_ppl(c, d) for d in domains) for c in group])
             bb = _mean_std([statistics.fmean(cell_ppl(c, d, "backbone") for d in domains) for c in group])
-            lines.append(f"| {method} | `{setting}` | {','.join(str(c['seed']) for c in group)} | "
+            task_cells = []
+            for t in tasks:
+                tv = [v for v in (_task_value(c, t) for c in group) if v is not None]
+                ms = _mean_std(tv) if tv else None
+                task_cells.append(_fmt(ms, 2) if t == "gsm8k" else _fmt(ms, 1, pct=True))
+            lines.append(f"| {method} | {setting} | {','.join(str(c['seed']) for c in group)} | "
                          + " | ".join(_fmt(vals[d]) for d in domains)
-                         + f" | {_fmt(mean)} | {_fmt(bb)} | {group[0]['sparsity'].get('global', 0):.3f} |")
+                         + f" | {_fmt(mean)} | {_fmt(bb)} | " + " | ".join(task_cells)
+                         + f" | {group[0]['sparsity'].get('global', 0):.3f} |")
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
