@@ -68,6 +68,13 @@ def test_sweep_rows_put_the_paired_default_first(cells):
     assert sweep_rows(cells, "no-such-group") == []
 
 
+def test_sweep_rows_order_numbers_by_value(cells):
+    for m in (64, 4, 16):
+        cells.append(_cell("koff", 0, [20.0, 15.0], [50.0, 55.0], group="memory", setting={"memory": {"kv_tokens": m}}))
+    labels = [label for _, label, _ in sweep_rows(cells, "memory")]
+    assert labels == ["default"] + [f'`{{"memory": {{"kv_tokens": {m}}}}}`' for m in (4, 16, 64)]
+
+
 def test_report_writes_markdown_and_plots(cells, tmp_path):
     (tmp_path / "cells").mkdir()
     for c in cells:

@@ -201,6 +201,17 @@ def _caption(cells: list[dict], group: str = "main") -> str:
             f"per language ({ev.get('block')}-token blocks)")
 
 
+def _setting_key(setting: str) -> list[tuple]:
+    """Sort key for a setting's JSON that orders numbers by value (kv_tokens 4 before 16 before 64)."""
+    def leaves(node, path=()):
+        if isinstance(node, dict):
+            for k in sorted(node):
+                yield from leaves(node[k], path + (k,))
+        else:
+            yield path, (0, node, "") if isinstance(node, (int, float)) else (1, 0, str(node))
+    return list(leaves(json.loads(setting)))
+
+
 def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]]]:
     """Rows of one sweep table as (method, setting label, cells): for each method, its default setting
     from the main grid on the seeds the sweep used (so the two are paired), then each swept setting."""
@@ -215,7 +226,7 @@ def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]
                           and (c["seed"] in seeds or c.get("deterministic"))), key=lambda c: c["seed"])
         if default:
             rows.append((method, "default", default))
-        for (m, setting), cs in sorted(keyed.items()):
+        for (m, setting), cs in sorted(keyed.items(), key=lambda kv: _setting_key(kv[0][1])):
             if m == method:
                 rows.append((method, f"`{setting}`", sorted(cs, key=lambda c: c["seed"])))
     return rows
