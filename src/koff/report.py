@@ -81,6 +81,17 @@ def _task_value(cell: dict, task: str) -> float | None:
     return r.get("acc_norm", r.get("acc", r.get("solution_ppl")))
 
 
+def _task_stat(cells: list[dict], task: str) -> tuple[float, float, int] | None:
+    """Mean ± std of one task's score over the cells that ran it (None where none did)."""
+    vals = [v for v in (_task_value(c, task) for c in cells) if v is not None]
+    return _mean_std(vals) if vals else None
+
+
+def _fmt_task(task: str, stat: tuple[float, float, int] | None) -> str:
+    # GSM8K is scored as solution perplexity; every other task as an accuracy.
+    return _fmt(stat, 2) if task == "gsm8k" else _fmt(stat, 1, pct=True)
+
+
 def main_table(cells: list[dict]) -> list[dict]:
     """One row per method of the main grid: mean ± std over seeds of every number."""
     by_method: dict[str, list[dict]] = defaultdict(list)
@@ -101,8 +112,7 @@ def main_table(cells: list[dict]) -> list[dict]:
         per_seed_mean = [statistics.fmean(cell_ppl(c, d) for d in domains) for c in cs]
         row["mean"] = _mean_std(per_seed_mean)
         for t in tasks:
-            vals = [v for v in (_task_value(c, t) for c in cs) if v is not None]
-            row[f"task/{t}"] = _mean_std(vals) if vals else None
+            row[f"task/{t}"] = _task_stat(cs, t)
         rows.append(row)
     return rows
 
@@ -219,6 +229,7 @@ def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]
     for c in cells:
         if c["group"] == group:
             keyed[(c["method"], json.dumps(c["setting"], sort_keys=True))].append(c)
+    swept = sorted(keyed.items(), key=lambda kv: _setting_key(kv[0][1]))
     rows: list[tuple[str, str, list[dict]]] = []
     for method in sorted({m for m, _ in keyed}, key=_order):
         seeds = {c["seed"] for (m, _), cs in keyed.items() if m == method for c in cs}
@@ -226,7 +237,7 @@ def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]
                           and (c["seed"] in seeds or c.get("deterministic"))), key=lambda c: c["seed"])
         if default:
             rows.append((method, "default", default))
-        for (m, setting), cs in sorted(keyed.items(), key=lambda kv: _setting_key(kv[0][1])):
+        for (m, setting), cs in swept:
             if m == method:
                 rows.append((method, f"`{setting}`", sorted(cs, key=lambda c: c["seed"])))
     return rows
@@ -248,7 +259,7 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
     for r in sorted(rows, key=lambda r: _order(r["method"])):
         seeds = "det." if r["deterministic"] else ",".join(map(str, r["seeds"]))
         backbone = " / ".join(_fmt(r[f"{d}/backbone"]) for d in domains)
-        task_cells = [(_fmt(r[f"task/{t}"], 2) if t == "gsm8k" else _fmt(r[f"task/{t}"], 1, pct=True)) for t in tasks]
+        task_cells = [_fmt_task(t, r[f"task/{t}"]) for t in tasks]
         lines.append(f"| {r['method']} | {seeds} | " + " | ".join(_fmt(r[d]) for d in domains) + f" | {_fmt(r['mean'])} | "
                      f"{backbone} | " + " | ".join(task_cells) + f" | {r['global_sparsity']:.3f} |")
     lines += ["", "## The issue's comparisons (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
@@ -269,11 +280,7 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
             vals = {d: _mean_std([cell_ppl(c, d) for c in group]) for d in domains}
             mean = _mean_std([statistics.fmean(cell_ppl(c, d) for d in domains) for c in group])
             bb = _mean_std([statistics.fmean(cell_ppl(c, d, "backbone") for d in domains) for c in group])
-            task_cells = []
-            for t in tasks:
-                tv = [v for v in (_task_value(c, t) for c in group) if v is not None]
-                ms = _mean_std(tv) if tv else None
-                task_cells.append(_fmt(ms, 2) if t == "gsm8k" else _fmt(ms, 1, pct=True))
+            task_cells = [_fmt_task(t, _task_stat(group, t)) for t in tasks]
             lines.append(f"| {method} | {setting} | {','.join(str(c['seed']) for c in group)} | "
                          + " | ".join(_fmt(vals[d]) for d in domains)
                          + f" | {_fmt(mean)} | {_fmt(bb)} | " + " | ".join(task_cells)
