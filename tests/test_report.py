@@ -3,7 +3,7 @@ import json
 import pytest
 
 from koff.artifact import ArtifactError
-from koff.report import _fmt, claims, main_table, report, sweep_rows, to_markdown
+from koff.report import _fmt, claims, controller_runs, main_table, report, sweep_rows, to_markdown
 
 
 def _cell(method, seed, ppl_own, ppl_bb, group="main", setting=None, sparsity=0.118, tasks=None, det=False,
@@ -83,6 +83,25 @@ def test_report_writes_markdown_and_plots(cells, tmp_path):
     assert path.read_text().startswith("# koff results")
     assert (tmp_path / "ppl_vs_sparsity.png").stat().st_size > 0
     assert (tmp_path / "kept_per_layer.png").stat().st_size > 0
+
+
+def test_controller_runs_group_methods_trained_with_several_controllers(cells, tmp_path):
+    assert controller_runs(cells) == {}  # one controller only: nothing to compare, no figure
+    for seed in (1, 0):
+        c = _cell("koff", seed, [28.0, 18.0], [58.0, 68.0], group="controller",
+                  setting={"train": {"controller": "lagrangian"}})
+        c["config"]["train"]["controller"] = "lagrangian"
+        c["curves"] = {"step": [0, 1], "expected_sparsity": [0.0, 0.2], "target": [0.1, 0.2]}
+        cells.append(c)
+    runs = controller_runs(cells)
+    assert list(runs) == [("koff", "lagrangian"), ("koff", "projection")]
+    assert [c["seed"] for c in runs[("koff", "lagrangian")]] == [0, 1]
+    assert len(runs[("koff", "projection")]) == 3  # the main cells, not the s* = 0.4 sweep cell
+    (tmp_path / "cells").mkdir()
+    for c in cells:
+        (tmp_path / "cells" / f"{c['id']}_{c['group']}.json").write_text(json.dumps(c))
+    report(tmp_path)
+    assert (tmp_path / "controllers.png").stat().st_size > 0
 
 
 def test_tiny_spread_gets_an_extra_digit_not_a_zero():

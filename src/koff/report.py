@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .artifact import ArtifactError, atomic_write_text
+from .config import TrainConfig
 
 
 def load_cells(results: Path) -> list[dict]:
@@ -304,8 +305,27 @@ def _savefig(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
+def controller_runs(cells: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Cells per (method, sparsity controller), for methods trained with more than one controller.
+
+    Only main-grid cells and sweep cells whose setting changes nothing but `train.controller` (and
+    its own knobs) count, so each group differs from the others in the controller alone.
+    """
+    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for c in cells:
+        setting = c.get("setting") or {}
+        only_controller = set(setting) == {"train"} and "controller" in setting["train"]
+        if c["kind"] == "dense" or not c.get("kept_fraction_per_layer") or not (c["group"] == "main" or only_controller):
+            continue
+        ctrl = c["config"].get("train", {}).get("controller", TrainConfig.controller)
+        runs[(c["method"], ctrl)].append(c)
+    methods = [m for m, _ in runs]
+    return {k: sorted(v, key=lambda c: c["seed"]) for k, v in sorted(runs.items()) if methods.count(k[0]) > 1}
+
+
 def plots(cells: list[dict], out: Path) -> list[Path]:
-    """PPL vs sparsity per method, swap-matrix heatmap, kept fraction per layer, training curves."""
+    """PPL vs sparsity per method, swap-matrix heatmap, kept fraction per layer, training curves,
+    and the sparsity controllers compared."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -430,6 +450,38 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.07, 1, 1))
         written.append(out / "training_curves.png")
+        _savefig(fig, written[-1])
+        plt.close(fig)
+
+    # 5. sparsity controllers side by side: the path of expected sparsity, and where each mask prunes
+    by_ctrl = controller_runs(cells)
+    if by_ctrl:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        target = None
+        for i, ((method, ctrl), runs) in enumerate(by_ctrl.items()):
+            color = f"C{i}"
+            label = f"{method}, {ctrl}" + (" (default)" if ctrl == TrainConfig.controller else "")
+            for j, c in enumerate(runs):
+                cv = c.get("curves", {})
+                if cv.get("expected_sparsity"):
+                    axes[0].plot(cv["step"], [v if v is not None else math.nan for v in cv["expected_sparsity"]],
+                                 color=color, lw=1, alpha=0.8, label=label if j == 0 else None)
+                    target = target or (cv["step"], cv.get("target"))
+            mean = [statistics.fmean(v) for v in zip(*(c["kept_fraction_per_layer"] for c in runs))]
+            ppl = statistics.fmean(statistics.fmean(cell_ppl(c, d) for d in domains) for c in runs)
+            axes[1].plot(range(len(mean)), mean, marker=".", color=color,
+                         label=f"{label}: mean PPL {ppl:.1f}, seeds {','.join(str(c['seed']) for c in runs)}")
+        if target and target[1]:
+            axes[0].plot(target[0], target[1], "k--", lw=1, label="target")
+        axes[0].set_title("expected sparsity (one line per seed)")
+        axes[0].set_xlabel("step")
+        axes[1].set_title("kept FFN neurons per layer (mean over seeds)")
+        axes[1].set_xlabel("layer")
+        for a in axes:
+            a.legend(fontsize=7)
+        footer(fig, _caption(cells, "controller"))
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        written.append(out / "controllers.png")
         _savefig(fig, written[-1])
         plt.close(fig)
     return written
