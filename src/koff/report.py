@@ -59,6 +59,16 @@ def cell_ppl(cell: dict, domain: str, which: str = "best") -> float | None:
     return row["backbone"]["test"]["ppl"]
 
 
+def cell_mean_ppl(cell: dict, domains: list[str], which: str = "best") -> float:
+    """The mean of `cell_ppl` over domains: one number per cell for plots and the mean column."""
+    return statistics.fmean(cell_ppl(cell, d, which) for d in domains)
+
+
+def _nan(values: list) -> list[float]:
+    """None (a step that logged no value) as NaN, which matplotlib leaves as a gap."""
+    return [v if v is not None else math.nan for v in values]
+
+
 def _domains(cells: list[dict]) -> list[str]:
     for c in cells:
         if c.get("ppl"):
@@ -110,7 +120,7 @@ def main_table(cells: list[dict]) -> list[dict]:
         for d in domains:
             row[d] = _mean_std([cell_ppl(c, d) for c in cs])
             row[f"{d}/backbone"] = _mean_std([cell_ppl(c, d, "backbone") for c in cs])
-        per_seed_mean = [statistics.fmean(cell_ppl(c, d) for d in domains) for c in cs]
+        per_seed_mean = [cell_mean_ppl(c, domains) for c in cs]
         row["mean"] = _mean_std(per_seed_mean)
         for t in tasks:
             row[f"task/{t}"] = _task_stat(cs, t)
@@ -279,8 +289,8 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
                   "|---|---|---|" + "---:|" * (len(domains) + 3 + len(tasks))]
         for method, setting, group in sweep_rows(cells, g):
             vals = {d: _mean_std([cell_ppl(c, d) for c in group]) for d in domains}
-            mean = _mean_std([statistics.fmean(cell_ppl(c, d) for d in domains) for c in group])
-            bb = _mean_std([statistics.fmean(cell_ppl(c, d, "backbone") for d in domains) for c in group])
+            mean = _mean_std([cell_mean_ppl(c, domains) for c in group])
+            bb = _mean_std([cell_mean_ppl(c, domains, "backbone") for c in group])
             task_cells = [_fmt_task(t, _task_stat(group, t)) for t in tasks]
             lines.append(f"| {method} | {setting} | {','.join(str(c['seed']) for c in group)} | "
                          + " | ".join(_fmt(vals[d]) for d in domains)
@@ -345,7 +355,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
             if c["kind"] == "dense":
                 continue
             x = c["sparsity"].get("global", 0.0)
-            series[c["method"]][round(x, 4)].append(statistics.fmean(cell_ppl(c, d) for d in domains))
+            series[c["method"]][round(x, 4)].append(cell_mean_ppl(c, domains))
     multi = {m: s for m, s in series.items() if len(s) > 1}
     if multi:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -356,7 +366,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m)
         dense = [c for c in cells if c["kind"] == "dense"]
         if dense:
-            ax.axhline(statistics.fmean(cell_ppl(dense[0], d) for d in domains), color="gray", ls="--", label="dense")
+            ax.axhline(cell_mean_ppl(dense[0], domains), color="gray", ls="--", label="dense")
         ax.set_xlabel("global sparsity (fraction of all parameters removed)")
         # The FFN fraction is what s* targets; on one model it is the global fraction times a constant.
         ratios = [c["sparsity"]["global"] / c["sparsity"]["ffn"] for c in cells if c["sparsity"].get("ffn")]
@@ -380,7 +390,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         c = sorted(swap_cells, key=lambda c: c["seed"])[0]
         sw = c["swap"]
         fig, ax = plt.subplots(figsize=(5, 4.2))
-        data = [[v if v is not None else math.nan for v in row] for row in sw["test"]]
+        data = [_nan(row) for row in sw["test"]]
         im = ax.imshow(data, cmap="viridis_r")
         ax.set_xticks(range(len(sw["domains"])), sw["domains"])
         ax.set_yticks(range(len(sw["memories"])), sw["memories"])
@@ -434,10 +444,10 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
             k = max(1, len(loss) // 40)
             smooth = [statistics.fmean(loss[max(0, i - k): i + 1]) for i in range(len(loss))]
             axes[0].plot(steps, smooth, label=label, lw=1)
-            axes[1].plot(steps, [v if v is not None else math.nan for v in cv["expected_sparsity"]], label=label, lw=1)
+            axes[1].plot(steps, _nan(cv["expected_sparsity"]), label=label, lw=1)
             ctrl = cv.get("lambda1") or cv.get("total_shift")
             if ctrl:
-                axes[2].plot(steps, [v if v is not None else math.nan for v in ctrl], label=label, lw=1)
+                axes[2].plot(steps, _nan(ctrl), label=label, lw=1)
         c0 = curve_cells[0]["curves"]
         if c0.get("target"):
             axes[1].plot(c0["step"], c0["target"], "k--", lw=1, label="target")
@@ -464,15 +474,16 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
             for j, c in enumerate(runs):
                 cv = c.get("curves", {})
                 if cv.get("expected_sparsity"):
-                    axes[0].plot(cv["step"], [v if v is not None else math.nan for v in cv["expected_sparsity"]],
-                                 color=color, lw=1, alpha=0.8, label=label if j == 0 else None)
-                    target = target or (cv["step"], cv.get("target"))
+                    axes[0].plot(cv["step"], _nan(cv["expected_sparsity"]), color=color, lw=1, alpha=0.8,
+                                 label=label if j == 0 else None)
+                if target is None and cv.get("target"):
+                    target = (cv["step"], cv["target"])
             mean = [statistics.fmean(v) for v in zip(*(c["kept_fraction_per_layer"] for c in runs))]
-            ppl = statistics.fmean(statistics.fmean(cell_ppl(c, d) for d in domains) for c in runs)
+            ppl = statistics.fmean(cell_mean_ppl(c, domains) for c in runs)
             axes[1].plot(range(len(mean)), mean, marker=".", color=color,
                          label=f"{label}: mean PPL {ppl:.1f}, seeds {','.join(str(c['seed']) for c in runs)}")
-        if target and target[1]:
-            axes[0].plot(target[0], target[1], "k--", lw=1, label="target")
+        if target:
+            axes[0].plot(*target, "k--", lw=1, label="target")
         axes[0].set_title("expected sparsity (one line per seed)")
         axes[0].set_xlabel("step")
         axes[1].set_title("kept FFN neurons per layer (mean over seeds)")
