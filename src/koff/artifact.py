@@ -36,14 +36,13 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .base import Geometry, sha256_file
+from .errors import ArtifactError  # noqa: F401  (re-exported)
 
 FORMAT = "koff.run"
 FORMAT_VERSION = 1
 MEMORY_FORMAT = "koff.memory"
 
 
-class ArtifactError(ValueError):
-    """A run directory is missing, malformed, or does not fit the base model."""
 
 
 # -- atomic writing ------------------------------------------------------------------------------

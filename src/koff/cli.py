@@ -293,16 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
-    from .artifact import ArtifactError
-    from .base import ModelError
-    from .config import ConfigError
-    from .data import DataError
+    from .errors import KoffError
 
     try:
         return args.func(args)
-    except (ArtifactError, ConfigError, DataError, ModelError) as e:
+    except KoffError as e:
         print(f"koff: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("koff: interrupted; every file written before is intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ import yaml
 from .data import BUNDLED_LANGUAGES, DataError, Domain, bundled_domain, general_files
 from .memory import LORA_TARGETS
 from .sparsity import CONTROLLERS
+from .errors import ConfigError  # noqa: F401  (re-exported)
 
 
 MASKS = ("learned", "magnitude", "wanda-sp", "flap")
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid."""
 
 
 @dataclass

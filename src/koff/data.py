@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from .errors import DataError  # noqa: F401  (re-exported)
 
 BUNDLED_LANGUAGES = ("en", "fr", "es", "de", "it", "pt")
 GENERAL_TRAIN_FILES = ("gsm8k_train.jsonl", "arc_easy.jsonl", "english_news.txt")
@@ -25,8 +26,6 @@ FLORES_LINES = 281
 source article), the same content in every language (shared/data/MANIFEST.md, build report)."""
 
 
-class DataError(ValueError):
-    """A data file or domain specification is unusable."""
 
 
 def data_root() -> Path:
