@@ -128,6 +128,29 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_deprecated_cache_name():
+    """transformers logs (once) when a forward or output is used with the old `past_key_values`
+    name; koff must use `cache` (koff.compat), so any such message fails the test."""
+    import logging
+
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if "past_key_values" in record.getMessage():
+                seen.append(record.getMessage())
+
+    handler = Catch()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not seen, f"transformers warned: {seen[0]}"
+
+
 def tiny_config_dict(model_folder: Path, data: dict, out: Path, langs=("en", "fr"), **train) -> dict:
     """A decompose config (as YAML would give it) for a tiny model: a few quick steps."""
     return {

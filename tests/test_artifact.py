@@ -132,7 +132,7 @@ def test_kv_of_wrong_shape(trained, tmp_path):
     run = _copy(trained[0], tmp_path)
     bad = torch.zeros(2, 2, 4, 5)
     _rewrite_memory_file(run, "fr", "kv.safetensors", {"keys": bad, "values": bad.clone()})
-    with pytest.raises(ArtifactError, match=r"fr/kv.safetensors: tensor 'keys' has shape \[2, 2, 4, 5\], expected \[2, 2, 4, 8\]"):
+    with pytest.raises(ArtifactError, match=r"fr/kv.safetensors: KV tensors have shape \[2, 2, 4, 5\], but the base model needs \[2, 2, 4, 8\]"):
         load_run(run)
 
 
@@ -143,7 +143,7 @@ def test_lora_of_wrong_shape(trained, tmp_path):
     key = next(k for k in t if "q_proj.lora_A" in k)
     t[key] = torch.zeros(4, 31)
     _rewrite_memory_file(run, "en", "adapter_model.safetensors", t)
-    with pytest.raises(ArtifactError, match=r"tensor '.*q_proj.lora_A.weight' has shape \[4, 31\], expected \[4, 32\]"):
+    with pytest.raises(ArtifactError, match=r"LoRA on '.*q_proj' has A \[4, 31\] and B \[32, 4\], expected \[4, 32\]"):
         build_model(load_run(run))
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-import koff.train as train
+import koff.trainer as trainer
 from koff.artifact import ArtifactError
 from koff.config import config_from_dict
 from koff.train import decompose
@@ -24,7 +24,7 @@ def test_interrupted_run_resumes_exactly(controller, llama_folder, data_files, t
 
     # crash the main run at its step 5, while gates still sample (checkpoint after step 2; a random
     # memory was drawn for the general step 1); the reference's 10 steps come first
-    real_loss = train.lm_loss
+    real_loss = trainer.lm_loss
     calls = {"n": 0}
 
     def crashing_loss(*args, **kwargs):
@@ -33,14 +33,14 @@ def test_interrupted_run_resumes_exactly(controller, llama_folder, data_files, t
             raise KeyboardInterrupt("simulated crash")
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "lm_loss", crashing_loss)
+    monkeypatch.setattr(trainer, "lm_loss", crashing_loss)
     with pytest.raises(KeyboardInterrupt):
         decompose(cfg(tmp_path / "resumed"), progress=False)
     partial = tmp_path / "resumed.partial"
     assert (partial / "checkpoint" / "state.json").is_file() and not (tmp_path / "resumed").exists()
     with pytest.raises(ArtifactError, match="pass --resume"):
         decompose(cfg(tmp_path / "resumed"), progress=False)
-    monkeypatch.setattr(train, "lm_loss", real_loss)
+    monkeypatch.setattr(trainer, "lm_loss", real_loss)
     decompose(cfg(tmp_path / "resumed"), progress=False, resume=True)
     assert not partial.exists()
     for f in FILES:

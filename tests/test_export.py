@@ -54,6 +54,7 @@ def test_plain_peft_loads_the_sliced_lora(exported):
     model with that memory."""
     from peft import PeftModel
 
+    from koff.compat import cache_kwarg
     from koff.memory import prefix_cache
 
     run_dir, out = exported
@@ -65,11 +66,12 @@ def test_plain_peft_loads_the_sliced_lora(exported):
     cache, _, lens = prefix_cache([kv, kv], small.config)
     pos = torch.arange(x.shape[1])[None] + lens[:, None]
     with torch.no_grad():
-        got = peft_model(input_ids=x, past_key_values=cache, position_ids=pos, use_cache=True).logits
+        got = peft_model(input_ids=x, position_ids=pos, use_cache=True, **{cache_kwarg(small): cache}).logits
         want = km(x, memory="fr")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # peft 0.21's CARTRIDGE passes the old name
 def test_kv_half_as_peft_cartridge(exported):
     """The KV half loads with plain peft (CARTRIDGE) and equals koff's KV memory on the backbone."""
     from peft import PeftModel

@@ -21,7 +21,7 @@ def _model(arch):
         lora = None if name == "kvonly" else lora_config(4)
         km.add_memory(name, lora=lora, kv=KVMemory(k + 0.2 * torch.randn_like(k), v + 0.2 * torch.randn_like(v)))
     with torch.no_grad():
-        for n, p in km.model.named_parameters():
+        for n, p in km.parts.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     return km, tok
@@ -43,12 +43,12 @@ def test_mixed_batch_generation_equals_each_prompt_alone(arch):
 
 def test_swapping_memories_never_copies_the_backbone():
     km, tok = _model("llama")
-    before = {n: p.data_ptr() for n, p in km.base_model().named_parameters() if "lora_" not in n}
-    modules = {n: id(m) for n, m in km.base_model().named_modules()}
+    before = {n: p.data_ptr() for n, p in km.model.named_parameters()}
+    modules = {n: id(m) for n, m in km.model.named_modules()}
     for name in ["en", "fr", None, "kvonly", "en"]:
         generate(km, tok, ["the cat"], name, max_new_tokens=2)
-    assert before == {n: p.data_ptr() for n, p in km.base_model().named_parameters() if "lora_" not in n}
-    assert modules == {n: id(m) for n, m in km.base_model().named_modules()}
+    assert before == {n: p.data_ptr() for n, p in km.model.named_parameters()}
+    assert modules == {n: id(m) for n, m in km.model.named_modules()}
 
 
 def test_sampling_is_seeded_and_eos_stops():

@@ -64,7 +64,7 @@ def activation_probability(model: nn.Module, batches: Iterable[torch.Tensor]) ->
     handles = [m.gate_proj.register_forward_hook(hook(i, m)) for i, m in enumerate(mlps)]
     try:
         for batch in batches:
-            model(input_ids=batch)
+            model(input_ids=batch.to(next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
@@ -171,12 +171,13 @@ def mask_report(pruned: torch.Tensor, result: Lape) -> dict:
 
 
 def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: tuple[str, ...] = ("magnitude", "wanda-sp"),
-                model: str | None = None, progress: bool = True, write: bool = True) -> dict:
+                model: str | None = None, progress: bool = True, write: bool = True, runtime=None) -> dict:
     """LAPE on the run's dense base model over the run's domains, then the enrichment of the
-    run's mask and of one-shot masks at the same sparsity; writes RUN/analysis/."""
+    run's mask and of one-shot masks at the same sparsity; writes RUN/analysis/. `runtime`
+    (koff.runtime.Runtime) sets device and dtype."""
     from tqdm.auto import tqdm
 
-    from .artifact import build_model, load_run
+    from .artifact import ArtifactError, build_model, load_run
     from .data import Domain, pack, tokenize_files
     from .gates import topk_keep_mask
     from .scores import activation_stats, neuron_scores
@@ -184,10 +185,10 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     s = settings or LapeSettings()
     run = load_run(run_dir)
     if run.keep is None:
-        raise ValueError(f"{run_dir}: the run has no backbone mask to analyse")
-    km, tok = build_model(run, model, memories=[])
-    km.gates.mode = "off"
-    base = km.base_model()
+        raise ArtifactError(f"{run_dir}: the run is a dense + memories run: it has no backbone mask to analyse")
+    km, tok = build_model(run, model, memories=[], runtime=runtime)
+    km.gates.detach()  # the dense base model: LAPE and one-shot scores are measured on it
+    base = km.model
     data = run.manifest["data"]
     languages = [d for d in run.domains if d in data]
     probs, calib = [], []

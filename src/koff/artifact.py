@@ -90,19 +90,45 @@ def atomic_directory(final: Path, overwrite: bool = False):
 # -- in-memory records ---------------------------------------------------------------------------
 @dataclass
 class MemoryRecord:
-    """One domain memory as stored: a peft LoRA state dict and/or a KV memory."""
+    """One domain memory as stored: its parts (kind -> state, e.g. "lora" -> LoraState, "kv" ->
+    KVState) plus the extra fields of its memory.json."""
 
     name: str
-    lora_config: dict | None = None
-    lora_state: dict[str, torch.Tensor] | None = None
-    kv_keys: torch.Tensor | None = None
-    kv_values: torch.Tensor | None = None
-    kv_frozen: int = 0
+    parts: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+
+    # the two shipped kinds, for readers that handle them specifically (export)
+    @property
+    def lora(self):
+        return self.parts.get("lora")
+
+    @property
+    def kv(self):
+        return self.parts.get("kv")
+
+    @property
+    def lora_config(self) -> dict | None:
+        return None if self.lora is None else self.lora.config
+
+    @property
+    def lora_state(self) -> dict[str, torch.Tensor] | None:
+        return None if self.lora is None else self.lora.tensors
+
+    @property
+    def kv_keys(self) -> torch.Tensor | None:
+        return None if self.kv is None else self.kv.keys
+
+    @property
+    def kv_values(self) -> torch.Tensor | None:
+        return None if self.kv is None else self.kv.values
+
+    @property
+    def kv_frozen(self) -> int:
+        return 0 if self.kv is None else self.kv.num_frozen
 
     @property
     def kv_tokens(self) -> int:
-        return 0 if self.kv_keys is None else int(self.kv_keys.shape[2])
+        return 0 if self.kv is None else self.kv.tokens
 
 
 @dataclass
@@ -133,60 +159,29 @@ class Run:
 
 def memory_record(km, name: str, info: dict | None = None) -> MemoryRecord:
     """Snapshot one memory of a KoffModel."""
-    rec = MemoryRecord(name=name, info=dict(info or {}))
-    if name in km.lora_names:
-        from peft.utils import get_peft_model_state_dict
-
-        cfg = km.model.peft_config[name]
-        rec.lora_config = _lora_config_dict(cfg)
-        rec.lora_state = {k: v.detach().cpu().contiguous() for k, v in
-                          get_peft_model_state_dict(km.model, adapter_name=name).items()}
-    if name in km.kv:
-        kv = km.kv[name]
-        rec.kv_keys = kv.keys.detach().cpu().contiguous()
-        rec.kv_values = kv.values.detach().cpu().contiguous()
-        rec.kv_frozen = kv.num_frozen
-    return rec
-
-
-def _lora_config_dict(cfg) -> dict:
-    d = cfg.to_dict()
-    for k, v in list(d.items()):
-        if isinstance(v, set):
-            d[k] = sorted(v)
-    return json.loads(json.dumps(d, default=str))
+    return MemoryRecord(name=name, parts=km.snapshot_memory(name), info=dict(info or {}))
 
 
 # -- writing -------------------------------------------------------------------------------------
 def write_memory(folder: Path, rec: MemoryRecord, base_source: str | None = None,
                  extra: dict[str, bytes] | None = None) -> dict[str, str]:
     """Write one memory's files into `folder` (which must exist and be empty); returns hashes.
-    `extra` files (e.g. the memory's training metrics) are written and hashed alongside."""
-    files: dict[str, str] = {}
+    Each part writes its own files and memory.json section (under its kind's name); `extra` files
+    (e.g. the memory's training metrics) are written and hashed alongside."""
+    from .memory import PART_KINDS
+
     for fname, data in (extra or {}).items():
         (folder / fname).write_bytes(data)
-    if rec.lora_state is not None:
-        cfg = dict(rec.lora_config or {})
-        cfg["base_model_name_or_path"] = base_source
-        (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        save_file(rec.lora_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    if rec.kv_keys is not None:
-        save_file({"keys": rec.kv_keys.float().contiguous(), "values": rec.kv_values.float().contiguous()},
-                  str(folder / "kv.safetensors"), metadata={"format": "pt"})
-    for f in sorted(folder.iterdir()):
-        files[f.name] = sha256_file(f)
+    sections = {kind: (rec.parts[kind].save(folder, base_source) if kind in rec.parts else None) for kind in PART_KINDS}
+    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
     manifest = {
         "format": MEMORY_FORMAT,
         "format_version": FORMAT_VERSION,
         "koff_version": __version__,
         "name": rec.name,
-        "lora": None if rec.lora_state is None else {
-            "rank": int(rec.lora_config["r"]), "alpha": rec.lora_config["lora_alpha"],
-            "targets": sorted(rec.lora_config["target_modules"])},
-        "kv": None if rec.kv_keys is None else {
-            "tokens": rec.kv_tokens, "num_frozen_tokens": rec.kv_frozen, "shape": list(rec.kv_keys.shape)},
+        **sections,
         "files": files,
-        **{k: v for k, v in rec.info.items() if k not in ("name", "lora", "kv", "files", "format")},
+        **{k: v for k, v in rec.info.items() if k not in ("name", "files", "format", *PART_KINDS)},
     }
     (folder / "memory.json").write_text(json.dumps(manifest, indent=2))
     return files
@@ -237,7 +232,8 @@ def add_memory(run_dir: Path, rec: MemoryRecord, base_source: str | None = None,
 
 
 # -- reading and validation ----------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; errors name the file."""
     if not path.is_file():
         raise ArtifactError(f"{path} is missing")
     try:
@@ -249,7 +245,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _require(obj: dict, key: str, types, where: str):
+def require(obj: dict, key: str, types, where: str):
+    """`obj[key]`, which must exist and be of `types` (a bool is not an int here)."""
     if key not in obj:
         raise ArtifactError(f"{where}: missing field '{key}'")
     v = obj[key]
@@ -259,13 +256,26 @@ def _require(obj: dict, key: str, types, where: str):
     return v
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file. With `dtype`, every tensor must have exactly that dtype
+    (the one the format specifies) and, being floating point, hold no NaN or Inf."""
     if not path.is_file():
         raise ArtifactError(f"{path} is missing")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+    if dtype is not None:
+        for key, t in tensors.items():
+            if t.dtype != dtype:
+                raise ArtifactError(f"{path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, "
+                                    f"the format stores {str(dtype).removeprefix('torch.')}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ArtifactError(f"{path}: tensor {key!r} holds NaN or Inf values")
+    return tensors
+
+
+_read_json, _require, _load_tensors = read_json, require, load_tensors
 
 
 def _check_hashes(folder: Path, files: dict, where: str) -> None:
@@ -290,6 +300,8 @@ def _check_format(data: dict, fmt: str, where: str) -> None:
 
 def load_memory(folder: Path, geometry: Geometry) -> MemoryRecord:
     """Read and validate one memory folder against the base model's geometry."""
+    from .memory import STATE_CLASSES
+
     where = str(folder / "memory.json")
     data = _read_json(folder / "memory.json")
     _check_format(data, MEMORY_FORMAT, where)
@@ -299,41 +311,20 @@ def load_memory(folder: Path, geometry: Geometry) -> MemoryRecord:
     files = _require(data, "files", dict, where)
     _check_hashes(folder, files, where)
     rec = MemoryRecord(name=name, info={k: v for k, v in data.items()
-                                        if k not in ("format", "format_version", "koff_version", "name", "lora", "kv", "files")})
-    lora = data.get("lora")
-    if lora is not None:
-        if not isinstance(lora, dict):
-            raise ArtifactError(f"{where}: field 'lora' must be an object or null")
-        rank = _require(lora, "rank", int, f"{where} lora")
-        cfg = _read_json(folder / "adapter_config.json")
-        if cfg.get("peft_type") != "LORA" or cfg.get("r") != rank:
-            raise ArtifactError(f"{folder / 'adapter_config.json'}: expected peft_type 'LORA' with r={rank}, "
-                                f"got peft_type={cfg.get('peft_type')!r}, r={cfg.get('r')!r}")
-        state = _load_tensors(folder / "adapter_model.safetensors")
-        for key, t in state.items():
-            if ".lora_A." in key and t.shape[0] != rank or ".lora_B." in key and t.shape[1] != rank:
-                raise ArtifactError(f"{folder / 'adapter_model.safetensors'}: tensor {key!r} has shape "
-                                    f"{list(t.shape)}, which does not have rank {rank}")
-        rec.lora_config, rec.lora_state = cfg, state
-    kv = data.get("kv")
-    if kv is not None:
-        if not isinstance(kv, dict):
-            raise ArtifactError(f"{where}: field 'kv' must be an object or null")
-        tokens = _require(kv, "tokens", int, f"{where} kv")
-        frozen = _require(kv, "num_frozen_tokens", int, f"{where} kv")
-        tensors = _load_tensors(folder / "kv.safetensors")
-        want = [geometry.num_layers, geometry.num_kv_heads, tokens, geometry.head_dim]
-        for key in ("keys", "values"):
-            if key not in tensors:
-                raise ArtifactError(f"{folder / 'kv.safetensors'}: missing tensor {key!r}")
-            if list(tensors[key].shape) != want:
-                raise ArtifactError(f"{folder / 'kv.safetensors'}: tensor {key!r} has shape {list(tensors[key].shape)}, "
-                                    f"expected {want} (layers, kv_heads, tokens, head_dim)")
-        if not 0 <= frozen <= tokens:
-            raise ArtifactError(f"{where}: kv.num_frozen_tokens={frozen} outside [0, {tokens}]")
-        rec.kv_keys, rec.kv_values, rec.kv_frozen = tensors["keys"], tensors["values"], frozen
-    if rec.lora_state is None and rec.kv_keys is None:
-        raise ArtifactError(f"{where}: memory holds neither LoRA nor KV")
+                                        if k not in ("format", "format_version", "koff_version", "name", "files",
+                                                     *STATE_CLASSES)})
+    for kind, cls in STATE_CLASSES.items():
+        section = data.get(kind)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ArtifactError(f"{where}: field {kind!r} must be an object or null")
+        state = cls.load(folder, section, where)
+        if kind == "kv":
+            state.check_geometry(geometry, folder / "kv.safetensors")
+        rec.parts[kind] = state
+    if not rec.parts:
+        raise ArtifactError(f"{where}: memory holds no part ({' / '.join(STATE_CLASSES)})")
     return rec
 
 
@@ -433,62 +424,28 @@ def check_base(run: Run, source: str, fingerprint: str) -> None:
             "a mask and memories only fit the exact base model they were trained on")
 
 
-def _check_lora_shapes(rec: MemoryRecord, model, where: Path) -> None:
-    """Each LoRA tensor must name a linear layer of the base model and fit its shape."""
-    for key, t in rec.lora_state.items():
-        parts = key.split(".")
-        if "lora_A" in parts:
-            i = parts.index("lora_A")
-        elif "lora_B" in parts:
-            i = parts.index("lora_B")
-        else:
-            raise ArtifactError(f"{where}: tensor {key!r} is not a LoRA A/B weight")
-        path = ".".join(parts[:i])
-        path = path.removeprefix("base_model.model.")
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ArtifactError(f"{where}: tensor {key!r} names module {path!r}, which the base model lacks") from None
-        lin = getattr(module, "base_layer", module)
-        rank = int(rec.lora_config["r"])
-        want = [rank, lin.in_features] if parts[i] == "lora_A" else [lin.out_features, rank]
-        if list(t.shape) != want:
-            raise ArtifactError(f"{where}: tensor {key!r} has shape {list(t.shape)}, expected {want} for {path}")
-
-
 def attach_memory(km, rec: MemoryRecord, where: Path | None = None) -> None:
     """Add a stored memory to a KoffModel (validated against the model's shapes)."""
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
-
-    from .memory import KVMemory
-
-    lora = None
-    if rec.lora_state is not None:
-        _check_lora_shapes(rec, km.base_model(), where or Path(rec.name))
-        cfg = {k: v for k, v in rec.lora_config.items() if k not in ("base_model_name_or_path", "revision")}
-        lora = LoraConfig(**{k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__})
-    kv = None if rec.kv_keys is None else KVMemory(rec.kv_keys, rec.kv_values, rec.kv_frozen)
-    km.add_memory(rec.name, lora=lora, kv=kv)
-    if lora is not None:
-        result = set_peft_model_state_dict(km.model, rec.lora_state, adapter_name=rec.name)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ArtifactError(f"{where}: LoRA tensors not used by the model: {unexpected[:3]}")
+    where = where or Path(rec.name)
+    for state in rec.parts.values():
+        state.check(km.model, where)
+    km.install_memory(rec.name, rec.parts)
 
 
-def build_model(run: Run, model: str | None = None, memories: list[str] | None = None):
+def build_model(run: Run, model: str | None = None, memories: list[str] | None = None, runtime=None):
     """Rebuild the decomposed model of a run: `(KoffModel, tokenizer)`.
 
     The base model is loaded from `model` (default: the source recorded in koff.json) and must
     have the recorded fingerprint. The backbone mask is applied; `memories` selects which
-    memories to attach (default: all).
+    memories to attach (default: all). `runtime` (a `koff.runtime.Runtime`) gives the device and
+    base-weight dtype (default: float32 on the CPU).
     """
     from .base import fingerprint, load_base
     from .gates import NeuronGates
     from .model import KoffModel
 
-    base, tok, source = load_base(model or run.manifest["base_model"]["source"])
+    dtype = runtime.dtype if runtime is not None else torch.float32
+    base, tok, source = load_base(model or run.manifest["base_model"]["source"], dtype=dtype)
     check_base(run, source, fingerprint(source))
     gates = None
     if run.keep is not None:
@@ -501,4 +458,6 @@ def build_model(run: Run, model: str | None = None, memories: list[str] | None =
         if name not in run.memories:
             raise ArtifactError(f"{run.path}: no memory named {name!r}; have {sorted(run.memories)}")
         attach_memory(km, run.memories[name], run.path / "memories" / name)
+    if runtime is not None:
+        km.to(runtime.device)
     return km, tok

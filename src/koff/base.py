@@ -108,8 +108,10 @@ def resolve_model(spec: str | os.PathLike | None) -> str:
     return str(spec)
 
 
-def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
-    """Load a base causal LM and its tokenizer, frozen and in eval mode.
+def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None):
+    """Load a base causal LM and its tokenizer, frozen and in eval mode, weights in `dtype` on
+    `device` (default: the CPU).
 
     Returns `(model, tokenizer, source)` where `source` is the resolved path or hub id.
     """
@@ -126,6 +128,8 @@ def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     model.eval()
     model.requires_grad_(False)
     inspect_model(model)  # fail early on unsupported architectures
+    if device is not None:
+        model.to(device)
     return model, tok, source
 
 

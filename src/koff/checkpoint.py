@@ -1,13 +1,16 @@
-"""Resumable training state: everything the offloading loop needs to continue exactly.
+"""Resumable training state: the trainer's `state_dict()` in safetensors + JSON, nothing pickled.
 
     CHECKPOINT/
-      tensors.safetensors   trainable parameters (gates, LoRA, KV), optimizer moments, multipliers,
-                            the fixed mask once consolidation started, the gate-noise RNG
-      state.json            step, data-stream positions, Python RNG, optimizer hyper-parameters,
-                            controller state, running losses
+      tensors.safetensors   every tensor of the state (trainable parameters, optimizer moments,
+                            controller multipliers, the gate-noise generator, a fixed mask)
+      state.json            the rest of the nested state, with each tensor replaced by a reference
+                            into tensors.safetensors
 
-Written to a temporary folder and renamed over the previous checkpoint, so a crash mid-write
-leaves the previous one intact. safetensors + JSON only.
+The state is whatever `Trainer.state_dict()` returns (nested dicts and lists of numbers, strings
+and tensors); `flatten` / `unflatten` turn it into the two files and back, so a new controller or
+memory part only has to put its tensors into its own state_dict. A checkpoint is written to a
+temporary sibling and swapped in (the previous one kept as CHECKPOINT.old until the swap is done),
+so a crash at any moment leaves one complete checkpoint.
 """
 
 from __future__ import annotations
@@ -21,55 +24,54 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artifact import ArtifactError
+from .errors import ArtifactError
+
+FORMAT = "koff.checkpoint"
+FORMAT_VERSION = 2
 
 
-def _optimizer_tensors(prefix: str, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.state.{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+def flatten(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
+    """JSON-ready skeleton of `obj`; its tensors are moved into `tensors` under their path."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: flatten(v, tensors, f"{path}.{k}") for k, v in obj.items()}}
+        return {"__items__": [[k, flatten(v, tensors, f"{path}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path}")
 
 
-def _optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, t in tensors.items():
-        if name.startswith(prefix + ".state."):
-            idx, key = name[len(prefix) + 7:].split(".", 1)
-            state.setdefault(int(idx), {})[key] = t
-    for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+def unflatten(skeleton, tensors: dict[str, torch.Tensor]):
+    """Inverse of `flatten`."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: unflatten(v, tensors) for k, v in skeleton["__dict__"].items()}
+        if "__items__" in skeleton:
+            return {k: unflatten(v, tensors) for k, v in skeleton["__items__"]}
+        if "__list__" in skeleton:
+            return [unflatten(v, tensors) for v in skeleton["__list__"]]
+        raise ValueError(f"unknown checkpoint node {sorted(skeleton)}")
+    return skeleton
 
 
-def save_checkpoint(folder: Path, model, optimizer, lam_opt, controller, noise: torch.Generator, loop: dict) -> None:
-    """Write the training state (see module docstring) atomically to `folder`."""
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """Write a trainer state atomically to `folder`."""
     folder = Path(folder)
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    opt_t, opt_meta = _optimizer_tensors("optimizer", optimizer)
-    tensors.update(opt_t)
-    meta = {"loop": loop, "optimizer": opt_meta}
-    if lam_opt is not None:
-        lt, lm = _optimizer_tensors("lambda_optimizer", lam_opt)
-        tensors.update(lt)
-        meta["lambda_optimizer"] = lm
-        tensors.update({f"controller.{n}": p.detach().cpu().reshape(1) for n, p in controller.named_parameters()})
-    elif controller is not None:
-        meta["controller"] = controller.state()
-    if model.gates is not None and model.gates.mode == "mask":
-        tensors.update({f"mask.{i}": m.to(torch.uint8).cpu() for i, m in enumerate(model.gates.mask)})
-    tensors["rng.noise"] = noise.get_state()
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(state, tensors)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "pt"})
-        (tmp / "state.json").write_text(json.dumps(meta))
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                    "state": skeleton}))
         old = None
         if folder.exists():
             old = folder.with_name(folder.name + ".old")
@@ -82,8 +84,13 @@ def save_checkpoint(folder: Path, model, optimizer, lam_opt, controller, noise: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint folder: (tensors, metadata)."""
+def checkpoint_exists(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / "state.json").is_file() or (folder.with_name(folder.name + ".old") / "state.json").is_file()
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """Read a checkpoint folder back into the nested state `save_checkpoint` was given."""
     folder = Path(folder)
     if not (folder / "state.json").is_file() and folder.with_name(folder.name + ".old").is_dir():
         folder = folder.with_name(folder.name + ".old")  # interrupted while replacing: the previous one
@@ -91,31 +98,12 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads((folder / "state.json").read_text())
         tensors = load_file(str(folder / "tensors.safetensors"))
     except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{folder}: unreadable checkpoint ({e})") from None
-    return tensors, meta
-
-
-def restore(model, optimizer, lam_opt, controller, noise: torch.Generator, tensors: dict, meta: dict) -> dict:
-    """Load a checkpoint into live training objects; returns the loop state."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if name.startswith("param."):
-                key = name[6:]
-                if key not in params or params[key].shape != t.shape:
-                    raise ArtifactError(f"checkpoint tensor {key!r} does not fit the model being trained")
-                params[key].copy_(t)
-    optimizer.load_state_dict(_optimizer_state("optimizer", tensors, meta["optimizer"]))
-    if lam_opt is not None:
-        lam_opt.load_state_dict(_optimizer_state("lambda_optimizer", tensors, meta["lambda_optimizer"]))
-        with torch.no_grad():
-            for n, p in controller.named_parameters():
-                p.copy_(tensors[f"controller.{n}"].reshape(p.shape))
-    elif controller is not None and "controller" in meta:
-        for k, v in meta["controller"].items():
-            setattr(controller, {"shift": "last_shift"}.get(k, k), v)
-    masks = sorted((int(k[5:]), t) for k, t in tensors.items() if k.startswith("mask."))
-    if masks:
-        model.gates.set_mask([t.bool() for _, t in masks])
-    noise.set_state(tensors["rng.noise"])
-    return meta["loop"]
+        raise ArtifactError(f"{folder}: unreadable checkpoint ({e}); delete it to start the run over") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{folder}: a checkpoint of another format ({meta.get('format')!r} version "
+                            f"{meta.get('format_version')!r}; this koff writes {FORMAT!r} version {FORMAT_VERSION}); "
+                            "delete it to start the run over")
+    try:
+        return unflatten(meta["state"], tensors)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{folder}: malformed checkpoint ({e}); delete it to start the run over") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,11 +11,14 @@ import yaml
 
 from .data import BUNDLED_LANGUAGES, DataError, Domain, bundled_domain, general_files
 from .memory import LORA_TARGETS
+from .runtime import DTYPES
 from .sparsity import CONTROLLERS
 from .errors import ConfigError  # noqa: F401  (re-exported)
 
 
 MASKS = ("learned", "magnitude", "wanda-sp", "flap")
+REG_MEMORIES = ("domain", "none", "general")
+"""Values of `train.reg_memory` (see TrainConfig)."""
 
 
 
@@ -56,6 +60,7 @@ class TrainConfig:
     consolidate_frac: float = 0.3
     """Final fraction of steps trained on the fixed final mask (memories only)."""
     controller: str = "projection"
+    """Sparsity controller, by name (`koff.sparsity.CONTROLLERS`)."""
     rho: float = 1e4
     """Fixed quadratic coefficient of the augmented Lagrangian."""
     gate_init: str = "wanda-sp"
@@ -76,6 +81,18 @@ class TrainConfig:
     distill: float = 0.0
     """Weight w of distillation from the dense + memories reference (trained first):
     loss = (1 - w) * LM + w * KL(reference || student). 0: off (the paper's objective)."""
+    reg_memory: str = "domain"
+    """Which memory a regularization (general-data) step uses: "domain" (a random domain's, the
+    paper's), "none" (the bare backbone) or "general" (a memory of its own, trained only on general
+    batches: what a request naming no domain gets)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: `batch_size` (the global batch) is split into this many,
+    so the update is the same, with less memory."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (less activation memory, ~1.3x compute)."""
+    dtype: str = "float32"
+    """Precision of the frozen base weights (float32, bfloat16, float16); gates and memories
+    always train in float32."""
     seed: int = 0
 
 
@@ -112,10 +129,35 @@ class DecomposeConfig:
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ConfigError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
         t, m = self.train, self.memory
+        names = [d.name for d in self.domains]
         if t.steps < 1 or t.batch_size < 1 or t.seq_len < 2:
             raise ConfigError("train.steps and train.batch_size must be >= 1 and train.seq_len >= 2")
         if t.controller not in CONTROLLERS:
-            raise ConfigError(f"train.controller must be one of {CONTROLLERS}, got {t.controller!r}")
+            raise ConfigError(f"train.controller must be one of {sorted(CONTROLLERS)}, got {t.controller!r}")
+        if t.reg_memory not in REG_MEMORIES:
+            raise ConfigError(f"train.reg_memory must be one of {REG_MEMORIES}, got {t.reg_memory!r}")
+        if t.reg_memory == "general":
+            if m.empty or not t.reg_every or not self.general:
+                raise ConfigError("train.reg_memory 'general' trains a memory on the general data: it needs memories "
+                                  "(memory.lora_rank or memory.kv_tokens > 0), train.reg_every > 0 and general data")
+            if "general" in names:
+                raise ConfigError("train.reg_memory 'general' names its memory 'general', which is also a domain's name; "
+                                  "rename that domain")
+        if t.dtype not in DTYPES:
+            raise ConfigError(f"train.dtype must be one of {sorted(DTYPES)}, got {t.dtype!r}")
+        if t.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.batch_size {t.batch_size} (the global batch) must be divisible by "
+                              f"train.grad_accum {t.grad_accum}")
+        for section, obj in (("train", t), ("memory", m)):
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{section}.{f.name} must be a finite number, got {v}")
+        for key in ("lr_gates", "lr_lambda", "lr_lora", "lr_kv"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
         if t.gate_init not in ("wanda-sp", "flap", "magnitude", "constant"):
             raise ConfigError(f"train.gate_init must be wanda-sp, flap, magnitude or constant, got {t.gate_init!r}")
         if t.mask_scope not in ("global", "layer"):
@@ -172,6 +214,13 @@ def _section(cls, raw, where: str):
             v = type(default)(v)
         setattr(out, k, v)
     return out
+
+
+def _flag(raw: dict, key: str, default: bool, source: str) -> bool:
+    v = raw.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{source}: {key}: expected true or false, got {v!r}")
+    return v
 
 
 def parse_domains(raw, root: Path | None = None) -> list[Domain]:
@@ -246,8 +295,8 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
         target_sparsity=float(sparsity),
         memory=_section(MemoryConfig, raw.get("memory"), f"{source}: memory"),
         train=_section(TrainConfig, raw.get("train"), f"{source}: train"),
-        reference=bool(raw.get("reference", True)),
-        prune=bool(raw.get("prune", True)),
+        reference=_flag(raw, "reference", True, source),
+        prune=_flag(raw, "prune", True, source),
         mask=str(raw.get("mask", "learned")),
     )
     cfg.validate()

@@ -58,12 +58,15 @@ def test_set(domain: Domain, tokenizer, settings: EvalSettings) -> TestSet:
 
 
 @torch.no_grad()
-def block_nll(km: KoffModel, blocks: torch.Tensor, memory, batch_size: int = 8, desc: str | None = None) -> torch.Tensor:
-    """Summed next-token NLL of each block (block-1 scored tokens per block)."""
+def block_nll(km: KoffModel, blocks: torch.Tensor, memory, batch_size: int = 8, desc: str | None = None,
+              use_gates: bool = True) -> torch.Tensor:
+    """Summed next-token NLL of each block (block-1 scored tokens per block); `use_gates=False`
+    scores the dense base model (with the memory, if any)."""
+    device = next(km.model.parameters()).device
     out = []
     for i in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=desc is None, leave=False):
-        batch = blocks[i: i + batch_size]
-        out.append(lm_loss(km(batch, memory=memory), batch, reduction="none").double().sum(1))
+        batch = blocks[i: i + batch_size].to(device)
+        out.append(lm_loss(km(batch, memory=memory, use_gates=use_gates), batch, reduction="none").double().sum(1).cpu())
     return torch.cat(out)
 
 
@@ -87,33 +90,32 @@ def _domains_of(run: Run) -> list[Domain]:
 
 
 def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str | None = None,
-                 progress: bool = True, write: bool = True) -> dict:
-    """Evaluate a run (see module docstring); writes eval/perplexity.{json,md} into the run."""
+                 progress: bool = True, write: bool = True, runtime=None) -> dict:
+    """Evaluate a run (see module docstring); writes eval/perplexity.{json,md} into the run.
+    `runtime` (koff.runtime.Runtime) sets device and dtype (default: float32 on the CPU)."""
     settings = settings or EvalSettings()
     run = load_run(run_dir)
-    km, tok = build_model(run, model)
+    km, tok = build_model(run, model, runtime=runtime)
     domains = _domains_of(run)
     sets = {d.name: test_set(d, tok, settings) for d in domains}
     names = [d.name for d in domains]
     memories = [n for n in names if n in run.memories] + [m for m in sorted(run.memories) if m not in names]
 
-    def score(label: str, model_: KoffModel, memory, domain: str) -> dict:
+    def score(label: str, model_: KoffModel, memory, domain: str, use_gates: bool = True) -> dict:
         desc = f"{label} | {domain}" if progress else None
-        return summarize(block_nll(model_, sets[domain].blocks, memory, settings.batch_size, desc), sets[domain])
+        return summarize(block_nll(model_, sets[domain].blocks, memory, settings.batch_size, desc, use_gates),
+                         sets[domain])
 
     rows: dict[str, dict] = {}
     pruned = km.gates is not None
     if settings.dense:
-        if pruned:
-            km.gates.mode = "off"
-        rows["dense"] = {d: score("dense", km, None, d) for d in names}
+        rows["dense"] = {d: score("dense", km, None, d, use_gates=False) for d in names}
     ref = run.reference if settings.dense else None
     if ref is not None:
-        ref_km, _ = build_model(ref, model)
+        ref_km, _ = build_model(ref, model, runtime=runtime)
         rows["dense + memories"] = {d: score("dense + memories", ref_km, d, d) for d in names if d in ref.memories}
         del ref_km
     if pruned:
-        km.gates.set_mask(run.keep)
         rows["backbone"] = {d: score("backbone", km, None, d) for d in names}
     label = "backbone" if pruned else "dense"
     swap = {}

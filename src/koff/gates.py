@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .base import ffn_params_per_neuron, gated_mlps
+from .memory.parts import current_call
 
 BETA = 2.0 / 3.0
 LEFT = -0.1
@@ -27,14 +28,25 @@ LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
 _KEEP_SHIFT = BETA * math.log(-LEFT / RIGHT)  # log_alpha offset inside P(z != 0)
 
 
+def _gates_on() -> bool:
+    """False inside a call routed with `use_gates=False` (the dense model, e.g. to capture a KV
+    memory or score the dense baseline), which leaves the gates' own mode untouched."""
+    call = current_call()
+    return call is None or call.use_gates
+
+
 def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
     """P(z != 0) = sigmoid(log_alpha - beta * log(-l / r))."""
     return torch.sigmoid(log_alpha - _KEEP_SHIFT)
 
 
 def sample_hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One reparameterised sample z in [0, 1] per gate (differentiable in log_alpha)."""
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
+    """One reparameterised sample z in [0, 1] per gate (differentiable in log_alpha).
+
+    The uniform noise is drawn on the generator's device (koff's is on the CPU) and moved, so the
+    same seed gives the same gates on every device and every process of a launch."""
+    device = generator.device if generator is not None else log_alpha.device
+    u = torch.rand(log_alpha.shape, generator=generator, device=device, dtype=log_alpha.dtype).to(log_alpha.device)
     u = u.clamp(1e-6, 1 - 1e-6)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
@@ -105,8 +117,8 @@ class NeuronGates(nn.Module):
 
     # -- attaching -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> NeuronGates:
-        """Register a pre-hook on each layer's `down_proj` (the PEFT wrapper if LoRA is injected,
-        so the LoRA path of `down_proj` sees the gated input too)."""
+        """Register a pre-hook on each layer's `down_proj` (so a LoRA on `down_proj`, whose hook
+        reads the same input, sees the gated input too) and the FLAP-bias hook after it."""
         self.detach()
         for i, mlp in enumerate(gated_mlps(model)):
             self._handles.append(mlp.down_proj.register_forward_pre_hook(self._hook(i)))
@@ -115,9 +127,9 @@ class NeuronGates(nn.Module):
 
     def _bias_hook(self, layer: int):
         def add(module, args, output):
-            if self.mode != "mask" or self.bias is None:
+            if self.mode != "mask" or self.bias is None or not _gates_on():
                 return None
-            return output + self.bias[layer].to(dtype=output.dtype)
+            return output + self.bias[layer].to(device=output.device, dtype=output.dtype)
 
         return add
 
@@ -134,7 +146,7 @@ class NeuronGates(nn.Module):
 
     def _hook(self, layer: int):
         def apply(module, args):
-            if self.mode == "off":
+            if self.mode == "off" or not _gates_on():
                 return None
             if self.mode == "mask":
                 z = self._mask[layer]
@@ -143,7 +155,7 @@ class NeuronGates(nn.Module):
                 if z is None:
                     raise RuntimeError("gates are in 'sample' mode but resample() was not called")
             x = args[0]
-            return (x * z.to(dtype=x.dtype),) + tuple(args[1:])
+            return (x * z.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
 
         return apply
 

@@ -1,10 +1,10 @@
 """Text generation with memories swapped per request.
 
-`generate` takes a batch of prompts and one memory name per prompt: every row gets its own LoRA
-delta (`KoffModel.lora_for`: the rows' adapter weights gathered once, two batched matmuls per
-layer) and its own KV prefix (rows with shorter or no memory are
-padded with masked slots), prompts are left-padded, and each row's positions continue after its
-own memory. The backbone is shared by all rows and never copied.
+`generate` takes a batch of prompts and one memory name per prompt: one routed call
+(`KoffModel.route`) serves every decoding step, so each row gets its own LoRA delta (the rows'
+adapter weights gathered once, two batched matmuls per layer) and its own KV prefix (rows with a
+shorter or no memory are padded with masked slots); prompts are left-padded, and each row's
+positions continue after its own memory. The backbone is shared by all rows and never copied.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
-
 from .model import KoffModel
 
 
@@ -42,16 +40,18 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
     device = next(km.model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
 
-    cache, prefix_mask, prefix_len = km.prefix(names)
-    if cache is None:
-        cache = DynamicCache(config=km.model.config)
-    attention = torch.cat([prefix_mask.to(device), mask], dim=1)
-    positions = prefix_len.to(device)[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
-    with km.lora_for(names):  # one LoRA routing (for mixed rows: one weight gather) for all steps
-        return _decode(km, tokenizer, ids, attention, positions, cache, max_new_tokens, temperature, seed, pad)
+    call = km.route(names, len(names))  # one routing (for mixed rows: one weight gather) for all steps
+    cache = km.prefix_cache(call.prefix)
+    if call.prefix is not None:
+        attention = torch.cat([call.prefix.mask.to(device), mask], dim=1)
+        positions = call.prefix.lengths.to(device)[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        attention, positions = mask, (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return _decode(km, tokenizer, call, ids, attention, positions, cache, max_new_tokens, temperature, seed, pad)
 
 
-def _decode(km, tokenizer, step_ids, attention, positions, cache, max_new_tokens, temperature, seed, pad) -> list[str]:
+def _decode(km, tokenizer, call, step_ids, attention, positions, cache, max_new_tokens, temperature, seed,
+            pad) -> list[str]:
     """Greedy or sampled decoding, the cache already holding each row's memory prefix."""
     batch, device = step_ids.shape[0], step_ids.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -59,8 +59,7 @@ def _decode(km, tokenizer, step_ids, attention, positions, cache, max_new_tokens
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]
     for _ in range(max_new_tokens):
-        logits = km.model(input_ids=step_ids, attention_mask=attention.long(), position_ids=positions,
-                          past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = km.decode_step(step_ids, call, cache, attention, positions).float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)

@@ -1,31 +1,47 @@
 """`KoffModel`: a frozen base model, its neuron gates (the backbone) and named memories.
 
 One forward call takes a memory name (or one name per batch row, or None for the bare backbone).
-Switching memories only changes which peft adapter is active and which KV tensor is prefixed:
-the backbone is never reloaded or copied.
+The routing is built for that call only (`route` -> a `Call`) and made current through a context
+variable while the base model runs, so the hooks of every memory part (LoRA deltas) and the KV
+prefix see exactly that call's rows; no shared state is switched, the backbone is never reloaded
+or copied, and concurrent calls cannot race.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import inspect_model
+from .base import decoder_layers, inspect_model
+from .compat import cache_kwarg
+from .errors import ConfigError
 from .gates import NeuronGates
-from .memory import KVMemory, capture_kv, prefix_cache
+from .memory import PART_KINDS, Call, KVMemory, LoraSpec, Prefix, capture_kv, current_call, routed
 
 MemorySpec = str | None | Sequence[str | None]
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+RESERVED_NAMES = ("none", "auto")
+"""Memory names with a meaning of their own: `none` is the bare backbone (CLI), `auto` asks the
+server to pick a memory."""
+
+
+def check_memory_name(name: str, where: str = "memory name") -> str:
+    """A memory name is a folder name, a module key and an API model id: ASCII letters, digits, '_'
+    and '-', starting with a letter or digit, at most 64 characters, not a reserved word."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.lower() in RESERVED_NAMES:
+        raise ConfigError(f"{where}: invalid memory name {name!r}: use ASCII letters, digits, '_' or '-', "
+                          f"starting with a letter or digit, at most 64 characters, and not "
+                          f"{' or '.join(repr(r) for r in RESERVED_NAMES)}")
+    return name
 
 
 class KoffModel(nn.Module):
-    """Base model + optional gates + memories (LoRA adapters in peft, KV memories here)."""
+    """Base model + optional gates + memories (one container per registered memory-part kind)."""
 
     def __init__(self, base: nn.Module, gates: NeuronGates | None = None):
         super().__init__()
@@ -36,211 +52,182 @@ class KoffModel(nn.Module):
         self.gates = gates
         if gates is not None:
             gates.attach(self.model)
-        self.kv = nn.ModuleDict()
-        self.lora_names: list[str] = []
-        self._active_lora: str | None = None
-        self._lora_layers: list | None = None
+        self.parts = nn.ModuleDict({kind: cls(base) for kind, cls in PART_KINDS.items()})
 
     # -- memories --------------------------------------------------------------------------------
     @property
     def memory_names(self) -> list[str]:
-        return sorted(set(self.lora_names) | set(self.kv.keys()))
+        return sorted({n for part in self.parts.values() for n in part.names()})
 
-    def add_memory(self, name: str, lora=None, kv: KVMemory | None = None) -> None:
-        """Add a memory: `lora` is a peft LoraConfig (or None), `kv` a KVMemory (or None)."""
+    def _new_name(self, name: str) -> None:
+        check_memory_name(name)
         if name in self.memory_names:
-            raise ValueError(f"memory {name!r} already exists")
-        if not _NAME.fullmatch(name) or name == "__base__" or name in "lora_":
-            raise ValueError(f"invalid memory name {name!r}: use letters, digits, '_', '-' or '.', starting with a "
-                             "letter or digit (and not a piece of 'lora_', which peft reserves)")
-        if lora is not None:
-            from peft import PeftModel, get_peft_model
+            raise ConfigError(f"memory {name!r} already exists")
 
-            if isinstance(self.model, PeftModel):
-                self.model.add_adapter(name, lora)
-            else:
-                with warnings.catch_warnings():  # peft probes a deprecated transformers attribute
-                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-                    self.model = get_peft_model(self.model, lora, adapter_name=name)
-                self.model.eval()
-                if self.gates is not None:  # re-hook onto the LoRA-wrapped down_proj
-                    self.gates.attach(self.model)
-            self.lora_names.append(name)
-            self._active_lora = None
-            self._lora_layers = None
-            self.activate_lora(name)  # peft activates the first adapter; be explicit
+    def add_memory(self, name: str, lora: LoraSpec | None = None, kv: KVMemory | None = None) -> None:
+        """Add a memory from a LoRA spec (fresh adapter) and / or a ready KVMemory."""
+        self._new_name(name)
+        if lora is not None:
+            self.parts["lora"].create(name, lora, {})
         if kv is not None:
-            g = self.geometry
-            want = (g.num_layers, g.num_kv_heads, g.head_dim)
-            if (kv.shape[0], kv.shape[1], kv.shape[3]) != want:
-                raise ValueError(f"KV memory {name!r} has shape {kv.shape}, expected "
-                                 f"[{want[0]}, {want[1]}, m, {want[2]}] for this base model")
-            self.kv[name] = kv
+            self.parts["kv"].add(name, kv)
+
+    def create_memory(self, name: str, cfg, init: dict) -> None:
+        """A fresh memory with every part `cfg` (a MemoryConfig) enables; `init` holds what the
+        parts need to start from (for KV: `init["kv"]`, the base model's cache of domain tokens)."""
+        self._new_name(name)
+        for part in self.parts.values():
+            if part.enabled(cfg):
+                part.create(name, cfg, init)
+
+    def install_memory(self, name: str, states: dict) -> None:
+        """Add a stored memory: part kind -> its state (validated against the base model)."""
+        self._new_name(name)
+        unknown = sorted(set(states) - set(self.parts))
+        if unknown:
+            raise ConfigError(f"memory {name!r}: unknown part kinds {unknown}; known: {sorted(self.parts)}")
+        for kind, state in states.items():
+            self.parts[kind].install(name, state)
+
+    def snapshot_memory(self, name: str) -> dict:
+        """part kind -> the stored state of memory `name` (detached CPU tensors)."""
+        return {kind: part.snapshot(name) for kind, part in self.parts.items() if name in part.names()}
+
+    def remove_memory(self, name: str) -> None:
+        if name not in self.memory_names:
+            raise KeyError(f"no memory named {name!r}; have {self.memory_names}")
+        for part in self.parts.values():
+            if name in part.names():
+                part.remove(name)
 
     def memory_parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable tensors of one memory (LoRA A/B and KV keys/values)."""
-        return self.lora_parameters(name) + (list(self.kv[name].parameters()) if name in self.kv else [])
+        """The trainable tensors of one memory (every part)."""
+        return [p for part in self.parts.values() for p in part.parameters_of(name)]
 
-    def lora_parameters(self, name: str) -> list[nn.Parameter]:
-        """The LoRA A/B weights of one memory (empty if it has no LoRA)."""
-        if name not in self.lora_names:
-            return []
-        from peft.tuners.lora import LoraLayer
+    def param_groups(self, names: list[str], train_cfg) -> list[dict]:
+        """Optimizer groups for these memories: one per part kind, at that kind's learning rate."""
+        groups = []
+        for kind, part in self.parts.items():
+            params = [p for n in names for p in part.parameters_of(n)]
+            if params:
+                groups.append({"params": params, "lr": part.lr(train_cfg), "name": kind})
+        return groups
 
-        params = []
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer) and name in module.lora_A:
-                params += list(module.lora_A[name].parameters()) + list(module.lora_B[name].parameters())
-        return params
-
-    def activate_lora(self, name: str) -> None:
-        """Make `name` the active LoRA adapter of every LoRA layer.
-
-        peft's `set_adapter` walks every module and re-freezes parameters (tens of ms on a small
-        model); a switch here only retargets the cached LoRA layers, so swapping memories per
-        request costs microseconds. Every adapter stays trainable: only the active one ever
-        receives gradients.
-        """
-        if name == self._active_lora:
-            return
-        if self._lora_layers is None:
-            from peft.tuners.lora import LoraLayer
-
-            self.model.set_adapter(name)  # peft's own bookkeeping, once after adapters change
-            self._lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-            for layer in self._lora_layers:
-                for n in self.lora_names:
-                    layer.lora_A[n].requires_grad_(True)
-                    layer.lora_B[n].requires_grad_(True)
-        for layer in self._lora_layers:
-            layer._active_adapter = [name]  # what peft's per-layer set_adapter sets, minus the re-freezing
-        self.model.base_model.active_adapter = name
-        self._active_lora = name
-
-    def base_model(self) -> nn.Module:
-        """The transformers model underneath peft (same weights, LoRA layers included)."""
-        from peft import PeftModel
-
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-
-    # -- forward ---------------------------------------------------------------------------------
+    # -- routing ---------------------------------------------------------------------------------
     def row_names(self, memory: MemorySpec, batch: int) -> list[str | None]:
         """One memory name (or None) per batch row, validated."""
         names = [memory] * batch if memory is None or isinstance(memory, str) else list(memory)
         if len(names) != batch:
             raise ValueError(f"{len(names)} memory names for a batch of {batch}")
+        have = self.memory_names
         for n in names:
-            if n is not None and n not in self.memory_names:
-                raise KeyError(f"no memory named {n!r}; have {self.memory_names}")
+            if n is not None and n not in have:
+                raise KeyError(f"no memory named {n!r}; have {have}")
         return names
 
-    def prefix(self, names: list[str | None]):
-        """The KV prefix for these rows: `(cache, prefix_mask [B, M], prefix_len [B])`."""
-        kvs = [self.kv[n] if n is not None and n in self.kv else None for n in names]
-        return prefix_cache(kvs, self.model.config)
+    def route(self, memory: MemorySpec, batch: int, use_gates: bool = True) -> Call:
+        """The routing of one call over `batch` rows: each part precomputes what its hooks need."""
+        call = Call(tuple(self.row_names(memory, batch)), use_gates=use_gates)
+        for part in self.parts.values():
+            part.prepare(call)
+        return call
 
-    def run(self, input_ids: torch.Tensor, names: list[str | None], **kwargs):
-        """Call the underlying model with each row's LoRA adapter active (the model output)."""
-        with self.lora_for(names):
-            return self.model(input_ids=input_ids, **kwargs)
+    def prefix_cache(self, prefix: Prefix | None):
+        """A transformers cache holding `prefix` (an empty one for None), ready to extend."""
+        from transformers import DynamicCache
 
+        if prefix is None:
+            return DynamicCache(config=self.model.config)
+        return DynamicCache(list(zip(prefix.keys, prefix.values)), config=self.model.config)
+
+    # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, memory: MemorySpec = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, use_gates: bool = True) -> torch.Tensor:
         """Logits [B, T, V] for `input_ids` [B, T] with the given memory per batch (a name), per
         row (a list of names/None), or none. `attention_mask` [B, T] marks real tokens (left
-        padding allowed)."""
-        names = self.row_names(memory, input_ids.shape[0])
-        cache, prefix_mask, prefix_len = self.prefix(names)
-        prefix_mask = prefix_mask.to(input_ids.device)
-        prefix_len = prefix_len.to(input_ids.device)
+        padding allowed). `use_gates=False` runs the dense base model (with the memories)."""
+        return self.run(input_ids, self.route(memory, input_ids.shape[0], use_gates), attention_mask)
+
+    def run(self, input_ids: torch.Tensor, call: Call, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for one routed call (see `route`)."""
+        device = input_ids.device
+        prefix = call.prefix
         tokens_mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                        else attention_mask.bool())
-        position_ids = prefix_len[:, None] + (tokens_mask.long().cumsum(-1) - 1).clamp(min=0)
-        kwargs: dict = {"position_ids": position_ids, "use_cache": cache is not None}
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-        if cache is not None and (attention_mask is not None or not bool(prefix_mask.all())):
-            kwargs["attention_mask"] = torch.cat([prefix_mask, tokens_mask], dim=1).long()
-        elif cache is None and attention_mask is not None:
+        plen = prefix.lengths.to(device) if prefix is not None else torch.zeros(input_ids.shape[0], dtype=torch.long,
+                                                                                  device=device)
+        position_ids = plen[:, None] + (tokens_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict = {"position_ids": position_ids, "use_cache": prefix is not None}
+        if prefix is not None:
+            kwargs[cache_kwarg(self.model)] = self.prefix_cache(prefix)
+            pmask = prefix.mask.to(device)
+            if attention_mask is not None or not bool(pmask.all()):
+                kwargs["attention_mask"] = torch.cat([pmask, tokens_mask], dim=1).long()
+        elif attention_mask is not None:
             kwargs["attention_mask"] = tokens_mask.long()
-        return self.run(input_ids, names, **kwargs).logits
+        with routed(call):
+            return self.model(input_ids=input_ids, **kwargs).logits
 
-    @contextlib.contextmanager
-    def lora_for(self, names: list[str | None]):
-        """Within this context every forward routes row i through the LoRA adapter names[i].
-
-        One name for all rows activates that adapter (or none); mixed names are served by
-        koff's own hooks: each LoRA layer adds B[i] @ A[i] @ x with the rows' adapter weights
-        gathered from stacks built once per context, two batched matmuls per layer whatever the
-        number of distinct memories (peft's mixed-adapter path loops over adapters).
-        """
-        if not self.lora_names:
-            yield
-            return
-        unique = set(names)
-        if len(unique) == 1 and names[0] in self.lora_names:
-            self.activate_lora(names[0])
-            yield
-            return
-        previous = self._active_lora
-        self.activate_lora(self.lora_names[0])  # make sure the layer cache exists
-        layers = self._lora_layers
-        for layer in layers:
-            layer._active_adapter = []  # base weights only; deltas come from the hooks below
-        self._active_lora = "__none__"
-        handles = []
-        try:
-            if unique - {None}:
-                index = torch.tensor([self.lora_names.index(n) if n in self.lora_names else len(self.lora_names)
-                                      for n in names])
-                for layer in layers:
-                    handles.append(layer.register_forward_hook(self._mixed_hook(layer, index)))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            self._active_lora = None
-            self.activate_lora(previous if previous not in (None, "__none__") else self.lora_names[0])
-
-    def _mixed_hook(self, layer, index: torch.Tensor):
-        rank = max(layer.lora_A[n].weight.shape[0] for n in self.lora_names if n in layer.lora_A)
-        a_rows, b_cols = [], []
-        for n in self.lora_names:
-            if n not in layer.lora_A:
-                a_rows.append(None)
-                b_cols.append(None)
-                continue
-            a = layer.lora_A[n].weight  # [r, in]
-            b = layer.lora_B[n].weight * layer.scaling[n]  # [out, r], scaling folded in
-            pad = rank - a.shape[0]
-            a_rows.append(torch.cat([a, a.new_zeros(pad, a.shape[1])]) if pad else a)
-            b_cols.append(torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1) if pad else b)
-        ref_a = next(a for a in a_rows if a is not None)
-        ref_b = next(b for b in b_cols if b is not None)
-        a_stack = torch.stack([a if a is not None else torch.zeros_like(ref_a) for a in a_rows] + [torch.zeros_like(ref_a)])
-        b_stack = torch.stack([b if b is not None else torch.zeros_like(ref_b) for b in b_cols] + [torch.zeros_like(ref_b)])
-        a_rows_idx = a_stack[index.to(a_stack.device)]  # [B, r, in]
-        b_rows_idx = b_stack[index.to(b_stack.device)]  # [B, out, r]
-
-        def add_delta(module, args, output):
-            x = args[0].to(a_rows_idx.dtype)
-            delta = torch.bmm(torch.bmm(x, a_rows_idx.transpose(1, 2)), b_rows_idx.transpose(1, 2))
-            return output + delta.to(output.dtype)
-
-        return add_delta
+    def decode_step(self, input_ids: torch.Tensor, call: Call, cache, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor) -> torch.Tensor:
+        """One incremental step of generation: logits of the last position, extending `cache`."""
+        with routed(call):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                             use_cache=True, **{cache_kwarg(self.model): cache})
+        return out.logits[:, -1]
 
     @torch.no_grad()
     def capture_kv(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the dense base model (gates off, adapters off) for `token_ids`."""
-        mode = self.gates.mode if self.gates is not None else None
-        if self.gates is not None:
-            self.gates.mode = "off"
-        try:
-            with self.lora_for([None]):
-                return capture_kv(self.model, token_ids)
-        finally:
-            if self.gates is not None:
-                self.gates.mode = mode
+        """Keys/values of the dense base model (gates off, no memory) for `token_ids`."""
+        with routed(Call((None,), use_gates=False)):
+            return capture_kv(self.model, token_ids)
+
+    # -- memory-saving backprop ------------------------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+        transformers' own checkpointing drops the KV cache under training (its layers would append
+        to it a second time when recomputed), which would drop koff's KV prefix. So koff wraps each
+        layer itself (torch's non-reentrant checkpoint) and, for the recomputation, re-enters the
+        call's routing and rewinds that layer's cache slot to what it held before the forward.
+        """
+        from transformers import Cache
+
+        for i, layer in enumerate(decoder_layers(self.model)):
+            if "forward" in layer.__dict__:
+                continue  # wrapped already
+            layer.forward = _checkpointed(layer.forward, i, Cache)
+
+    def disable_gradient_checkpointing(self) -> None:
+        for layer in decoder_layers(self.model):
+            layer.__dict__.pop("forward", None)
+
+
+def _checkpointed(forward, index: int, cache_type: type):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        call = current_call()
+        cache = next((v for v in kwargs.values() if isinstance(v, cache_type)), None)
+        slot = cache.layers[index] if cache is not None and index < len(cache.layers) else None
+        before = dict(slot.__dict__) if slot is not None else None
+
+        @contextlib.contextmanager
+        def replay():
+            after = dict(slot.__dict__) if slot is not None else None
+            if slot is not None:
+                slot.__dict__.update(before)
+            with routed(call) if call is not None else contextlib.nullcontext():
+                yield
+            if slot is not None:
+                slot.__dict__.update(after)
+
+        return checkpoint(forward, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), replay()), **kwargs)
+
+    return run
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -75,7 +75,7 @@ def activation_stats(model: nn.Module, batches: Iterable[torch.Tensor], forward=
     try:
         for batch in batches:
             if forward is None:
-                model(input_ids=batch)
+                model(input_ids=batch.to(next(model.parameters()).device))
             else:
                 forward(batch)
     finally:
@@ -132,7 +132,7 @@ def flap_compensation(model: nn.Module, stats: ActivationStats, keep: list[torch
     mean output the pruned neurons would have added."""
     out = []
     for m, mean, k in zip(gated_mlps(model), stats.mean, keep):
-        w = plain_linear(m.down_proj).weight.double()
+        w = plain_linear(m.down_proj).weight.detach().double().cpu()
         removed = ~k.bool()
         out.append((w[:, removed] @ mean[removed]).float() if removed.any() else torch.zeros(w.shape[0]))
     return out

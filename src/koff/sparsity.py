@@ -1,30 +1,73 @@
-"""Driving the gates' expected sparsity to the target s*.
+"""Driving the gates' expected sparsity to the target s*: the controller interface and registry.
 
 The paper's objective (CoFi / Sheared-LLaMA) is the Lagrangian
     L = L_LM + lambda1 * (s_hat - t) + lambda2 * (s_hat - t)^2,
-minimised by the gates and memories and maximised by lambda1, lambda2. At CPU step counts its
-multipliers need hundreds of steps to wind up and then overshoot (DESIGN.md §12), so koff offers:
+minimised by the gates and memories and maximised by lambda1, lambda2. koff registers three
+controllers by name:
 
-  "lagrangian"  the paper's objective, multipliers trained by gradient ascent at their own lr;
+  "lagrangian"  the paper's objective, multipliers trained by gradient ascent at their own lr
+                (`train.lr_lambda`, Sheared-LLaMA's 1.0);
   "augmented"   the same plus a fixed quadratic penalty rho * (s_hat - t)^2 (damps the swing);
   "projection"  no multiplier: after every optimizer step all log_alpha are shifted by one
                 constant, found by bisection, so that s_hat equals the target exactly. The shift
-                plays the multiplier's role and is logged as such. Default: it lands on target
-                at every step.
+                plays the multiplier's role and is logged as such.
 
-Every controller exposes `penalty(s_hat, t)` (added to the loss) and `after_step(gates, t)`.
+A controller is looked up in `CONTROLLERS` by name (the CLI's choices and config validation read
+the same registry) and offers
+  penalty(s_hat, t)       added to the loss on every step that learns gates,
+  after_step(gates, t)    after the optimizer step (its own multiplier update, a projection, the clamp),
+  log()                   the fields logged per step in metrics.jsonl,
+  state_dict() / load_state_dict()   everything a resumed run needs (tensors and numbers).
+A new controller is a class registered with `@register_controller("name")` whose constructor takes
+the TrainConfig.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .gates import NeuronGates
 
-CONTROLLERS = ("projection", "lagrangian", "augmented")
+
+class Controller(Protocol):
+    def penalty(self, s_hat: torch.Tensor, target: float) -> torch.Tensor: ...
+
+    def after_step(self, gates: NeuronGates, target: float) -> None: ...
+
+    def log(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+CONTROLLERS: dict[str, Callable[..., Controller]] = {}
+"""name -> constructor taking the TrainConfig."""
+
+
+def register_controller(name: str):
+    """Class decorator: make a controller available as `train.controller: NAME`."""
+    def add(cls):
+        if name in CONTROLLERS:
+            raise ValueError(f"sparsity controller {name!r} is registered twice")
+        CONTROLLERS[name] = cls
+        return cls
+
+    return add
+
+
+def make_controller(name: str, train_cfg) -> Controller:
+    """Build the controller `name` for a TrainConfig."""
+    from .errors import ConfigError
+
+    if name not in CONTROLLERS:
+        raise ConfigError(f"train.controller: unknown sparsity controller {name!r}; expected one of {sorted(CONTROLLERS)}")
+    return CONTROLLERS[name](train_cfg)
 
 
 def target_at(step: int, total_steps: int, target: float, warmup_frac: float) -> float:
@@ -36,18 +79,26 @@ def target_at(step: int, total_steps: int, target: float, warmup_frac: float) ->
     return target * (step + 1) / warm
 
 
+@register_controller("lagrangian")
 class Lagrangian(nn.Module):
     """lambda1 * (s - t) + lambda2 * (s - t)^2 (+ rho * (s - t)^2 when augmented).
 
-    The multipliers are ordinary parameters; their optimizer must *maximise* (torch optimizers'
-    `maximize=True`), which is how the saddle point is sought.
+    The multipliers are ordinary parameters with their own Adam that *maximises*
+    (`maximize=True`), which is how the saddle point is sought; it steps after the main optimizer.
     """
 
-    def __init__(self, rho: float = 0.0):
+    def __init__(self, train_cfg=None):
         super().__init__()
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
-        self.rho = rho
+        self.rho = self.quadratic(train_cfg)
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=train_cfg.lr_lambda if train_cfg is not None else 1.0,
+                                          maximize=True)
+
+    @staticmethod
+    def quadratic(train_cfg) -> float:
+        """The fixed coefficient rho of (s - t)^2: none in the plain Lagrangian."""
+        return 0.0
 
     def penalty(self, s_hat: torch.Tensor, target: float) -> torch.Tensor:
         gap = s_hat - target
@@ -57,22 +108,46 @@ class Lagrangian(nn.Module):
         return out
 
     def after_step(self, gates: NeuronGates, target: float) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         gates.clamp_()
 
-    def state(self) -> dict[str, float]:
+    def log(self) -> dict[str, float]:
         return {"lambda1": self.lambda1.item(), "lambda2": self.lambda2.item()}
 
+    def state_dict(self) -> dict:  # noqa: D102 (not nn.Module's: the optimizer is part of it)
+        return {"lambda1": self.lambda1.detach().clone(), "lambda2": self.lambda2.detach().clone(),
+                "optimizer": self.optimizer.state_dict()}
 
+    def load_state_dict(self, state: dict) -> None:  # noqa: D102
+        with torch.no_grad():
+            self.lambda1.copy_(state["lambda1"].reshape(()))
+            self.lambda2.copy_(state["lambda2"].reshape(()))
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def to_device(self, device) -> Lagrangian:
+        self.to(device)
+        return self
+
+
+@register_controller("augmented")
+class AugmentedLagrangian(Lagrangian):
+    """The Lagrangian plus a fixed quadratic term rho * (s - t)^2 (`train.rho`)."""
+
+    @staticmethod
+    def quadratic(train_cfg) -> float:
+        return train_cfg.rho if train_cfg is not None else 1e4
+
+
+@register_controller("projection")
 @dataclass
 class Projection:
     """Shift every log_alpha by one constant so that expected sparsity equals the target."""
 
+    train_cfg: object = None
     tolerance: float = 1e-5
     last_shift: float = 0.0
     total_shift: float = 0.0
-
-    def parameters(self) -> list:
-        return []
 
     def penalty(self, s_hat: torch.Tensor, target: float) -> torch.Tensor:
         return s_hat.new_zeros(())
@@ -86,8 +161,17 @@ class Projection:
         self.last_shift = shift
         self.total_shift += shift
 
-    def state(self) -> dict[str, float]:
+    def log(self) -> dict[str, float]:
         return {"shift": self.last_shift, "total_shift": self.total_shift}
+
+    def state_dict(self) -> dict:
+        return {"last_shift": self.last_shift, "total_shift": self.total_shift}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_shift, self.total_shift = float(state["last_shift"]), float(state["total_shift"])
+
+    def to_device(self, device) -> Projection:
+        return self
 
 
 @torch.no_grad()
@@ -107,14 +191,3 @@ def solve_shift(gates: NeuronGates, target: float, tolerance: float = 1e-5, iter
         else:
             hi = mid
     return (lo + hi) / 2
-
-
-def make_controller(kind: str, rho: float = 1e4):
-    """Build a sparsity controller by name (see module docstring)."""
-    if kind == "projection":
-        return Projection()
-    if kind == "lagrangian":
-        return Lagrangian()
-    if kind == "augmented":
-        return Lagrangian(rho=rho)
-    raise ValueError(f"unknown sparsity controller {kind!r}; expected one of {CONTROLLERS}")

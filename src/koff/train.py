@@ -1,34 +1,23 @@
-"""The offloading loop, and `decompose`: base model -> sparse backbone + per-domain memories.
-
-Each step is either
-  a domain step:         a batch of domain d's text with memory d active, or
-  a regularization step: (every `reg_every`-th step) a batch of general-domain text with a
-                         randomly chosen memory active,
-with the gates sampled (hard concrete) and the target sparsity enforced by the controller. The
-target warms up from 0 to s*; in the last `consolidate_frac` of steps the mask is fixed to the
-final top-k mask and only the memories train, so they finish under the mask they will serve with.
-Base weights never change.
+"""`decompose` (base model -> a run directory: sparse backbone + per-domain memories) and
+`add_domain` (a new memory on a run's frozen backbone): data streams, gate initialisation, memory
+creation and the run's manifest around the offloading loop, which lives in `trainer.py`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import DecomposeConfig, MemoryConfig, TrainConfig, dump_config
-from .data import BlockStream, Domain, check_no_test_leak, pack, tokenize_files
+from .data import BlockStream, DataError, Domain, check_no_test_leak, pack, tokenize_files
 from .gates import NeuronGates, sparsity_report
-from .memory import KVMemory, lora_config
-from .model import KoffModel, lm_loss
-from .sparsity import Lagrangian, make_controller, target_at
+from .model import KoffModel
+from .runtime import Runtime, barrier, resolve_dtype
+from .trainer import GENERAL_MEMORY, Trainer
 
 
 @dataclass
@@ -41,18 +30,29 @@ class Streams:
     """Per domain, the leading train tokens its KV memory is initialised from."""
 
 
+def _packed(tokens: torch.Tensor, seq_len: int, what: str, files) -> torch.Tensor:
+    try:
+        return pack(tokens, seq_len)
+    except DataError:
+        raise DataError(f"{what}: its files ({', '.join(str(f) for f in files)}) hold {tokens.numel()} tokens, "
+                        f"fewer than one training block of train.seq_len = {seq_len}") from None
+
+
 def build_streams(domains: list[Domain], general: list[Path], tokenizer, cfg: TrainConfig,
                   kv_tokens: int = 0) -> Streams:
     """Tokenise and pack every domain's train files (and the general files) deterministically."""
     streams, kv_init = {}, {}
     for i, d in enumerate(domains):
         tokens = tokenize_files(d.train, tokenizer, d.text_field)
-        streams[d.name] = BlockStream(pack(tokens, cfg.seq_len), cfg.batch_size, seed=cfg.seed * 1000 + i)
+        streams[d.name] = BlockStream(_packed(tokens, cfg.seq_len, f"domain {d.name!r}", d.train), cfg.batch_size,
+                                      seed=cfg.seed * 1000 + i)
         kv_init[d.name] = tokens[:kv_tokens]
     gen = None
     if general:
         tokens = tokenize_files(general, tokenizer)
-        gen = BlockStream(pack(tokens, cfg.seq_len), cfg.batch_size, seed=cfg.seed * 1000 + 999)
+        gen = BlockStream(_packed(tokens, cfg.seq_len, "the general data", general), cfg.batch_size,
+                          seed=cfg.seed * 1000 + 999)
+        kv_init[GENERAL_MEMORY] = tokens[:kv_tokens]
     return Streams(streams, gen, kv_init)
 
 
@@ -62,15 +62,14 @@ def add_memories(km: KoffModel, names: list[str], kv_init: dict[str, torch.Tenso
     initialised from the base model's own cache of the domain's first tokens."""
     torch.manual_seed(seed)  # LoRA A init draws from the global RNG: same memories in every run
     for name in names:
-        lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else None
-        kv = None
+        init = {}
         if cfg.kv_tokens:
             ids = kv_init[name]
             if ids.numel() < cfg.kv_tokens:
-                raise ValueError(f"domain {name!r} has fewer than {cfg.kv_tokens} train tokens for its KV memory")
-            k, v = km.capture_kv(ids)
-            kv = KVMemory(k, v, num_frozen=cfg.kv_frozen_tokens)
-        km.add_memory(name, lora=lora, kv=kv)
+                raise DataError(f"memory.kv_tokens = {cfg.kv_tokens}, but the training text of {name!r} holds only "
+                                f"{ids.numel()} tokens to initialise its KV memory from")
+            init["kv"] = km.capture_kv(ids)
+        km.create_memory(name, cfg, init)
 
 
 def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) -> list[torch.Tensor]:
@@ -85,8 +84,9 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
 
 def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
             learn_gates: bool = True, memories: list[str] | None = None, desc: str = "offload",
-            progress: bool = True, teacher: KoffModel | None = None, checkpoint: Path | None = None) -> dict:
-    """Run the offloading loop on `km` in place; returns a summary.
+            progress: bool = True, teacher: KoffModel | None = None, checkpoint: Path | None = None,
+            runtime: Runtime | None = None) -> dict:
+    """Run the offloading loop on `km` in place (see `trainer.Trainer`); returns its summary.
 
     `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
     the memories. `memories` restricts which memories train (default: all of `km`). With a
@@ -95,136 +95,9 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
     `cfg.checkpoint_every` > 0 the state is saved every that many steps, and a checkpoint found
     there at the start is resumed from exactly.
     """
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    gates = km.gates if learn_gates else None
-    names = memories if memories is not None else km.memory_names
-    domain_names = list(streams.domains)
-    for d in domain_names:
-        if names and d not in names and d in km.memory_names:
-            raise ValueError(f"domain {d!r} has a memory that is not being trained")
-    controller = make_controller(cfg.controller, cfg.rho) if gates is not None else None
-
-    groups = []
-    if gates is not None:
-        groups.append({"params": list(gates.parameters()), "lr": cfg.lr_gates, "name": "gates"})
-    lora = [p for n in names for p in km.lora_parameters(n)]
-    kv = [p for n in names if n in km.kv for p in km.kv[n].parameters()]
-    if lora:
-        groups.append({"params": lora, "lr": cfg.lr_lora, "name": "lora"})
-    if kv:
-        groups.append({"params": kv, "lr": cfg.lr_kv, "name": "kv"})
-    if not groups:
-        raise ValueError("nothing to train: no gates and no memories")
-    optimizer = torch.optim.Adam(groups)
-    lam_opt = None
-    if isinstance(controller, Lagrangian):
-        lam_opt = torch.optim.Adam(controller.parameters(), lr=cfg.lr_lambda, maximize=True)
-    km, optimizer = accelerator.prepare(km, optimizer)
-    device = accelerator.device
-    model = accelerator.unwrap_model(km)
-
-    rng = random.Random(cfg.seed)
-    noise = torch.Generator().manual_seed(cfg.seed + 17)
-    consolidate_from = cfg.steps - round(cfg.consolidate_frac * cfg.steps) if gates is not None else cfg.steps
-    domain_turn = 0
-    last_loss: dict[str, list[float]] = {}
-    fixed = False
-    steps_run = start = 0
-    elapsed = 0.0
-    if checkpoint is not None and (checkpoint.is_dir() or checkpoint.with_name(checkpoint.name + ".old").is_dir()):
-        from .checkpoint import load_checkpoint, restore
-
-        loop = restore(model, optimizer, lam_opt, controller, noise, *load_checkpoint(checkpoint))
-        start, domain_turn, steps_run, fixed = loop["step"], loop["domain_turn"], loop["steps_run"], loop["fixed"]
-        last_loss, elapsed = loop["last_loss"], loop["seconds"]
-        rng.setstate((loop["rng"][0], tuple(loop["rng"][1]), loop["rng"][2]))
-        for name, taken in loop["streams"].items():
-            (streams.general if name == "__general__" else streams.domains[name]).taken = taken
-    if metrics_path is not None:  # drop lines logged after the state being resumed from
-        lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.is_file() else []
-        metrics_path.write_text("".join(lines[:start]))
-    metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
-    t0 = time.time() - elapsed
-    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True, initial=start,
-               total=cfg.steps)
-    try:
-        for step in bar:
-            target = target_at(step, cfg.steps, target_sparsity, cfg.warmup_frac)
-            consolidating = gates is not None and step >= consolidate_from
-            if consolidating and not fixed:
-                gates.set_mask(gates.final_mask(target_sparsity, scope=cfg.mask_scope))
-                fixed = True
-                if not lora and not kv:
-                    break  # mask-only: nothing left to train once the mask is fixed
-            regularize = bool(cfg.reg_every) and (step + 1) % cfg.reg_every == 0 and streams.general is not None
-            if regularize:
-                batch, domain = streams.general.next(), None
-                memory = rng.choice(names) if names else None
-            else:
-                domain = domain_names[domain_turn % len(domain_names)]
-                domain_turn += 1
-                batch = streams.domains[domain].next()
-                memory = domain if domain in names else None
-            batch = batch.to(device)
-            if gates is not None and not consolidating:
-                gates.resample(noise)
-            logits = model(batch, memory=memory)
-            loss = lm_loss(logits, batch)
-            total = loss
-            if teacher is not None and cfg.distill > 0:
-                with torch.no_grad():
-                    target_logp = torch.log_softmax(teacher(batch, memory=memory).float(), dim=-1)
-                kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), dim=-1), target_logp,
-                                                log_target=True, reduction="none").sum(-1).mean()
-                total = (1 - cfg.distill) * loss + cfg.distill * kl
-            if gates is not None and not consolidating:
-                total = total + controller.penalty(gates.expected_sparsity(), target)
-            accelerator.backward(total)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if lam_opt is not None and not consolidating:
-                lam_opt.step()
-                lam_opt.zero_grad(set_to_none=True)
-            if gates is not None and not consolidating:
-                controller.after_step(gates, target)
-            steps_run += 1
-            key = domain or "general"
-            loss = loss.item()
-            last_loss.setdefault(key, []).append(loss)
-            record = {"step": step, "phase": "consolidate" if consolidating else ("warmup" if target < target_sparsity else "main"),
-                      "kind": "general" if regularize else "domain", "domain": key, "memory": memory,
-                      "loss": loss, "target": target if gates is not None else None,
-                      "expected_sparsity": (gates.expected_sparsity().item() if gates is not None and not consolidating
-                                            else (target_sparsity if consolidating else None)),
-                      "seconds": round(time.time() - t0, 3)}
-            if controller is not None:
-                record.update(controller.state())
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            bar.set_postfix(loss=f"{loss:.3f}", s=("-" if record["expected_sparsity"] is None
-                                                          else f"{record['expected_sparsity']:.3f}"), t=f"{target:.3f}")
-            if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                    and step + 1 < cfg.steps:
-                from .checkpoint import save_checkpoint
-
-                positions = {n: st.taken for n, st in streams.domains.items()}
-                if streams.general is not None:
-                    positions["__general__"] = streams.general.taken
-                save_checkpoint(checkpoint, model, optimizer, lam_opt, controller, noise, {
-                    "step": step + 1, "domain_turn": domain_turn, "steps_run": steps_run, "fixed": fixed,
-                    "last_loss": last_loss, "seconds": time.time() - t0, "rng": list(rng.getstate()),
-                    "streams": positions})
-    finally:
-        if metrics:
-            metrics.close()
-    if gates is not None and not fixed:
-        gates.set_mask(gates.final_mask(target_sparsity, scope=cfg.mask_scope))
-    tail = max(1, cfg.steps // 10)
-    return {"steps": cfg.steps, "steps_run": steps_run, "seconds": round(time.time() - t0, 1),
-            "final_loss": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in last_loss.items()}}
+    trainer = Trainer(km, streams, cfg, target_sparsity, learn_gates=learn_gates, memories=memories, teacher=teacher,
+                      runtime=runtime, metrics_path=metrics_path, checkpoint=checkpoint, desc=desc, progress=progress)
+    return trainer.setup().train()
 
 
 def _oneshot_gates(base, streams: Streams, kind: str, sparsity: float, cfg: TrainConfig) -> NeuronGates:
@@ -260,14 +133,28 @@ def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
                                  log_alpha_range=limits)
 
 
-def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: bool = True,
-              desc: str = "decompose", teacher: KoffModel | None = None) -> KoffModel:
+def memory_names(cfg: DecomposeConfig) -> list[str]:
+    """The memories a run trains: one per domain, plus the general memory with reg_memory general."""
+    names = [d.name for d in cfg.domains]
+    if cfg.train.reg_memory == GENERAL_MEMORY and cfg.train.reg_every and cfg.general:
+        names.append(GENERAL_MEMORY)
+    return names
+
+
+def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progress: bool = True,
+              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None) -> KoffModel:
     """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
-    `out`; returns the trained model. `teacher` is used when `cfg.train.distill` > 0."""
+    `out` (None, or a process other than the main one: write nothing); returns the trained model.
+    `teacher` is used when `cfg.train.distill` > 0."""
     from .artifact import memory_record, write_run
     from .base import fingerprint, inspect_model, load_base
+    from .memory import target_modules
 
-    base, tok, source = load_base(cfg.model)
+    runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
+    writes = out is not None and runtime.is_main
+    base, tok, source = load_base(cfg.model, dtype=resolve_dtype(cfg.train.dtype), device=runtime.device)
+    if cfg.memory.lora_rank:
+        target_modules(base, cfg.memory.lora_targets)  # fail now, not after minutes of calibration
     streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, cfg.memory.kv_tokens)
     learned = prune and cfg.mask == "learned"
     gates = None
@@ -275,20 +162,26 @@ def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: boo
         gates = _init_gates(base, streams, cfg.train)
     elif prune:
         gates = _oneshot_gates(base, streams, cfg.mask, cfg.target_sparsity, cfg.train)
+    if gates is not None:
+        gates.to(runtime.device)
     km = KoffModel(base, gates)
-    names = [d.name for d in cfg.domains]
+    names = memory_names(cfg)
     if not cfg.memory.empty:
         add_memories(km, names, streams.kv_init, cfg.memory, cfg.train.seed)
-    metrics_path = out / "metrics.jsonl"
-    checkpoint = out / "checkpoint" if cfg.train.checkpoint_every else None
+    metrics_path = out / "metrics.jsonl" if writes else None
+    checkpoint = out / "checkpoint" if cfg.train.checkpoint_every and out is not None else None
     if learned or not cfg.memory.empty:
         summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
-                          learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint)
-        if checkpoint is not None:
+                          learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint,
+                          runtime=runtime)
+        if checkpoint is not None and writes:
             shutil.rmtree(checkpoint, ignore_errors=True)
     else:  # a one-shot mask and no memories: nothing to train
-        metrics_path.write_text("")
+        if metrics_path is not None:
+            metrics_path.write_text("")
         summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
+    if not writes:
+        return km
     keep = gates.mask if prune else None
     geo = inspect_model(base)
     report = sparsity_report(base, keep, cfg.target_sparsity if prune else 0.0)
@@ -300,42 +193,54 @@ def train_run(cfg: DecomposeConfig, out: Path, prune: bool = True, progress: boo
         "target_sparsity": cfg.target_sparsity if prune else 0.0,
         "pruned": prune,
         "sparsity": report,
-        "domains": names,
+        "domains": [d.name for d in cfg.domains],
+        "default_memory": GENERAL_MEMORY if GENERAL_MEMORY in names and not cfg.memory.empty else None,
         "data": {d.name: d.to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]},
         "training": cfg.to_dict() | {"prune": prune},
+        "runtime": runtime.describe(),
         "metrics": summary,
     }
-    records = [memory_record(km, n, {"domain": n, "trained_steps": cfg.train.steps}) for n in km.memory_names]
+    records = [memory_record(km, n, {"domain": n if n != GENERAL_MEMORY else None, "trained_steps": cfg.train.steps})
+               for n in km.memory_names]
     write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg),
               bias=gates.bias if prune else None)
     return km
 
 
-def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool = False) -> Path:
+def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool = False,
+              runtime: Runtime | None = None) -> Path:
     """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
 
     With `cfg.reference`, dense + memories is trained the same way (same data, steps, seeds,
     memory initialisation; no gates) into OUTPUT/reference, the upper bound `evaluate` compares
     against. The run appears at `cfg.output` only when everything has been written. With
     `cfg.train.checkpoint_every`, the run is built in OUTPUT.partial/ and `resume` continues it.
+    In a multi-process launch every process trains its shard; only the main one writes.
     """
     from .artifact import ArtifactError, atomic_directory
+    from .config import ConfigError
 
     cfg.validate()
+    runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
     check_no_test_leak(cfg.domains, cfg.general)
     reference = cfg.reference and cfg.prune and not cfg.memory.empty
     if cfg.train.distill > 0 and not reference:
-        raise ValueError("train.distill needs the dense + memories reference (reference: true, prune, memories)")
+        raise ConfigError("train.distill needs the dense + memories reference (reference: true, prune, memories)")
     output = Path(cfg.output)
+    partial = output.with_name(output.name + ".partial")
+    if not runtime.is_main:  # train alongside the main process; it alone checks folders and writes
+        _decompose_into(cfg, partial if cfg.train.checkpoint_every else None, reference, progress, runtime)
+        barrier(runtime)
+        return output
     if not cfg.train.checkpoint_every:
         if resume:
             raise ArtifactError("--resume needs a run trained with train.checkpoint_every > 0")
         with atomic_directory(output, overwrite=overwrite) as tmp:
-            _decompose_into(cfg, tmp, reference, progress)
+            _decompose_into(cfg, tmp, reference, progress, runtime)
+        barrier(runtime)
         return output
     if output.exists() and not overwrite:
         raise ArtifactError(f"{output} already exists (choose another output or pass --overwrite)")
-    partial = output.with_name(output.name + ".partial")
     if partial.exists():
         if not resume:
             raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
@@ -344,45 +249,51 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
     else:
         partial.mkdir(parents=True)
         (partial / ".koff-partial.yaml").write_text(dump_config(cfg))
-    _decompose_into(cfg, partial, reference, progress)
+    _decompose_into(cfg, partial, reference, progress, runtime)
     (partial / ".koff-partial.yaml").unlink()
     with atomic_directory(output, overwrite=overwrite) as tmp:
         os.rmdir(tmp)
         os.replace(partial, tmp)
+    barrier(runtime)
     return output
 
 
-def _decompose_into(cfg: DecomposeConfig, folder: Path, reference: bool, progress: bool) -> None:
+def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, progress: bool,
+                    runtime: Runtime) -> None:
     """Train the reference (first: it is the teacher when distilling), then the run, in `folder`.
     A reference already finished there (its koff.json written) is reused."""
     from .artifact import build_model, load_run
 
     teacher = None
     if reference:
-        ref = folder / "reference"
-        if (ref / "koff.json").is_file():
+        ref = folder / "reference" if folder is not None else None
+        if ref is not None and (ref / "koff.json").is_file():
             if cfg.train.distill > 0:
-                teacher, _ = build_model(load_run(ref))
+                teacher, _ = build_model(load_run(ref), runtime=runtime)
         else:
-            ref.mkdir(exist_ok=True)
-            teacher = train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories")
+            if ref is not None and runtime.is_main:
+                ref.mkdir(exist_ok=True)
+            teacher = train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories",
+                                runtime=runtime)
         if teacher is not None:
             teacher.requires_grad_(False)
         if cfg.train.distill <= 0:
             teacher = None
-    if not (folder / "koff.json").is_file():
-        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher,
+    if folder is None or not (folder / "koff.json").is_file():
+        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher, runtime=runtime,
                   desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
 
 
 def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
-               reference: bool = True, overwrite: bool = False, progress: bool = True) -> Path:
+               reference: bool = True, overwrite: bool = False, progress: bool = True, model: str | None = None,
+               runtime: Runtime | None = None) -> Path:
     """Train one new memory on a run's frozen backbone (mask fixed) and add it to the run.
 
-    Uses the run's memory and training configuration (`steps` overrides the step count). No
-    existing file of the run changes: the memory lands in RUN/memories/NAME with its own manifest
-    and metrics. With `reference`, and when the run has a dense + memories reference, the same
-    memory is trained on the dense model too, so `evaluate` can show its upper bound.
+    Uses the run's memory and training configuration (`steps` overrides the step count). Its
+    general steps train the new memory (`reg_memory: domain`): the run's other memories stay
+    frozen. No existing file of the run changes: the memory lands in RUN/memories/NAME with its own
+    manifest and metrics. With `reference`, and when the run has a dense + memories reference, the
+    same memory is trained on the dense model too, so `evaluate` can show its upper bound.
     """
     import dataclasses
     import tempfile
@@ -390,8 +301,10 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     from .artifact import add_memory as store_memory
     from .artifact import build_model, load_run, memory_record
     from .config import ConfigError
+    from .model import check_memory_name
 
     run_dir = Path(run_dir)
+    check_memory_name(domain.name, "--name")
     run = load_run(run_dir)
     if domain.name in run.memories and not overwrite:
         raise ConfigError(f"{run_dir}: a memory named {domain.name!r} exists already (pass --overwrite to replace it)")
@@ -399,14 +312,16 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     mem_cfg = MemoryConfig(**training["memory"])
     if mem_cfg.empty:
         raise ConfigError(f"{run_dir}: the run was trained without memories; there is nothing to add")
-    train_cfg = TrainConfig(**training["train"])
+    train_cfg = dataclasses.replace(TrainConfig(**training["train"]), reg_memory="domain")
     if steps is not None:
         train_cfg = dataclasses.replace(train_cfg, steps=steps)
     if general is None:
         general = [Path(p) for p in training.get("general", [])]
     if not general:
         train_cfg = dataclasses.replace(train_cfg, reg_every=0)
+    runtime = runtime or Runtime.from_env(dtype=train_cfg.dtype)
     known = [Domain.from_dict(d) for name, d in run.manifest.get("data", {}).items() if name != "general"]
+    known += [Domain.from_dict(m.info["data"]) for m in run.memories.values() if isinstance(m.info.get("data"), dict)]
     check_no_test_leak(known + [domain], general)
 
     targets = [(run, run_dir)]
@@ -414,13 +329,13 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     if ref is not None:
         targets.append((ref, run_dir / "reference"))
     for target, folder in targets:
-        km, tok = build_model(target, memories=[])
+        km, tok = build_model(target, model=model, memories=[], runtime=runtime)
         streams = build_streams([domain], general, tok, train_cfg, mem_cfg.kv_tokens)
         add_memories(km, [domain.name], streams.kv_init, mem_cfg, train_cfg.seed)
         with tempfile.TemporaryDirectory() as tmp:
             metrics = Path(tmp) / "metrics.jsonl"
             summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
-                              memories=[domain.name], progress=progress,
+                              memories=[domain.name], progress=progress, runtime=runtime,
                               desc=f"add-domain {domain.name}" + (" (reference)" if target is ref else ""))
             rec = memory_record(km, domain.name, {"domain": domain.name, "data": domain.to_dict(), "added_after": True,
                                                   "trained_steps": train_cfg.steps, "metrics": summary,

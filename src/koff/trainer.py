@@ -1,0 +1,323 @@
+"""The offloading loop as a recipe: `Trainer(...).setup()`, `.train()`, with a typed, saveable
+loop state.
+
+Each optimizer step is either
+  a domain step:         a batch of domain d's text with memory d active, or
+  a regularization step: (every `reg_every`-th step) a batch of general-domain text with the
+                         memory `train.reg_memory` names active: a randomly chosen domain's
+                         ("domain", the paper's), none ("none": the bare backbone), or a memory of
+                         its own that only general batches train ("general"),
+with the gates sampled (hard concrete) and the target sparsity enforced by the sparsity
+controller. The target warms up from 0 to s*; in the last `consolidate_frac` of steps the mask is
+fixed to the final top-k mask and only the memories train, so they finish under the mask they will
+serve with. Base weights never change.
+
+`train.batch_size` is the global batch of one optimizer step. It is split into `grad_accum`
+micro-batches and, in a data-parallel launch, across processes; every process draws the same gate
+noise and the same regularization memory, so P processes x N micro-batches compute the same update
+as one process with the whole batch. The state that makes a run resumable is `Trainer.state_dict()`:
+trainable tensors, optimizer, controller, the loop state (step, data positions, RNG states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .model import KoffModel, lm_loss
+from .runtime import Runtime, barrier
+from .sparsity import make_controller, target_at
+
+GENERAL_MEMORY = "general"
+"""Name of the memory `train.reg_memory: general` trains on general batches only (the memory a
+request that names no domain gets)."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: enough, with the tensors of `Trainer.state_dict`, to resume exactly."""
+
+    step: int = 0
+    """The next step to run."""
+    domain_turn: int = 0
+    """Domain steps run so far (domains take turns)."""
+    steps_run: int = 0
+    fixed: bool = False
+    """The final mask has been fixed (consolidation started)."""
+    seconds: float = 0.0
+    last_loss: dict[str, list[float]] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)
+    """Batches taken from each data stream (domain names, and "__general__")."""
+    rng: list | None = None
+    """State of the Python RNG that picks the regularization memory."""
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> LoopState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(state) != known:
+            raise ValueError(f"loop state has fields {sorted(state)}, expected {sorted(known)}")
+        return cls(**state)
+
+
+class Trainer:
+    """Trains the gates (unless fixed) and the memories of a KoffModel on a run's data streams."""
+
+    def __init__(self, km: KoffModel, streams, cfg, target_sparsity: float, *, learn_gates: bool = True,
+                 memories: list[str] | None = None, teacher: KoffModel | None = None,
+                 runtime: Runtime | None = None, metrics_path: Path | None = None, checkpoint: Path | None = None,
+                 desc: str = "offload", progress: bool = True):
+        self.km, self.streams, self.cfg = km, streams, cfg
+        self.target_sparsity = target_sparsity
+        self.gates = km.gates if learn_gates else None
+        self.names = memories if memories is not None else km.memory_names
+        self.teacher = teacher
+        self.runtime = runtime or Runtime(device=next(km.model.parameters()).device)
+        self.metrics_path = metrics_path if self.runtime.is_main else None
+        self.checkpoint = checkpoint
+        self.desc, self.progress = desc, progress and self.runtime.is_main
+        self.loop = LoopState()
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self) -> Trainer:
+        """Check the schedule, build optimizer and controller, place the model, resume if a
+        checkpoint is there."""
+        cfg, rt = self.cfg, self.runtime
+        self.domain_names = list(self.streams.domains)
+        for d in self.domain_names:
+            if self.names and d not in self.names and d in self.km.memory_names:
+                raise ConfigError(f"domain {d!r} has a memory that is not being trained")
+        if cfg.reg_memory == GENERAL_MEMORY and cfg.reg_every and GENERAL_MEMORY not in self.names:
+            raise ConfigError("train.reg_memory 'general' needs a memory named 'general' among those trained")
+        parts = cfg.grad_accum * rt.world_size
+        if cfg.batch_size % parts:
+            raise ConfigError(f"train.batch_size {cfg.batch_size} (the global batch) must be divisible by "
+                              f"grad_accum {cfg.grad_accum} x processes {rt.world_size} = {parts}")
+        self.micro_batch = cfg.batch_size // parts
+
+        self.km.to(rt.device)
+        if self.teacher is not None:
+            self.teacher.to(rt.device)
+        if cfg.gradient_checkpointing:
+            self.km.enable_gradient_checkpointing()
+        self.controller = make_controller(cfg.controller, cfg).to_device(rt.device) if self.gates is not None else None
+        self.model = self._wrap(self.km)
+        groups = []
+        if self.gates is not None:
+            groups.append({"params": list(self.gates.parameters()), "lr": cfg.lr_gates, "name": "gates"})
+        groups += self.km.param_groups(self.names, cfg)
+        if not groups:
+            raise ConfigError("nothing to train: no gates and no memories")
+        self.trains_memories = any(g["name"] != "gates" for g in groups)
+        self.optimizer = torch.optim.Adam(groups)
+
+        self.rng = random.Random(cfg.seed)
+        self.noise = torch.Generator().manual_seed(cfg.seed + 17)  # CPU: the same stream on every device and rank
+        self.consolidate_from = (cfg.steps - round(cfg.consolidate_frac * cfg.steps) if self.gates is not None
+                                 else cfg.steps)
+        if self.checkpoint is not None:
+            from .checkpoint import checkpoint_exists, load_checkpoint
+
+            if checkpoint_exists(self.checkpoint):
+                self.load_state_dict(load_checkpoint(self.checkpoint))
+        return self
+
+    def _wrap(self, km: KoffModel):
+        """The model the loop calls: km itself, or its data-parallel wrapper in a launch."""
+        if not self.runtime.distributed:
+            return km
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # a step trains one memory (the others stay unused) and, once the mask is fixed, no gates
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+        self.accelerator = Accelerator(cpu=self.runtime.device.type == "cpu", kwargs_handlers=[ddp])
+        return self.accelerator.prepare_model(km)
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        loop = dataclasses.replace(self.loop, rng=list(self.rng.getstate()),
+                                   positions=self._positions())
+        state = {
+            "trainable": {n: p for n, p in self.km.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "noise": self.noise.get_state(),
+            "loop": loop.state_dict(),
+        }
+        if self.km.gates is not None and self.km.gates.mode == "mask":
+            state["mask"] = [m.to(torch.uint8) for m in self.km.gates.mask]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        from .errors import ArtifactError
+
+        params = dict(self.km.named_parameters())
+        with torch.no_grad():
+            for name, t in state["trainable"].items():
+                if name not in params or params[name].shape != t.shape:
+                    raise ArtifactError(f"{self.checkpoint}: tensor {name!r} does not fit the model being trained "
+                                        "(the checkpoint is from another configuration; delete it to start over)")
+                params[name].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.controller is not None and state["controller"] is not None:
+            self.controller.load_state_dict(state["controller"])
+        if state.get("mask") is not None:
+            self.km.gates.set_mask([t.bool() for t in state["mask"]])
+        self.noise.set_state(state["noise"])
+        self.loop = LoopState.from_state_dict(state["loop"])
+        r = self.loop.rng
+        self.rng.setstate((r[0], tuple(r[1]), r[2]))
+        for name, taken in self.loop.positions.items():
+            (self.streams.general if name == "__general__" else self.streams.domains[name]).taken = taken
+
+    def _positions(self) -> dict[str, int]:
+        positions = {n: s.taken for n, s in self.streams.domains.items()}
+        if self.streams.general is not None:
+            positions["__general__"] = self.streams.general.taken
+        return positions
+
+    def save(self) -> None:
+        """Write a checkpoint (main process only; the others wait for it)."""
+        from .checkpoint import save_checkpoint
+
+        if self.runtime.is_main:
+            save_checkpoint(self.checkpoint, self.state_dict())
+        barrier(self.runtime)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run every remaining step; returns the summary recorded in the run's manifest."""
+        cfg, loop = self.cfg, self.loop
+        start = loop.step
+        if self.metrics_path is not None:  # drop lines logged after the state being resumed from
+            lines = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.is_file() else []
+            self.metrics_path.write_text("".join(lines[:start]))
+        metrics = open(self.metrics_path, "a", encoding="utf-8") if self.metrics_path else None
+        self._t0 = time.time() - loop.seconds
+        bar = tqdm(range(start, cfg.steps), desc=self.desc, disable=not self.progress, dynamic_ncols=True,
+                   initial=start, total=cfg.steps)
+        try:
+            for step in bar:
+                record = self.train_step(step)
+                if record is None:
+                    break  # mask-only: nothing left to train once the mask is fixed
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['target'] or 0:.3f}",
+                                s="-" if record["expected_sparsity"] is None else f"{record['expected_sparsity']:.3f}")
+                if (self.checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+                        and step + 1 < cfg.steps):
+                    loop.seconds = time.time() - self._t0
+                    self.save()
+        finally:
+            if metrics:
+                metrics.close()
+        if self.gates is not None and not loop.fixed:
+            self.gates.set_mask(self.gates.final_mask(self.target_sparsity, scope=cfg.mask_scope))
+        tail = max(1, cfg.steps // 10)
+        return {"steps": cfg.steps, "steps_run": loop.steps_run, "seconds": round(time.time() - self._t0, 1),
+                "final_loss": {k: sum(v[-tail:]) / len(v[-tail:]) for k, v in loop.last_loss.items()},
+                "global_batch": cfg.batch_size, "micro_batch": self.micro_batch, "grad_accum": cfg.grad_accum,
+                "world_size": self.runtime.world_size}
+
+    def next_batch(self, step: int) -> tuple[torch.Tensor, str | None, str | None, bool]:
+        """The global batch of `step`: (tokens, domain or None, memory or None, regularization?)."""
+        cfg, loop = self.cfg, self.loop
+        regularize = bool(cfg.reg_every) and (step + 1) % cfg.reg_every == 0 and self.streams.general is not None
+        if regularize:
+            batch, domain = self.streams.general.next(), None
+            if cfg.reg_memory == "domain":
+                memory = self.rng.choice(self.names) if self.names else None
+            elif cfg.reg_memory == GENERAL_MEMORY:
+                memory = GENERAL_MEMORY
+            else:
+                memory = None
+            return batch, domain, memory, True
+        domain = self.domain_names[loop.domain_turn % len(self.domain_names)]
+        loop.domain_turn += 1
+        return self.streams.domains[domain].next(), domain, (domain if domain in self.names else None), False
+
+    def train_step(self, step: int) -> dict | None:
+        """One optimizer step; returns its metrics record (None: the loop is over)."""
+        cfg, loop, gates = self.cfg, self.loop, self.gates
+        target = target_at(step, cfg.steps, self.target_sparsity, cfg.warmup_frac)
+        consolidating = gates is not None and step >= self.consolidate_from
+        if consolidating and not loop.fixed:
+            gates.set_mask(gates.final_mask(self.target_sparsity, scope=cfg.mask_scope))
+            loop.fixed = True
+            if not self.trains_memories:
+                return None
+        batch, domain, memory, regularize = self.next_batch(step)
+        learning_gates = gates is not None and not consolidating
+        if learning_gates:
+            gates.resample(self.noise)
+        trainable = learning_gates or (memory is not None and memory in self.names)
+        loss = self._forward_backward(batch, memory, target if learning_gates else None, trainable)
+        if trainable:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if learning_gates:
+            self.controller.after_step(gates, target)
+        loop.steps_run += 1
+        loop.step = step + 1
+        key = domain or "general"
+        loop.last_loss.setdefault(key, []).append(loss)
+        phase = "consolidate" if consolidating else ("warmup" if target < self.target_sparsity else "main")
+        record = {"step": step, "phase": phase, "kind": "general" if regularize else "domain", "domain": key,
+                  "memory": memory, "loss": loss, "target": target if gates is not None else None,
+                  "expected_sparsity": (gates.expected_sparsity().item() if learning_gates
+                                        else (self.target_sparsity if consolidating else None)),
+                  "seconds": round(time.time() - self._t0, 3)}
+        if self.controller is not None:
+            record.update(self.controller.log())
+        return record
+
+    def _forward_backward(self, batch: torch.Tensor, memory: str | None, target: float | None,
+                          trainable: bool) -> float:
+        """Loss of the global batch (this process' micro-batches, accumulated), gradients in place.
+        `target` is set on steps that learn the gates (the controller's penalty joins the loss)."""
+        cfg, rt = self.cfg, self.runtime
+        accum = cfg.grad_accum
+        shards = batch.view(accum, rt.world_size, self.micro_batch, batch.shape[-1])[:, rt.rank]
+        total_loss = None
+        for j in range(accum):
+            x = shards[j].to(rt.device)
+            sync = contextlib.nullcontext()
+            if rt.distributed and j < accum - 1:
+                sync = self.model.no_sync()
+            with sync, (contextlib.nullcontext() if trainable else torch.no_grad()):
+                logits = self.model(x, memory=memory)
+                loss = lm_loss(logits, x)
+                total = loss
+                if self.teacher is not None and cfg.distill > 0:
+                    with torch.no_grad():
+                        target_logp = torch.log_softmax(self.teacher(x, memory=memory).float(), dim=-1)
+                    kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), dim=-1), target_logp,
+                                                    log_target=True, reduction="none").sum(-1).mean()
+                    total = (1 - cfg.distill) * loss + cfg.distill * kl
+                if target is not None:
+                    total = total + self.controller.penalty(self.gates.expected_sparsity(), target)
+                if accum > 1:
+                    total = total / accum
+                if trainable:
+                    total.backward()
+            total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+        if accum > 1:
+            total_loss = total_loss / accum
+        if rt.distributed:
+            torch.distributed.all_reduce(total_loss)
+            total_loss = total_loss / rt.world_size
+        return total_loss.item()
