@@ -11,6 +11,75 @@ from . import __version__
 DEMO_STEPS = 60
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    return n
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {n}")
+    return n
+
+
+def _finite(value: str) -> float:
+    import math
+
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return x
+
+
+MAX_NEW_TOKENS = 4096
+
+
+def _new_tokens(value: str) -> int:
+    n = _positive_int(value)
+    if n > MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NEW_TOKENS}, got {n}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    x = _finite(value)
+    if not 0 < x < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {x}")
+    return x
+
+
+def _temperature(value: str) -> float:
+    t = _finite(value)
+    if t < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (greedy) or more, got {t}")
+    return t
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, dtype_help: str = "precision of the base weights") -> None:
+    from .runtime import DTYPES
+
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help=f"{dtype_help} (default float32)")
+
+
+def _runtime(args):
+    from .runtime import Runtime
+
+    return Runtime.from_env(args.device, args.dtype or "float32")
+
+
 def _files(value: str) -> tuple[str, list[Path]]:
     if "=" not in value:
         raise argparse.ArgumentTypeError(f"expected NAME=FILE[,FILE...], got {value!r}")
@@ -19,6 +88,9 @@ def _files(value: str) -> tuple[str, list[Path]]:
 
 
 def _add_decompose_args(p: argparse.ArgumentParser) -> None:
+    from .config import REG_MEMORIES
+    from .sparsity import CONTROLLERS
+
     p.add_argument("--config", type=Path, help="YAML config (flags given here override it)")
     p.add_argument("--model", help="base model: local transformers folder or hub id (default: bundled SmolLM2-135M)")
     p.add_argument("--domains", nargs="+", metavar="LANG", help="bundled domains by name (en fr es de it pt)")
@@ -28,28 +100,33 @@ def _add_decompose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--general", nargs="+", metavar="FILE",
                    help="general-domain files for regularization steps ('bundled' or 'none'; default bundled)")
-    p.add_argument("--sparsity", type=float, help="target s*: fraction of FFN parameters to remove (default 0.2)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--reg-every", type=int, help="every N-th step is a general-data step (0: none)")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank per memory (0: no LoRA)")
-    p.add_argument("--kv-tokens", type=int, help="KV memory tokens per layer (0: no KV memory)")
-    p.add_argument("--controller", choices=["projection", "lagrangian", "augmented"])
-    p.add_argument("--lr-gates", type=float)
-    p.add_argument("--lr-lora", type=float)
-    p.add_argument("--lr-kv", type=float)
-    p.add_argument("--lr-lambda", type=float)
-    p.add_argument("--warmup-frac", type=float)
-    p.add_argument("--consolidate-frac", type=float)
+    p.add_argument("--sparsity", type=_finite, help="target s*: fraction of FFN parameters to remove (default 0.2)")
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--seq-len", type=_positive_int)
+    p.add_argument("--reg-every", type=_count, help="every N-th step is a general-data step (0: none)")
+    p.add_argument("--lora-rank", type=_count, help="LoRA rank per memory (0: no LoRA)")
+    p.add_argument("--kv-tokens", type=_count, help="KV memory tokens per layer (0: no KV memory)")
+    p.add_argument("--controller", choices=sorted(CONTROLLERS), help="sparsity controller (default projection)")
+    p.add_argument("--reg-memory", choices=list(REG_MEMORIES),
+                   help="memory of the general steps: a random domain's (default), none, or a general memory")
+    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (the global batch is split)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute layers in the backward pass (less memory)")
+    p.add_argument("--lr-gates", type=_finite)
+    p.add_argument("--lr-lora", type=_finite)
+    p.add_argument("--lr-kv", type=_finite)
+    p.add_argument("--lr-lambda", type=_finite)
+    p.add_argument("--warmup-frac", type=_finite)
+    p.add_argument("--consolidate-frac", type=_finite)
     p.add_argument("--gate-init", choices=["wanda-sp", "flap", "magnitude", "constant"])
     p.add_argument("--mask-scope", choices=["global", "layer"])
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_count)
     p.add_argument("--no-reference", action="store_true", help="skip training dense + memories for comparison")
     p.add_argument("-o", "--output", type=Path, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (train.checkpoint_every > 0)")
-    p.add_argument("--checkpoint-every", type=int, help="save a resumable state every N steps")
+    p.add_argument("--checkpoint-every", type=_count, help="save a resumable state every N steps")
 
 
 def build_config(args: argparse.Namespace):
@@ -78,7 +155,8 @@ def build_config(args: argparse.Namespace):
             raw[key] = str(getattr(args, flag)) if flag != "sparsity" else getattr(args, flag)
     train = dict(raw.get("train") or {})
     for key in ("steps", "batch_size", "seq_len", "reg_every", "controller", "lr_gates", "lr_lora", "lr_kv",
-                "lr_lambda", "warmup_frac", "consolidate_frac", "gate_init", "mask_scope", "seed", "checkpoint_every"):
+                "lr_lambda", "warmup_frac", "consolidate_frac", "gate_init", "mask_scope", "seed", "checkpoint_every",
+                "reg_memory", "grad_accum", "gradient_checkpointing", "dtype"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     if train:
@@ -97,9 +175,13 @@ def build_config(args: argparse.Namespace):
 def cmd_decompose(args) -> int:
     from .train import decompose
 
+    from .runtime import Runtime
+
     cfg = build_config(args)
-    out = decompose(cfg, overwrite=args.overwrite, resume=args.resume)
-    print(f"wrote {out}")
+    runtime = Runtime.from_env(args.device, cfg.train.dtype)
+    out = decompose(cfg, overwrite=args.overwrite, resume=args.resume, runtime=runtime)
+    if runtime.is_main:
+        print(f"wrote {out}")
     return 0
 
 
@@ -110,16 +192,16 @@ def _eval_settings(args):
 
 
 def _add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> None:
-    p.add_argument("--block", type=int, default=256, help="evaluation block length in tokens (default 256)")
-    p.add_argument("--max-tokens", type=int, default=max_tokens,
+    p.add_argument("--block", type=_positive_int, default=256, help="evaluation block length in tokens (default 256)")
+    p.add_argument("--max-tokens", type=_positive_int, default=max_tokens,
                    help="score only the first N test tokens per domain (default: the whole split)")
-    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=_positive_int, default=8)
 
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run, print_result
 
-    result = evaluate_run(args.run, _eval_settings(args), model=args.model)
+    result = evaluate_run(args.run, _eval_settings(args), model=args.model, runtime=_runtime(args))
     print_result(result)
     print(f"wrote {args.run / 'eval' / 'perplexity.json'} and perplexity.md")
     return 0
@@ -161,7 +243,7 @@ def cmd_generate(args) -> int:
     from .artifact import build_model, load_run
     from .generate import generate
 
-    km, tok = build_model(load_run(args.run), model=args.model)
+    km, tok = build_model(load_run(args.run), model=args.model, runtime=_runtime(args))
     memory = None if args.memory in (None, "none") else args.memory
     for prompt, text in zip(args.prompt, generate(km, tok, args.prompt, memory, max_new_tokens=args.max_new_tokens,
                                                   temperature=args.temperature, seed=args.seed, chat=args.chat)):
@@ -184,7 +266,7 @@ def cmd_add_domain(args) -> int:
 
         general = general_files() if args.general == ["bundled"] else [] if args.general == ["none"] else args.general
     path = add_domain(args.run, domain, steps=args.steps, general=general, reference=not args.no_reference,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, model=args.model, runtime=_runtime(args))
     print(f"wrote {path}")
     return 0
 
@@ -194,7 +276,7 @@ def cmd_analyze(args) -> int:
 
     settings = LapeSettings(tokens=args.tokens, specific_rate=args.specific_rate,
                             activation_quantile=args.activation_quantile, general_rate=args.general_rate)
-    out = analyze_run(args.run, settings, baselines=tuple(args.baselines), model=args.model)
+    out = analyze_run(args.run, settings, baselines=tuple(args.baselines), model=args.model, runtime=_runtime(args))
     for name, r in out["masks"].items():
         sp, ge = r["specific"], r["general"]
         print(f"{name:10} specific: OR {odds_text(sp)} p={sp['fisher_p']:.2g} | general: OR {odds_text(ge)} p={ge['fisher_p']:.2g}")
@@ -205,7 +287,8 @@ def cmd_analyze(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare
 
-    ids = compare(args.config, only=args.only, limit=args.limit, dry_run=args.dry_run)
+    ids = compare(args.config, only=args.only, limit=args.limit, dry_run=args.dry_run, runtime=_runtime(args),
+                  dtype=args.dtype)
     verb = "would run" if args.dry_run else "ran"
     print(f"{verb} {len(ids)} cell(s)" + (":\n  " + "\n  ".join(ids) if ids else " (every cell has a result)"))
     return 0
@@ -226,17 +309,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("decompose", help="learn a sparse backbone + per-domain memories")
     _add_decompose_args(p)
+    _add_runtime_args(p, "precision of the frozen base weights; gates and memories train in float32")
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("evaluate", help="perplexity table of a run (dense, memories, backbone, swap matrix)")
     p.add_argument("run", type=Path)
     p.add_argument("--model", help="base model location, if it moved since the run was made")
     _add_eval_args(p)
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="bundled model, en/fr/es, a few minutes of training, then evaluate")
     p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--steps", type=_positive_int, default=DEMO_STEPS)
     _add_eval_args(p, max_tokens=4096)
     p.set_defaults(func=cmd_demo)
 
@@ -251,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("prompt", nargs="+")
     p.add_argument("--memory", help="memory name (default: the bare backbone)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_new_tokens, default=40, help=f"1 to {MAX_NEW_TOKENS} (default 40)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 (greedy, default) or more")
+    p.add_argument("--seed", type=_count, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--model", help="base model location, if it moved since the run was made")
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("add-domain", help="train a new memory on a run's frozen backbone and add it")
@@ -266,26 +352,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-field", default="text")
     p.add_argument("--general", nargs="+", help="general data for regularization ('bundled', 'none' or files; "
                                                 "default: the run's)")
-    p.add_argument("--steps", type=int, help="training steps (default: the run's)")
+    p.add_argument("--steps", type=_positive_int, help="training steps (default: the run's)")
     p.add_argument("--no-reference", action="store_true", help="skip training it on the dense reference too")
     p.add_argument("--overwrite", action="store_true", help="replace a memory of the same name")
+    p.add_argument("--model", help="base model location, if it moved since the run was made")
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_add_domain)
 
     p = sub.add_parser("analyze", help="which neurons did offloading remove? (LAPE + enrichment statistics)")
     p.add_argument("run", type=Path)
-    p.add_argument("--tokens", type=int, default=16384, help="tokens per language for activation counts")
-    p.add_argument("--specific-rate", type=float, default=0.01)
-    p.add_argument("--activation-quantile", type=float, default=0.95)
-    p.add_argument("--general-rate", type=float, default=0.01)
+    p.add_argument("--tokens", type=_positive_int, default=16384, help="tokens per language for activation counts")
+    p.add_argument("--specific-rate", type=_fraction, default=0.01)
+    p.add_argument("--activation-quantile", type=_fraction, default=0.95)
+    p.add_argument("--general-rate", type=_fraction, default=0.01)
     p.add_argument("--baselines", nargs="*", default=["magnitude", "wanda-sp"], choices=["magnitude", "wanda-sp", "flap"])
     p.add_argument("--model", help="base model location, if it moved since the run was made")
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compare", help="run a grid of methods x seeds (skips cells that have results)")
     p.add_argument("config", type=Path, help="grid config (YAML), e.g. configs/grid.yaml")
     p.add_argument("--only", nargs="+", help="run only cells whose id contains one of these")
-    p.add_argument("--limit", type=int, help="run at most N cells this time")
+    p.add_argument("--limit", type=_positive_int, help="run at most N cells this time")
     p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    _add_runtime_args(p, "precision of the base weights, in training and evaluation")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="Markdown tables + PNG plots from the cells of `koff compare`")

@@ -137,7 +137,7 @@ def _curves(metrics: Path, max_points: int = 400) -> dict:
     return out
 
 
-def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: bool) -> dict:
+def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: bool, runtime=None) -> dict:
     """Perplexity per domain (own memory and backbone alone) and general-ability tasks."""
     from .artifact import build_model, load_run
     from .base import load_base
@@ -151,14 +151,14 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
                             batch_size=eval_spec.get("batch_size", 4))
     if run_dir is None:
         cfg = config_from_dict({**cell.config, "output": "unused"}, cell.id)
-        base, tok, source = load_base(cfg.model)
+        base, tok, source = load_base(cfg.model, **({"dtype": runtime.dtype, "device": runtime.device} if runtime else {}))
         km = KoffModel(base)
         domains = cfg.domains
         report = sparsity_report(base, None, 0.0)
         memories: list[str] = []
     else:
         run = load_run(run_dir)
-        km, tok = build_model(run)
+        km, tok = build_model(run, runtime=runtime)
         domains = [Domain.from_dict(run.manifest["data"][d]) for d in run.domains]
         report = run.manifest["sparsity"]
         memories = sorted(run.memories)
@@ -196,7 +196,7 @@ def finished_run(run_dir: Path, cfg) -> bool:
     return (run_dir / "koff.json").is_file() and config.is_file() and config.read_text() == dump_config(cfg)
 
 
-def run_cell(cell: Cell, spec: dict, progress: bool = True) -> Path:
+def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Path:
     """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically."""
     from .artifact import atomic_write_text
     from .train import decompose
@@ -213,14 +213,14 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True) -> Path:
         cfg = config_from_dict({**cell.config, "output": str(work / cell.id)}, cell.id)
         run_dir = work / cell.id
         if not finished_run(run_dir, cfg):  # a run trained earlier (e.g. before an interrupted evaluation) is reused
-            decompose(cfg, overwrite=True, progress=progress)
+            decompose(cfg, overwrite=True, progress=progress, runtime=runtime)
         summary = json.loads((run_dir / "koff.json").read_text())["metrics"]
         t = cfg.train
         steps = summary.get("steps_run", summary["steps"])
         train_info = {"steps": steps, "seconds": summary["seconds"], "tokens": steps * t.batch_size * t.seq_len}
     else:
         raise ConfigError(f"cell {cell.id}: unknown kind {cell.kind!r}")
-    result = evaluate_cell(cell, run_dir, spec["eval"], progress)
+    result = evaluate_cell(cell, run_dir, spec["eval"], progress, runtime)
     keep = None
     if run_dir is not None:
         from .artifact import load_run
@@ -242,10 +242,13 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True) -> Path:
 
 
 def compare(config: Path, only: list[str] | None = None, limit: int | None = None, progress: bool = True,
-            dry_run: bool = False) -> list[str]:
+            dry_run: bool = False, runtime=None, dtype: str | None = None) -> list[str]:
     """Run every missing cell of a grid (optionally only ids matching `only` substrings, at most
-    `limit` cells); returns the ids run (or, with `dry_run`, the ids that would run)."""
+    `limit` cells); returns the ids run (or, with `dry_run`, the ids that would run). `runtime`
+    sets the device (and evaluation dtype); `dtype` overrides every cell's `train.dtype`."""
     spec = load_grid(config)
+    if dtype is not None:
+        spec["base"] = _merge(spec["base"], {"train": {"dtype": dtype}})
     results = Path(spec.get("results", "results")) / "cells"
     todo = [c for c in expand(spec) if not (results / f"{c.id}.json").is_file()]
     if only:
@@ -261,7 +264,7 @@ def compare(config: Path, only: list[str] | None = None, limit: int | None = Non
         with claim(results / f"{c.id}.lock") as mine:
             if not mine or (results / f"{c.id}.json").is_file():
                 continue
-            run_cell(c, spec, progress)
+            run_cell(c, spec, progress, runtime)
             done.append(c.id)
     return done
 

@@ -83,7 +83,8 @@ def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=No
         for r, i in enumerate(idx):
             ids[r, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
             mask[r, : len(seqs[i][0])] = 1
-        logp = F.log_softmax(km(ids, memory=memory, attention_mask=mask).float(), dim=-1)
+        device = next(km.model.parameters()).device
+        logp = F.log_softmax(km(ids.to(device), memory=memory, attention_mask=mask.to(device)).float(), dim=-1).cpu()
         for r, i in enumerate(idx):
             n, k = len(seqs[i][0]), seqs[i][1]
             targets = ids[r, n - k: n]

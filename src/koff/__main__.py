@@ -1,0 +1,7 @@
+"""`python -m koff ...` (and so `accelerate launch -m koff ...`, `torchrun -m koff ...`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
