@@ -45,9 +45,18 @@ def sample_hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator | N
 
     The uniform noise is drawn on the generator's device (koff's is on the CPU) and moved, so the
     same seed gives the same gates on every device and every process of a launch."""
+    return hard_concrete(log_alpha, uniform_noise(log_alpha, generator))
+
+
+def uniform_noise(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The uniform draw behind one hard-concrete sample (on the generator's device, then moved)."""
     device = generator.device if generator is not None else log_alpha.device
     u = torch.rand(log_alpha.shape, generator=generator, device=device, dtype=log_alpha.dtype).to(log_alpha.device)
-    u = u.clamp(1e-6, 1 - 1e-6)
+    return u.clamp(1e-6, 1 - 1e-6)
+
+
+def hard_concrete(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The stretched, clamped hard-concrete sample for uniform noise `u`."""
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
 
@@ -99,6 +108,7 @@ class NeuronGates(nn.Module):
         self.log_alpha_range = log_alpha_range
         self.mode = "sample"
         self._z: list[torch.Tensor | None] = [None] * len(tensors)
+        self._u: list[torch.Tensor | None] = [None] * len(tensors)
         self._mask: list[torch.Tensor] | None = None
         self.bias: list[torch.Tensor] | None = None
         self._handles: list = []
@@ -163,7 +173,13 @@ class NeuronGates(nn.Module):
     def resample(self, generator: torch.Generator | None = None) -> None:
         """Draw a fresh z for every gate (training); switches to "sample" mode."""
         self.mode = "sample"
-        self._z = [sample_hard_concrete(la, generator) for la in self.log_alpha]
+        self._u = [uniform_noise(la, generator) for la in self.log_alpha]
+        self._z = [hard_concrete(la, u) for la, u in zip(self.log_alpha, self._u)]
+
+    def refresh(self) -> None:
+        """The same z as the last `resample`, recomputed from its noise with a fresh autograd
+        graph: each micro-batch of an accumulated step backpropagates through its own copy."""
+        self._z = [hard_concrete(la, u) for la, u in zip(self.log_alpha, self._u)]
 
     def set_mask(self, keep: Sequence[torch.Tensor]) -> None:
         """Use a fixed keep-mask (True = keep); switches to "mask" mode."""

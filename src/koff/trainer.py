@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .errors import ConfigError
 from .model import KoffModel, lm_loss
 from .runtime import Runtime, barrier
@@ -222,6 +223,7 @@ class Trainer:
                         and step + 1 < cfg.steps):
                     loop.seconds = time.time() - self._t0
                     self.save()
+                faults.point(f"train.step.{step}")
         finally:
             if metrics:
                 metrics.close()
@@ -295,6 +297,8 @@ class Trainer:
         total_loss = None
         for j in range(accum):
             x = shards[j].to(rt.device)
+            if j and target is not None and trainable:
+                self.gates.refresh()  # same z, fresh graph (the last backward freed the previous one)
             sync = contextlib.nullcontext()
             if rt.distributed and j < accum - 1:
                 sync = self.model.no_sync()
