@@ -294,6 +294,47 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import dataclasses
+    import json
+
+    from .config import ConfigError, MemoryConfig, _section, read_yaml
+    from .plan import format_plan, make_plan, measure_peak
+
+    raw = read_yaml(args.config) if args.config else {}
+    where = str(args.config or "command line")
+    memory = _section(MemoryConfig, raw.get("memory"), f"{where}: memory")
+    for key in ("lora_rank", "kv_tokens"):
+        if getattr(args, key) is not None:
+            memory = dataclasses.replace(memory, **{key: getattr(args, key)})
+    train = raw.get("train") or {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{where}: train: expected a mapping")
+    domains = raw.get("domains", ["en", "fr", "es"])
+    memories = args.memories if args.memories is not None else (len(domains) if isinstance(domains, (list, dict)) else 1)
+    batch = args.batch_size or int(train.get("batch_size", 4))
+    seq = args.seq_len or int(train.get("seq_len", 128))
+    accum = args.grad_accum or int(train.get("grad_accum", 1))
+    plan = make_plan(args.model or raw.get("model"), memory, batch_size=batch, seq_len=seq, grad_accum=accum,
+                     memories=memories, world_size=args.processes, fsdp=args.fsdp,
+                     target_sparsity=args.sparsity if args.sparsity is not None else raw.get("target_sparsity", 0.2))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+    if args.measure:
+        dtype = args.dtype or "float32"
+        key = dtype + ("+checkpointing" if args.gradient_checkpointing else "")
+        got = measure_peak(args.model or raw.get("model"), memory, plan.micro_batch, seq, dtype,
+                           args.gradient_checkpointing, device=args.device)
+        est = plan.estimates[key]["total"]
+        measured = got["peak_cuda"] if got["peak_cuda"] is not None else got["peak_rss"]
+        what = "peak CUDA allocation" if got["peak_cuda"] is not None else "peak RSS"
+        print(f"measured ({key}, 3 training steps, {args.device}): {what} {measured / 2**30:.2f} GB; "
+              f"estimate {est / 2**30:.2f} GB; estimate / measured {est / measured:.2f}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import report
 
@@ -377,6 +418,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
     _add_runtime_args(p, "precision of the base weights, in training and evaluation")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="parameters and estimated peak memory of a decomposition, before loading weights")
+    p.add_argument("--model", help="a model shape (smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, qwen2.5-7b), "
+                                   "a local model folder, or a hub id (default: the bundled SmolLM2-135M)")
+    p.add_argument("--config", type=Path, help="a decompose config (YAML) to take memory and batch settings from")
+    p.add_argument("--memories", type=_count, help="number of memories (default: the config's domains, or 3)")
+    p.add_argument("--lora-rank", type=_count)
+    p.add_argument("--kv-tokens", type=_count)
+    p.add_argument("--sparsity", type=_finite)
+    p.add_argument("--batch-size", type=_positive_int, help="global batch (default: the config's, or 4)")
+    p.add_argument("--seq-len", type=_positive_int)
+    p.add_argument("--grad-accum", type=_positive_int)
+    p.add_argument("--processes", type=_positive_int, default=1, help="data-parallel processes (default 1)")
+    p.add_argument("--fsdp", action="store_true", help="base weights sharded over the processes (FSDP)")
+    p.add_argument("--measure", action="store_true",
+                   help="also run 3 real training steps in a fresh process and compare its peak memory")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="(with --measure)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_runtime_args(p, "(with --measure) precision of the base weights")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="Markdown tables + PNG plots from the cells of `koff compare`")
     p.add_argument("results", type=Path, help="the grid's results folder (holding cells/)")

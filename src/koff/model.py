@@ -160,9 +160,8 @@ class KoffModel(nn.Module):
         kwargs: dict = {"position_ids": position_ids, "use_cache": prefix is not None}
         if prefix is not None:
             kwargs[cache_kwarg(self.model)] = self.prefix_cache(prefix)
-            pmask = prefix.mask.to(device)
-            if attention_mask is not None or not bool(pmask.all()):
-                kwargs["attention_mask"] = torch.cat([pmask, tokens_mask], dim=1).long()
+            if attention_mask is not None or not bool(prefix.mask.all()):  # prefix.mask lives on the CPU
+                kwargs["attention_mask"] = torch.cat([prefix.mask.to(device), tokens_mask], dim=1).long()
         elif attention_mask is not None:
             kwargs["attention_mask"] = tokens_mask.long()
         with routed(call):
