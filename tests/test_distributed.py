@@ -77,6 +77,17 @@ def test_two_processes_equal_one(single, llama_folder, data_files, tmp_path):
     assert b == pytest.approx(a, abs=1e-5)  # the logged loss is the global batch's
 
 
+def test_two_processes_with_the_base_sharded(single, llama_folder, data_files, tmp_path):
+    """FSDP: each frozen decoder layer sharded over both processes, gates and memories whole."""
+    out = tmp_path / "fsdp"
+    done = _launch(_cfg(llama_folder, data_files, out), tmp_path, extra=["--fsdp"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    assert json.loads((out / "koff.json").read_text())["runtime"]["fsdp"] is True
+    _same_run(single, out)
+
+
 def test_two_processes_resume_after_a_stop(single, llama_folder, data_files, tmp_path):
     cfg = _cfg(llama_folder, data_files, tmp_path / "ddp", checkpoint_every=3)
     stopped = _launch(cfg, tmp_path, env={"KOFF_FAULT": "train.step.6"})  # dies after the checkpoint of step 5

@@ -113,6 +113,9 @@ def _add_decompose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (the global batch is split)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute layers in the backward pass (less memory)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="in a multi-process launch, shard the frozen base over the processes (also set by an "
+                        "accelerate FSDP config)")
     p.add_argument("--lr-gates", type=_finite)
     p.add_argument("--lr-lora", type=_finite)
     p.add_argument("--lr-kv", type=_finite)
@@ -178,7 +181,7 @@ def cmd_decompose(args) -> int:
     from .runtime import Runtime
 
     cfg = build_config(args)
-    runtime = Runtime.from_env(args.device, cfg.train.dtype)
+    runtime = Runtime.from_env(args.device, cfg.train.dtype, fsdp=args.fsdp)
     out = decompose(cfg, overwrite=args.overwrite, resume=args.resume, runtime=runtime)
     if runtime.is_main:
         print(f"wrote {out}")

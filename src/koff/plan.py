@@ -50,14 +50,16 @@ class Plan:
         return asdict(self)
 
 
-def model_config(spec: str | None):
+def model_config(spec):
     """A transformers config for `spec`: a shape name (koff.shapes), a local model folder, the
-    bundled default, or a hub id (needs a network)."""
-    from transformers import AutoConfig
+    bundled default, a hub id (needs a network), or a config object itself."""
+    from transformers import AutoConfig, PretrainedConfig
 
-    from .base import DEFAULT_MODEL, koff_home
+    from .base import DEFAULT_MODEL
     from .shapes import SHAPES, shape_config
 
+    if isinstance(spec, PretrainedConfig):
+        return spec, getattr(spec, "name_or_path", "") or spec.model_type
     name = (spec or DEFAULT_MODEL).lower()
     if name in SHAPES:
         return shape_config(name), name

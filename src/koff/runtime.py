@@ -75,6 +75,9 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    fsdp: bool = False
+    """Shard the frozen base's decoder layers over the processes (FSDP2 `fully_shard`); gates and
+    memories stay whole on every process and their gradients are averaged."""
 
     @property
     def is_main(self) -> bool:
@@ -86,10 +89,12 @@ class Runtime:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str | None = "auto", dtype: str | torch.dtype | None = "float32") -> Runtime:
+    def from_env(cls, device: str | None = "auto", dtype: str | torch.dtype | None = "float32",
+                 fsdp: bool | None = None) -> Runtime:
         """The runtime of this process: WORLD_SIZE / RANK / LOCAL_RANK as set by accelerate launch
         or torchrun (a single process when unset). In a launch, `auto` gives each process its own
-        GPU (cuda:LOCAL_RANK), or the CPU."""
+        GPU (cuda:LOCAL_RANK), or the CPU. `fsdp` defaults to what an accelerate FSDP config
+        asks for (ACCELERATE_USE_FSDP)."""
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         rank = int(os.environ.get("RANK", "0") or 0)
         local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
@@ -97,10 +102,14 @@ class Runtime:
             dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
         else:
             dev = resolve_device(device)
-        return cls(device=dev, dtype=resolve_dtype(dtype), rank=rank, world_size=world, local_rank=local)
+        if fsdp is None:
+            fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        return cls(device=dev, dtype=resolve_dtype(dtype), rank=rank, world_size=world, local_rank=local,
+                   fsdp=bool(fsdp) and world > 1)
 
     def describe(self) -> dict:
-        return {"device": str(self.device), "dtype": dtype_name(self.dtype), "world_size": self.world_size}
+        return {"device": str(self.device), "dtype": dtype_name(self.dtype), "world_size": self.world_size,
+                "fsdp": self.fsdp}
 
 
 def barrier(runtime: Runtime) -> None:

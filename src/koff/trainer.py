@@ -135,8 +135,27 @@ class Trainer:
         return self
 
     def _wrap(self, km: KoffModel):
-        """The model the loop calls: km itself, or its data-parallel wrapper in a launch."""
+        """The model the loop calls: km itself, or its data-parallel wrapper in a launch.
+
+        DDP (accelerate's wrapper): every process holds the whole model. FSDP: each frozen decoder
+        layer is sharded over the processes (FSDP2 `fully_shard`, gathered for its forward and
+        backward); gates and memories are small and stay whole everywhere, and their gradients are
+        averaged across processes after each step (`_sync_gradients`).
+        """
+        self._reduce_grads = False
         if not self.runtime.distributed:
+            return km
+        from accelerate import PartialState
+
+        PartialState(cpu=self.runtime.device.type == "cpu")  # the process group, from the launcher's env
+        if self.runtime.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            from .base import decoder_layers
+
+            for layer in decoder_layers(km.model):
+                fully_shard(layer)
+            self._reduce_grads = True
             return km
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
@@ -145,6 +164,15 @@ class Trainer:
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
         self.accelerator = Accelerator(cpu=self.runtime.device.type == "cpu", kwargs_handlers=[ddp])
         return self.accelerator.prepare_model(km)
+
+    def _sync_gradients(self) -> None:
+        """Average the gradients of the replicated trainable tensors over the processes (FSDP
+        mode; DDP's wrapper does this itself). Every process trained the same tensors."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.runtime.world_size
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -269,6 +297,8 @@ class Trainer:
         trainable = learning_gates or (memory is not None and memory in self.names)
         loss = self._forward_backward(batch, memory, target if learning_gates else None, trainable)
         if trainable:
+            if self._reduce_grads:
+                self._sync_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if learning_gates:
@@ -300,7 +330,7 @@ class Trainer:
             if j and target is not None and trainable:
                 self.gates.refresh()  # same z, fresh graph (the last backward freed the previous one)
             sync = contextlib.nullcontext()
-            if rt.distributed and j < accum - 1:
+            if rt.distributed and not self._reduce_grads and j < accum - 1:
                 sync = self.model.no_sync()
             with sync, (contextlib.nullcontext() if trainable else torch.no_grad()):
                 logits = self.model(x, memory=memory)
