@@ -204,10 +204,22 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _measure_child(model: str | None, memory, micro_batch: int, seq_len: int, dtype: str, checkpointing: bool,
-                   steps: int, device: str, queue) -> None:
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux's VmHWM belongs to the process image
+    itself; getrusage's ru_maxrss would also count the RSS of the parent it was forked from."""
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measure_child(model: str | None, memory, micro_batch: int, seq_len: int, dtype: str, checkpointing: bool,
+                   steps: int, device: str, queue) -> None:
     from .base import load_base
     from .gates import NeuronGates
     from .memory import KVMemory, lora_config
@@ -236,7 +248,7 @@ def _measure_child(model: str | None, memory, micro_batch: int, seq_len: int, dt
         opt.step()
         opt.zero_grad(set_to_none=True)
         Projection().after_step(km.gates, 0.2)
-    queue.put({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    queue.put({"peak_rss": _peak_rss(),
                "peak_cuda": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None})
 
 
