@@ -59,6 +59,8 @@ def _setting_slug(setting: dict) -> str:
         for k, v in sorted(d.items()):
             if isinstance(v, dict):
                 walk(f"{prefix}{k}.", v)
+            elif isinstance(v, list):
+                flat.append(f"{k}={'+'.join(map(str, v))}")
             else:
                 flat.append(f"{k}={v}")
 
