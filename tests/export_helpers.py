@@ -49,6 +49,22 @@ def make_run(root: Path, model_folder: Path, data_files: dict, steps: int = 4, t
     return root / "run"
 
 
+def import_llama_cpp():
+    """llama_cpp, or skip the test when llama-cpp-python is not installed; CI sets
+    KOFF_REQUIRE_LLAMA_CPP=1 so that there a missing package fails instead of skipping."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        if os.environ.get("KOFF_REQUIRE_LLAMA_CPP") == "1":
+            raise
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llama]', which builds llama.cpp)")
+
+
 def koff_lora_only(run_dir: Path, memory: str):
     """koff's masked backbone with only the LoRA half of `memory` (what an engine without a KV
     prefix serves)."""

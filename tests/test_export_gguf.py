@@ -20,7 +20,7 @@ from koff.export.memories import check_lora_for_engine
 from koff.generate import generate
 
 from conftest import write_model_folder
-from export_helpers import koff_lora_only, make_run, max_abs, write_byte_level_model
+from export_helpers import import_llama_cpp, koff_lora_only, make_run, max_abs, write_byte_level_model
 
 F32_TOL = 1e-4
 TEXTS = ["le chat est sur le tapis et le chien court au parc",
@@ -30,7 +30,7 @@ TEXTS = ["le chat est sur le tapis et le chien court au parc",
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+    return import_llama_cpp()
 
 
 def _llm(llama_cpp, path, lora=None, n_ctx=128):
