@@ -120,7 +120,8 @@ def test_tokenizer_is_included(exported, llama_cpp):
 
 def test_lower_outtypes_load_and_stay_close(exported, llama_cpp):
     """f16 and q8_0 are lossy: they must load and stay close to f32 (an un-permuted head or a
-    misplaced neuron moves logits by their whole range); q8_0 pads FFN widths to blocks of 32."""
+    misplaced neuron moves logits by their whole range); FFN widths are padded to 16 (f16) and to
+    q8_0's blocks of 32."""
     run_dir, outs = exported
     km, tok = build_model(load_run(run_dir), memories=[])
     ids = tok(TEXTS[1])["input_ids"]
@@ -132,6 +133,8 @@ def test_lower_outtypes_load_and_stay_close(exported, llama_cpp):
     m = read_backbone_manifest(outs["q8_0"])
     assert all(w % 32 == 0 and w >= k for w, k in zip(m["stored_intermediate_sizes"], m["intermediate_sizes"]))
     assert m["tensor_types"]["q8_0"] > 0
+    m = read_backbone_manifest(outs["f16"])
+    assert all(w % 16 == 0 and w >= k for w, k in zip(m["stored_intermediate_sizes"], m["intermediate_sizes"]))
     sizes = {o: (outs[o] / "model.gguf").stat().st_size for o in outs}
     assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
 
@@ -144,9 +147,10 @@ def test_manifest_records_what_memories_carry(exported):
     assert sorted(m["memories"]) == ["en", "fr"] and m["memories_left_out"] == {}
 
 
-def test_layer_with_every_neuron_pruned_gets_one_zero_neuron(tmp_path, data_files, llama_cpp):
+def test_layer_with_every_neuron_pruned_gets_zero_neurons(tmp_path, data_files, llama_cpp):
     """llama.cpp will not load a layer of FFN width 0 (zero-size tensors), so such a layer is
-    stored with one exact-zero neuron, which changes nothing."""
+    stored with exact-zero neurons (16 of them: f32 widths are padded to multiples of 16), which
+    change nothing."""
     from koff.artifact import save_mask
     from koff.base import sha256_file
 
@@ -161,7 +165,7 @@ def test_layer_with_every_neuron_pruned_gets_one_zero_neuron(tmp_path, data_file
         m["files"][f] = sha256_file(run_dir / f)
     (run_dir / "koff.json").write_text(json.dumps(m))
     out = export_run(run_dir, tmp_path / "out", format="gguf", outtype="f32")
-    assert read_backbone_manifest(out)["stored_intermediate_sizes"][0] == 1
+    assert read_backbone_manifest(out)["stored_intermediate_sizes"][0] == 16
     km, tok = build_model(load_run(run_dir), memories=[])
     ids = tok(TEXTS[0])["input_ids"]
     assert max_abs(_llama_logits(_llm(llama_cpp, out / "model.gguf"), ids), _koff_logits(km, ids)) <= F32_TOL

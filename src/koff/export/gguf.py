@@ -10,10 +10,11 @@
 llama.cpp's plain `llama` arch sizes every FFN by layer 0; `deci` reads one width per layer
 (`hparams.n_ff(i)`, DESIGN.md §14) and otherwise computes a Llama block (optional q/k/v/o and FFN
 biases, so Qwen2's q/k/v biases and FLAP's down_proj bias fit). Stored widths are padded with
-exact-zero neurons where llama.cpp needs it: at least 1 (llama.cpp refuses a file with the
-zero-size FFN tensors of a width-0 layer, measured, and deci's graph would drop such a layer's
-attention output as well: it `continue`s before the residual add when n_ff is 0), and a multiple
-of 32 for q8_0 (down_proj's rows are quantized in blocks of 32).
+exact-zero neurons where llama.cpp needs or prefers it: at least 1 (llama.cpp refuses a file with
+the zero-size FFN tensors of a width-0 layer, measured, and deci's graph would drop such a layer's
+attention output as well: it `continue`s before the residual add when n_ff is 0), a multiple of 32
+for q8_0 (down_proj's rows are quantized in blocks of 32) and of 16 for f16/f32 (ggml's fast
+batched matmul needs it; see `stored_widths`).
 Written with the `gguf` package; no llama.cpp binary is involved.
 """
 
@@ -37,6 +38,7 @@ ARCH = "deci"
 OUTTYPES = ("f32", "f16", "q8_0")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 Q8_BLOCK = 32
+F_ALIGN = 16
 
 # transformers module path inside a decoder layer -> gguf tensor (MODEL_TENSOR member name)
 _LAYER_TENSORS = {
@@ -132,8 +134,13 @@ def _finish(writer) -> None:
 
 
 def stored_widths(widths: list[int], outtype: str) -> list[int]:
-    """FFN widths as written: padded to >= 1, and to a multiple of 32 for q8_0."""
-    return padded_widths(widths, Q8_BLOCK if outtype == "q8_0" else 1, minimum=1)
+    """FFN widths as written: a multiple of 32 for q8_0 (its quantization blocks), of 16 for f16
+    and f32: ggml's fast batched matmul (llamafile tinyBLAS) needs the inner dimension, down_proj's
+    width, to be a multiple of the SIMD width (8 floats on AVX2, 16 on AVX-512) and otherwise falls
+    back to a path that made the pruned f16 backbone 25% slower than the dense one at prompt
+    processing (benchmarks/engines.py)."""
+    align = Q8_BLOCK if outtype == "q8_0" else F_ALIGN
+    return padded_widths(widths, align, minimum=align)
 
 
 def write_gguf_model(model: torch.nn.Module, tokenizer, path: Path, outtype: str = "f16",
