@@ -232,13 +232,20 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
 
-    out = export_run(args.run, args.out, model=args.model, overwrite=args.overwrite)
+    out = export_run(args.run, args.out, model=args.model, overwrite=args.overwrite, format=args.format,
+                     outtype=args.outtype)
     import json
 
     m = json.loads((out / "koff_backbone.json").read_text())
     p = m["parameters"]
-    print(f"wrote {out}: backbone {p['backbone']:,} parameters (dense {p['dense']:,}, "
-          f"{1 - p['backbone'] / p['dense']:.1%} removed), memories: {', '.join(m['memories']) or 'none'}")
+    carried = ", ".join(f"{n} ({'+'.join(v['carries'])})" for n, v in m["memories"].items()) or "none"
+    print(f"wrote {out} ({args.format}{' ' + m['outtype'] if 'outtype' in m else ''}): backbone "
+          f"{p['backbone']:,} parameters (dense {p['dense']:,}, {1 - p['backbone'] / p['dense']:.1%} removed), "
+          f"memories: {carried}")
+    for name, why in m.get("memories_left_out", {}).items():
+        print(f"  left out memory {name}: {why}")
+    if "serve_command" in m:
+        print(f"  serve (untested here, needs a GPU): {m['serve_command']}")
     return 0
 
 
@@ -369,9 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_args(p, max_tokens=4096)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="physically smaller backbone + memories in standard (peft) formats")
+    p = sub.add_parser("export", help="physically smaller backbone + memories for transformers, llama.cpp or vLLM")
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path)
+    p.add_argument("--format", choices=["hf", "gguf", "vllm"], default="hf",
+                   help="hf: transformers + remote code, peft memories (default); gguf: llama.cpp backbone + "
+                        "LoRA adapters; vllm: nemotron-nas/DeciLM folder + LoRA adapters")
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"],
+                   help="tensor type of the GGUF backbone's matrices (--format gguf only; default f16)")
     p.add_argument("--model", help="base model location, if it moved since the run was made")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)

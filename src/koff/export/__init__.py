@@ -1,0 +1,60 @@
+"""Export: a physically smaller backbone and its memories, for the engine you deploy with.
+
+    koff export RUN OUT [--format hf|gguf|vllm] [--outtype f32|f16|q8_0]
+
+- `hf` (default, `hf.py`): transformers folder + remote code, LoRA as peft LoRA, KV as peft CARTRIDGE
+- `gguf` (`gguf.py`): llama.cpp backbone GGUF (arch `deci`, per-layer FFN widths) + one llama.cpp
+  LoRA adapter GGUF per memory
+- `vllm` (`vllm.py`): a nemotron-nas / DeciLM folder for `vllm serve --trust-remote-code` + peft
+  LoRA adapters
+
+Every format starts from the same pruned backbone (`prune.py`) and writes `koff_backbone.json`
+(`manifest.py`). llama.cpp and vLLM have no KV prefix, so there a memory is its LoRA half
+(`memories.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+from .hf import cartridge_files, load_backbone
+from .manifest import BACKBONE_FORMAT, BACKBONE_FORMAT_VERSION, EXPORT_FORMATS, read_backbone_manifest
+from .prune import add_down_bias, prune_model, pruned_backbone, slice_lora_state
+
+GGUF_OUTTYPES = ("f32", "f16", "q8_0")
+
+
+def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bool = False,
+               format: str = "hf", outtype: str | None = None) -> Path:
+    """Write the physically pruned backbone of a run and its memories to `out` in `format`.
+
+    `outtype` (GGUF only) is the tensor type of the backbone's matrices (default f16).
+    """
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    if outtype is not None and format != "gguf":
+        raise ConfigError(f"--outtype applies to --format gguf only (got --format {format})")
+    if outtype is not None and outtype not in GGUF_OUTTYPES:
+        raise ConfigError(f"--outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
+    if Path(out).exists() and not overwrite:
+        from ..artifact import ArtifactError
+
+        raise ArtifactError(f"{out} already exists (choose another output or pass --overwrite)")
+    pb = pruned_backbone(run_dir, model)
+    if format == "hf":
+        from .hf import write_hf
+
+        return write_hf(pb, out, overwrite=overwrite)
+    if format == "gguf":
+        from .gguf import write_gguf_export
+
+        return write_gguf_export(pb, out, outtype=outtype or "f16", overwrite=overwrite)
+    from .vllm import write_vllm
+
+    return write_vllm(pb, out, overwrite=overwrite)
+
+
+__all__ = ["export_run", "load_backbone", "read_backbone_manifest", "prune_model", "add_down_bias",
+           "slice_lora_state", "cartridge_files", "BACKBONE_FORMAT", "BACKBONE_FORMAT_VERSION", "EXPORT_FORMATS",
+           "GGUF_OUTTYPES"]
