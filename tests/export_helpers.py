@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -70,7 +69,7 @@ def koff_lora_only(run_dir: Path, memory: str):
     prefix serves)."""
     run = load_run(run_dir)
     km, tok = build_model(run, memories=[])
-    attach_memory(km, dataclasses.replace(run.memories[memory], kv_keys=None, kv_values=None))
+    attach_memory(km, run.memories[memory].without("kv"))
     return km, tok
 
 

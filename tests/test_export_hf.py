@@ -70,6 +70,7 @@ def test_lora_memory_loads_with_peft(exported):
     assert max_abs(got, koff_logits(build_model(load_run(run_dir), memories=[])[0], x)) > 100 * TOL
 
 
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # peft 0.21's CARTRIDGE passes the old name
 def test_full_memory_as_lora_merged_then_cartridge(exported):
     """The whole memory with peft alone: merge the LoRA into the backbone, then put the KV half on
     top as a CARTRIDGE adapter (peft cannot hold both in one PeftModel, DESIGN.md §14)."""

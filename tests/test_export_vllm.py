@@ -154,7 +154,7 @@ def test_refuses_a_lora_target_vllm_lacks(tmp_path, llama_folder, data_files):
     from koff.artifact import MemoryRecord
     from koff.export.memories import check_lora_for_engine
 
-    rec = MemoryRecord(name="m", lora_config={"r": 4, "lora_alpha": 8},
+    rec = MemoryRecord.of(name="m", lora_config={"r": 4, "lora_alpha": 8},
                        lora_state={"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 160)})
     with pytest.raises(ArtifactError, match=r"LoRA targets \['embed_tokens'\] have no vLLM counterpart"):
         check_lora_for_engine(rec, "vllm", tmp_path)

@@ -97,6 +97,24 @@ class MemoryRecord:
     parts: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, name: str, lora_config: dict | None = None, lora_state: dict | None = None,
+           kv_keys: torch.Tensor | None = None, kv_values: torch.Tensor | None = None, kv_frozen: int = 0,
+           info: dict | None = None) -> MemoryRecord:
+        """A record from the tensors of the two shipped kinds (LoRA config + state, KV keys/values)."""
+        from .memory import KVState, LoraState
+
+        parts = {}
+        if lora_state is not None:
+            parts["lora"] = LoraState(dict(lora_config or {}), lora_state)
+        if kv_keys is not None:
+            parts["kv"] = KVState(kv_keys, kv_values, kv_frozen)
+        return cls(name=name, parts=parts, info=dict(info or {}))
+
+    def without(self, *kinds: str) -> MemoryRecord:
+        """The same memory without the given parts (e.g. `without("kv")`: its LoRA half)."""
+        return MemoryRecord(self.name, {k: v for k, v in self.parts.items() if k not in kinds}, dict(self.info))
+
     # the two shipped kinds, for readers that handle them specifically (export)
     @property
     def lora(self):
