@@ -63,8 +63,8 @@ def load_task(name: str, max_items: int | None = None, root: Path | None = None)
 
 
 @torch.no_grad()
-def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=None, batch_size: int = 16
-                          ) -> list[tuple[float, int]]:
+def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=None, batch_size: int = 16,
+                          use_gates: bool = True) -> list[tuple[float, int]]:
     """Summed log-probability and token count of each continuation after its context."""
     seqs = []
     for ctx, cont in pairs:
@@ -84,7 +84,8 @@ def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=No
             ids[r, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
             mask[r, : len(seqs[i][0])] = 1
         device = next(km.model.parameters()).device
-        logp = F.log_softmax(km(ids.to(device), memory=memory, attention_mask=mask.to(device)).float(), dim=-1).cpu()
+        logp = F.log_softmax(km(ids.to(device), memory=memory, attention_mask=mask.to(device),
+                                use_gates=use_gates).float(), dim=-1).cpu()
         for r, i in enumerate(idx):
             n, k = len(seqs[i][0]), seqs[i][1]
             targets = ids[r, n - k: n]
@@ -94,11 +95,12 @@ def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=No
 
 
 def score_task(km, tokenizer, name: str, memory=None, max_items: int | None = 200, batch_size: int = 16,
-               root: Path | None = None) -> dict:
-    """Accuracy (multiple choice) or reference-solution perplexity (gsm8k) of one task."""
+               root: Path | None = None, use_gates: bool = True) -> dict:
+    """Accuracy (multiple choice) or reference-solution perplexity (gsm8k) of one task;
+    `use_gates=False` scores the dense base model."""
     items = load_task(name, max_items, root)
     pairs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
-    scores = continuation_logprobs(km, tokenizer, pairs, memory, batch_size)
+    scores = continuation_logprobs(km, tokenizer, pairs, memory, batch_size, use_gates)
     if name == "gsm8k":
         total = sum(s for s, _ in scores)
         count = sum(n for _, n in scores)
