@@ -191,7 +191,20 @@ def cmd_decompose(args) -> int:
 def _eval_settings(args):
     from .evaluate import EvalSettings
 
-    return EvalSettings(block=args.block, max_tokens=args.max_tokens, batch_size=args.eval_batch_size)
+    tests = {}
+    for name, files in getattr(args, "test", None) or []:
+        tests.setdefault(name, []).extend(str(f) for f in files)
+    return EvalSettings(block=args.block, max_tokens=args.max_tokens, batch_size=args.eval_batch_size, tests=tests,
+                        tasks=dict(getattr(args, "tasks", None) or []), tag=getattr(args, "tag", "") or "")
+
+
+def _task(value: str) -> tuple[str, int]:
+    from .tasks import TASK_FILES
+
+    name, _, n = value.partition("=")
+    if name not in TASK_FILES:
+        raise argparse.ArgumentTypeError(f"unknown task {name!r}; known: {', '.join(sorted(TASK_FILES))}")
+    return name, _positive_int(n) if n else 200
 
 
 def _add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> None:
@@ -204,9 +217,11 @@ def _add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) ->
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run, print_result
 
-    result = evaluate_run(args.run, _eval_settings(args), model=args.model, runtime=_runtime(args))
+    settings = _eval_settings(args)
+    result = evaluate_run(args.run, settings, model=args.model, runtime=_runtime(args))
     print_result(result)
-    print(f"wrote {args.run / 'eval' / 'perplexity.json'} and perplexity.md")
+    stem = "perplexity" + (f"-{settings.tag}" if settings.tag else "")
+    print(f"wrote {args.run / 'eval' / stem}.json and {stem}.md")
     return 0
 
 
@@ -367,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("--model", help="base model location, if it moved since the run was made")
     _add_eval_args(p)
+    p.add_argument("--test", type=_files, action="append", metavar="NAME=FILE[,FILE]",
+                   help="score on these files instead of the run's test splits: a domain's name scores its memory "
+                        "on them, a new name scores the backbone and every memory (repeatable)")
+    p.add_argument("--tasks", type=_task, nargs="+", metavar="TASK[=N]",
+                   help="also score general-ability tasks (arc_challenge, piqa, gsm8k, ...; N items, default 200) "
+                        "for the dense model, the backbone and the run's default memory")
+    p.add_argument("--tag", default="", help="write eval/perplexity-TAG.{json,md} (default: perplexity.{json,md})")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .artifact import Run, atomic_write_text, build_model, load_run
-from .data import Domain, pack, read_documents, tokenize_documents, tokenize_files
+from .data import DataError, Domain, pack, read_documents, tokenize_documents, tokenize_files
 from .model import KoffModel, lm_loss
 
 
@@ -33,6 +33,15 @@ class EvalSettings:
     """Score every memory on every domain (False: each memory on its own domain only)."""
     dense: bool = True
     """Also score the dense base model (and dense + memories when the run has a reference)."""
+    tests: dict[str, list[str]] = field(default_factory=dict)
+    """Test files to score instead of the run's: name -> files. A run's domain name replaces that
+    domain's test files (its memory is scored on them); a new name adds a domain no memory was
+    trained for (scored with the backbone, the dense model and every memory)."""
+    tasks: dict[str, int] = field(default_factory=dict)
+    """General-ability tasks (koff.tasks) -> number of items, scored for the dense model, the
+    backbone and the run's default memory (what a request naming no domain gets)."""
+    tag: str = ""
+    """Results go to eval/perplexity[-TAG].{json,md}."""
 
 
 @dataclass
@@ -80,12 +89,24 @@ def summarize(nll: torch.Tensor, ts: TestSet) -> dict[str, dict]:
     return out
 
 
-def _domains_of(run: Run) -> list[Domain]:
+def _domains_of(run: Run, tests: dict[str, list[str]] | None = None) -> list[Domain]:
     data = run.manifest.get("data", {})
     out = [Domain.from_dict(data[name]) for name in run.domains if name in data]
     for name, rec in run.memories.items():  # memories added later carry their own data record
-        if name not in run.domains and "data" in rec.info:
+        if name not in run.domains and isinstance(rec.info.get("data"), dict):
             out.append(Domain.from_dict(rec.info["data"]))
+    for name, files in (tests or {}).items():
+        paths = [Path(f).resolve() for f in files]
+        for p in paths:
+            if not p.is_file():
+                raise DataError(f"--test {name}: file {p} does not exist")
+        known = next((d for d in out if d.name == name), None)
+        if known is not None:  # the domain's memory, scored on other text
+            known.test, known.test_subsets = paths, {}
+        else:
+            out.append(Domain(name=name, train=[], test=paths))
+    if tests:
+        out = [d for d in out if d.name in tests]
     return out
 
 
@@ -96,7 +117,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     settings = settings or EvalSettings()
     run = load_run(run_dir)
     km, tok = build_model(run, model, runtime=runtime)
-    domains = _domains_of(run)
+    domains = _domains_of(run, settings.tests)
     sets = {d.name: test_set(d, tok, settings) for d in domains}
     names = [d.name for d in domains]
     memories = [n for n in names if n in run.memories] + [m for m in sorted(run.memories) if m not in names]
@@ -124,7 +145,13 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
             if settings.swap or m == d:
                 swap[(m, d)] = score(f"{label} + memory {m}", km, m, d)
     if memories:
-        rows[f"{label} + own memory"] = {d: swap[(d, d)] for d in names if (d, d) in swap}
+        own = {d: swap[(d, d)] for d in names if (d, d) in swap}
+        if own:
+            rows[f"{label} + own memory"] = own
+    default = run.manifest.get("default_memory")
+    if default in run.memories:  # what a request naming no domain gets
+        rows[f"{label} + default memory ({default})"] = {d: swap[(default, d)] if (default, d) in swap
+                                                          else score(label, km, default, d) for d in names}
     if not rows:
         raise ValueError(f"{run_dir}: nothing to evaluate (no gates, no memories, dense scoring off)")
     subsets = ["test"] + sorted({s for ts in sets.values() for s in ts.subsets})
@@ -140,12 +167,31 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
         "swap": {"memories": memories, "domains": names,
                  **{s: [[swap.get((m, d), {}).get(s, {}).get("ppl") for d in names] for m in memories]
                     for s in subsets}},
+        "default_memory": default,
+        "tasks": _score_tasks(km, tok, settings.tasks, default if default in run.memories else None, pruned),
     }
     if write:
         out = Path(run_dir) / "eval"
-        atomic_write_text(out / "perplexity.json", json.dumps(result, indent=2))
-        atomic_write_text(out / "perplexity.md", to_markdown(result))
+        stem = "perplexity" + (f"-{settings.tag}" if settings.tag else "")
+        atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2))
+        atomic_write_text(out / f"{stem}.md", to_markdown(result))
     return result
+
+
+def _score_tasks(km: KoffModel, tok, tasks: dict[str, int], default: str | None, pruned: bool) -> dict:
+    """task -> {model row -> score} for the dense model, the backbone and the default memory."""
+    from .tasks import score_task
+
+    out = {}
+    for name, n in tasks.items():
+        row = {"dense": score_task(km, tok, name, max_items=n, use_gates=False)}
+        if pruned:
+            row["backbone"] = score_task(km, tok, name, max_items=n)
+        if default is not None:
+            row[f"{'backbone' if pruned else 'dense'} + default memory ({default})"] = score_task(
+                km, tok, name, memory=default, max_items=n)
+        out[name] = row
+    return out
 
 
 def shown_subsets(result: dict) -> list[str]:
@@ -188,7 +234,27 @@ def to_markdown(result: dict) -> str:
             for m, row in zip(mems, result["swap"][s]):
                 lines.append(f"| {m} | " + " | ".join(_fmt(x) for x in row) + " |")
             lines.append("")
+    lines += tasks_markdown(result)
     return "\n".join(lines)
+
+
+def tasks_markdown(result: dict) -> list[str]:
+    """A table of the general-ability tasks (accuracy, length-normalised; GSM8K: solution PPL)."""
+    tasks = result.get("tasks") or {}
+    if not tasks:
+        return []
+    rows = list(next(iter(tasks.values())))
+    lines = ["## General ability (no domain named)", "", "| model | " + " | ".join(tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
+    for r in rows:
+        cells = []
+        for t in tasks.values():
+            v = t.get(r, {})
+            cells.append(f"{v['solution_ppl']:.2f} ppl" if "solution_ppl" in v else
+                         f"{100 * v['acc_norm']:.1f}" if "acc_norm" in v else "–")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    items = ", ".join(f"{k} {v['dense']['items']}" for k, v in tasks.items())
+    return lines + ["", f"Items: {items}; multiple choice: length-normalised accuracy (%).", ""]
 
 
 def print_result(result: dict) -> None:
@@ -219,3 +285,5 @@ def print_result(result: dict) -> None:
             for m, row in zip(result["swap"]["memories"], result["swap"][s]):
                 w.add_row(m, *[_fmt(x) for x in row])
             console.print(w)
+    if result.get("tasks"):
+        console.print("\n".join(tasks_markdown(result)))

@@ -63,18 +63,25 @@ def load_task(name: str, max_items: int | None = None, root: Path | None = None)
 
 
 @torch.no_grad()
-def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=None, batch_size: int = 16
-                          ) -> list[tuple[float, int]]:
+def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=None, batch_size: int = 16,
+                          use_gates: bool = True) -> list[tuple[float, int]]:
     """Summed log-probability and token count of each continuation after its context."""
+    return [(lp, n) for lp, n, _ in continuation_scores(km, tokenizer, pairs, memory, batch_size, use_gates)]
+
+
+@torch.no_grad()
+def continuation_scores(km, tokenizer, pairs: list[tuple[str, str]], memory=None, batch_size: int = 16,
+                        use_gates: bool = True) -> list[tuple[float, int, bool]]:
+    """Per (context, continuation): summed log-probability of the continuation, its token count, and
+    whether greedy decoding would produce it (what lm-evaluation-harness's `loglikelihood` asks)."""
     seqs = []
     for ctx, cont in pairs:
         c = tokenizer(ctx, add_special_tokens=False)["input_ids"]
         k = tokenizer(cont, add_special_tokens=False)["input_ids"]
         seqs.append((c + k, len(k)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # similar lengths share a batch
-    results: dict[int, tuple[float, int]] = {}
+    results: dict[int, tuple[float, int, bool]] = {}
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
         width = max(len(seqs[i][0]) for i in idx)
@@ -84,21 +91,23 @@ def continuation_logprobs(km, tokenizer, pairs: list[tuple[str, str]], memory=No
             ids[r, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
             mask[r, : len(seqs[i][0])] = 1
         device = next(km.model.parameters()).device
-        logp = F.log_softmax(km(ids.to(device), memory=memory, attention_mask=mask.to(device)).float(), dim=-1).cpu()
+        logp = F.log_softmax(km(ids.to(device), memory=memory, attention_mask=mask.to(device),
+                                use_gates=use_gates).float(), dim=-1).cpu()
         for r, i in enumerate(idx):
             n, k = len(seqs[i][0]), seqs[i][1]
             targets = ids[r, n - k: n]
-            results[i] = (float(logp[r, n - k - 1: n - 1].gather(-1, targets[:, None]).sum()), k)
-    out = [results[i] for i in range(len(seqs))]
-    return out
+            rows = logp[r, n - k - 1: n - 1]
+            results[i] = (float(rows.gather(-1, targets[:, None]).sum()), k, bool((rows.argmax(-1) == targets).all()))
+    return [results[i] for i in range(len(seqs))]
 
 
 def score_task(km, tokenizer, name: str, memory=None, max_items: int | None = 200, batch_size: int = 16,
-               root: Path | None = None) -> dict:
-    """Accuracy (multiple choice) or reference-solution perplexity (gsm8k) of one task."""
+               root: Path | None = None, use_gates: bool = True) -> dict:
+    """Accuracy (multiple choice) or reference-solution perplexity (gsm8k) of one task;
+    `use_gates=False` scores the dense base model."""
     items = load_task(name, max_items, root)
     pairs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
-    scores = continuation_logprobs(km, tokenizer, pairs, memory, batch_size)
+    scores = continuation_logprobs(km, tokenizer, pairs, memory, batch_size, use_gates)
     if name == "gsm8k":
         total = sum(s for s, _ in scores)
         count = sum(n for _, n in scores)
@@ -110,5 +119,7 @@ def score_task(km, tokenizer, name: str, memory=None, max_items: int | None = 20
         chunk = scores[pos: pos + n]
         pos += n
         correct += max(range(n), key=lambda j: chunk[j][0]) == it.gold
-        correct_norm += max(range(n), key=lambda j: chunk[j][0] / max(len(it.continuations[j]), 1)) == it.gold
+        # normalised by the characters of the choice itself, as lm-eval does (not its leading space)
+        correct_norm += max(range(n), key=lambda j: chunk[j][0] / max(len(it.continuations[j].removeprefix(" ")), 1)
+                            ) == it.gold
     return {"task": name, "items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
