@@ -34,3 +34,12 @@ def test_lm_eval_accuracy_equals_koffs_scorer(run, memory, tmp_path):
         assert theirs["acc,none"] == pytest.approx(mine["acc"], abs=1e-9), task
         assert theirs["acc_norm,none"] == pytest.approx(mine["acc_norm"], abs=1e-9), task
     assert result["config"]["model"] == "koff"
+
+
+def test_cli(run, capsys):
+    from koff.cli import main
+
+    assert main(["lm-eval", str(run), "--memory", "en", "--tasks", "piqa_koff", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "piqa_koff" in out and "acc_norm" in out
+    assert main(["lm-eval", str(run), "--memory", "de", "--tasks", "piqa_koff", "--limit", "4"]) == 2

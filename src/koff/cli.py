@@ -360,6 +360,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    from .errors import ConfigError
+
+    try:
+        from lm_eval.utils import make_table
+
+        from .lmeval import evaluate
+    except ImportError:
+        raise ConfigError("koff lm-eval needs lm-evaluation-harness: pip install 'koff[lmeval]'") from None
+    result = evaluate(args.run, args.tasks, memory=args.memory, limit=args.limit, device=args.device,
+                      dtype=args.dtype or "float32", batch_size=args.eval_batch_size)
+    print(make_table(result))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import report
 
@@ -475,6 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_runtime_args(p, "(with --measure) precision of the base weights")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("lm-eval", help="score a run's backbone + a memory with EleutherAI's lm-evaluation-harness")
+    p.add_argument("run", type=Path)
+    p.add_argument("--memory", help="memory name (default: none, the bare backbone)")
+    p.add_argument("--tasks", nargs="+", default=["arc_challenge_koff"],
+                   help="lm-eval tasks: the bundled local ones (arc_challenge_koff, piqa_koff, openbookqa_koff, "
+                        "copa_koff) or any lm-eval task reachable from here")
+    p.add_argument("--limit", type=_positive_int, help="only the first N documents of each task")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=16)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("report", help="Markdown tables + PNG plots from the cells of `koff compare`")
     p.add_argument("results", type=Path, help="the grid's results folder (holding cells/)")
