@@ -2,7 +2,8 @@
 
 Parameters come from the model built on PyTorch's meta device (shapes without storage). Peak
 memory per process is the sum of
-  weights      the frozen base in the chosen dtype (sharded over processes with FSDP),
+  weights      the frozen base in the chosen dtype (with FSDP: this process's shard plus two whole
+               decoder layers, the one running and the one prefetched),
   trainable    gates + every memory in float32: parameter, gradient and Adam's two moments,
   activations  the tensors autograd saves for the backward pass of one micro-batch, counted by
                tracing one real training forward (gates sampled, LoRA + KV memory active) on the
@@ -156,9 +157,13 @@ def make_plan(model: str | None = None, memory=None, batch_size: int = 4, seq_le
                                    "total": gates + memories * (lora + kv)},
                         micro_batch=micro, seq_len=seq_len, prefix_tokens=memory.kv_tokens, world_size=world_size,
                         fsdp=fsdp)
-        weights = plan.parameters["total"] * torch.empty((), dtype=dtype).element_size()
-        if fsdp:
-            weights = -(-weights // world_size)
+        size = torch.empty((), dtype=dtype).element_size()
+        weights = plan.parameters["total"] * size
+        if fsdp:  # each process holds its shard, plus the layer being run and the one prefetched, whole
+            from .base import decoder_layers
+
+            layer = max(sum(p.numel() for p in lay.parameters()) for lay in decoder_layers(km.model))
+            weights = -(-weights // world_size) + 2 * layer * size
         trainable = plan.trainable["total"] * 16  # float32 value, gradient, Adam's m and v
         workspace = 2 * micro * seq_len * plan.vocab_size * 4
         full, _ = saved_activation_bytes(km, micro, seq_len, False)
