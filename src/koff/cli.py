@@ -244,10 +244,17 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from .artifact import build_model, load_run
+    from .config import ConfigError
     from .generate import generate
 
-    km, tok = build_model(load_run(args.run), model=args.model, runtime=_runtime(args))
+    run = load_run(args.run)
     memory = None if args.memory in (None, "none") else args.memory
+    if memory is not None and memory not in run.memories:
+        raise ConfigError(f"--memory: {args.run} has no memory named {memory!r}; it has {sorted(run.memories)} "
+                          "(or 'none' for the bare backbone)")
+    if any(not p.strip() for p in args.prompt):
+        raise ConfigError("PROMPT: every prompt must hold some text, got an empty one")
+    km, tok = build_model(run, model=args.model, runtime=_runtime(args))
     for prompt, text in zip(args.prompt, generate(km, tok, args.prompt, memory, max_new_tokens=args.max_new_tokens,
                                                   temperature=args.temperature, seed=args.seed, chat=args.chat)):
         print(f"[{memory or 'backbone'}] {prompt}{'' if args.chat else ''}\033[1m{text}\033[0m" if sys.stdout.isatty()
@@ -257,8 +264,14 @@ def cmd_generate(args) -> int:
 
 def cmd_add_domain(args) -> int:
     from .data import Domain, bundled_domain
+    from .model import check_memory_name
     from .train import add_domain
 
+    check_memory_name(args.name, "--name")
+    if args.test and not args.train:
+        from .config import ConfigError
+
+        raise ConfigError("--test needs --train: a bundled domain brings its own test files")
     if args.train:
         domain = Domain(name=args.name, train=list(args.train), test=list(args.test or []), text_field=args.text_field)
     else:
@@ -453,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KoffError as e:
         print(f"koff: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (disk full, permissions, ...): not a bug in koff
+        print(f"koff: error: {e.strerror or e}: {e.filename or ''} (nothing was replaced)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("koff: interrupted; every file written before is intact", file=sys.stderr)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import Run, atomic_write_text, build_model, load_run
-from .data import Domain, pack, read_documents, tokenize_documents, tokenize_files
+from .artifact import ArtifactError, Run, atomic_write_text, build_model, load_run
+from .outputs import atomic_output, lock
+from .data import DataError, Domain, pack, read_documents, tokenize_documents, tokenize_files
 from .model import KoffModel, lm_loss
 
 
@@ -46,9 +47,14 @@ class TestSet:
 def test_set(domain: Domain, tokenizer, settings: EvalSettings) -> TestSet:
     """Pack a domain's test text into blocks and locate its named subsets."""
     if not domain.test:
-        raise ValueError(f"domain {domain.name!r} has no test files to evaluate on")
+        raise DataError(f"domain {domain.name!r} has no test files to evaluate on")
     tokens = tokenize_files(domain.test, tokenizer, domain.text_field)
-    blocks = pack(tokens, settings.block, settings.max_tokens)
+    try:
+        blocks = pack(tokens, settings.block, settings.max_tokens)
+    except DataError:
+        raise DataError(f"domain {domain.name!r}: its test files ({', '.join(map(str, domain.test))}) give "
+                        f"{tokens.numel()} tokens, fewer than one block of --block {settings.block}"
+                        + (f" within --max-tokens {settings.max_tokens}" if settings.max_tokens else "")) from None
     subsets = {}
     for name, lines in domain.test_subsets.items():
         docs = read_documents(domain.test[0], domain.text_field)[:lines]
@@ -81,11 +87,11 @@ def summarize(nll: torch.Tensor, ts: TestSet) -> dict[str, dict]:
 
 
 def _domains_of(run: Run) -> list[Domain]:
-    data = run.manifest.get("data", {})
-    out = [Domain.from_dict(data[name]) for name in run.domains if name in data]
+    data = run.meta.data
+    out = [data[name].domain() for name in run.domains if name in data]
     for name, rec in run.memories.items():  # memories added later carry their own data record
-        if name not in run.domains and "data" in rec.info:
-            out.append(Domain.from_dict(rec.info["data"]))
+        if name not in run.domains and rec.meta.data is not None:
+            out.append(rec.meta.data.domain())
     return out
 
 
@@ -126,13 +132,13 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     if memories:
         rows[f"{label} + own memory"] = {d: swap[(d, d)] for d in names if (d, d) in swap}
     if not rows:
-        raise ValueError(f"{run_dir}: nothing to evaluate (no gates, no memories, dense scoring off)")
+        raise ArtifactError(f"{run_dir}: nothing to evaluate (no gates, no memories, dense scoring off)")
     subsets = ["test"] + sorted({s for ts in sets.values() for s in ts.subsets})
     result = {
         "run": str(run.path),
-        "base_model": run.manifest["base_model"]["source"],
+        "base_model": run.meta.base_model.source,
         "target_sparsity": run.target_sparsity,
-        "sparsity": {k: run.manifest["sparsity"][k] for k in ("ffn", "global", "global_without_embeddings")},
+        "sparsity": {k: run.meta.sparsity[k] for k in ("ffn", "global", "global_without_embeddings")},
         "settings": asdict(settings),
         "subsets": subsets,
         "tokens": {d: {s: v["tokens"] for s, v in next(iter(rows.values()))[d].items()} for d in names},
@@ -141,10 +147,10 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
                  **{s: [[swap.get((m, d), {}).get(s, {}).get("ppl") for d in names] for m in memories]
                     for s in subsets}},
     }
-    if write:
-        out = Path(run_dir) / "eval"
-        atomic_write_text(out / "perplexity.json", json.dumps(result, indent=2))
-        atomic_write_text(out / "perplexity.md", to_markdown(result))
+    if write:  # eval/ is replaced as a whole: its tables always belong together
+        with lock(run_dir, shared=True), atomic_output(Path(run_dir) / "eval", kind="eval", overwrite=True) as out:
+            atomic_write_text(out / "perplexity.json", json.dumps(result, indent=2))
+            atomic_write_text(out / "perplexity.md", to_markdown(result))
     return result
 
 

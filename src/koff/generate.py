@@ -33,7 +33,9 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if any(len(e) == 0 for e in encoded):
-        raise ValueError("every prompt must have at least one token")
+        from .errors import ConfigError
+
+        raise ConfigError("every prompt must have at least one token")
     width = max(len(e) for e in encoded)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=torch.bool)
