@@ -67,6 +67,20 @@ def _temperature(value: str) -> float:
     return t
 
 
+def _block(value: str) -> int:
+    n = _positive_int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"expected a block of at least 2 tokens, got {n}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as koff's: one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"koff: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_runtime_args(p: argparse.ArgumentParser, dtype_help: str = "precision of the base weights") -> None:
     from .runtime import DTYPES
 
@@ -138,6 +152,11 @@ def build_config(args: argparse.Namespace):
 
     raw: dict = read_yaml(args.config) if args.config else {}
     domains = raw.get("domains")
+    if args.test and not args.train:
+        raise ConfigError("--test needs --train for the same NAME (a bundled domain brings its own test files)")
+    names = list(args.domains or []) + [n for n, _ in args.train]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--domains / --train: a domain is given twice: {names}")
     if args.domains or args.train:
         domains = {}
         for name in args.domains or []:
@@ -156,6 +175,10 @@ def build_config(args: argparse.Namespace):
     for flag, key in (("model", "model"), ("sparsity", "target_sparsity"), ("output", "output")):
         if getattr(args, flag) is not None:
             raw[key] = str(getattr(args, flag)) if flag != "sparsity" else getattr(args, flag)
+    where = str(args.config) if args.config else "command line"
+    for section in ("train", "memory"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__}")
     train = dict(raw.get("train") or {})
     for key in ("steps", "batch_size", "seq_len", "reg_every", "controller", "lr_gates", "lr_lora", "lr_kv",
                 "lr_lambda", "warmup_frac", "consolidate_frac", "gate_init", "mask_scope", "seed", "checkpoint_every",
@@ -195,7 +218,7 @@ def _eval_settings(args):
 
 
 def _add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> None:
-    p.add_argument("--block", type=_positive_int, default=256, help="evaluation block length in tokens (default 256)")
+    p.add_argument("--block", type=_block, default=256, help="evaluation block length in tokens (default 256)")
     p.add_argument("--max-tokens", type=_positive_int, default=max_tokens,
                    help="score only the first N test tokens per domain (default: the whole split)")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8)
@@ -360,7 +383,7 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"koff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -465,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KoffError as e:
-        print(f"koff: error: {e}", file=sys.stderr)
+        print("koff: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, always
         return 2
     except OSError as e:  # the file system refused (disk full, permissions, ...): not a bug in koff
         print(f"koff: error: {e.strerror or e}: {e.filename or ''} (nothing was replaced)", file=sys.stderr)
