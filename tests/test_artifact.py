@@ -63,6 +63,9 @@ def test_artifact_layout(trained):
 def test_missing_run(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         load_run(tmp_path / "nope")
+    for bad in (None, "", 5):
+        with pytest.raises(ArtifactError, match="must be a path"):
+            load_run(bad)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -243,7 +243,9 @@ REPORT = lambda c: ["report", str(c.tmp / "results")]  # noqa: E731
 
 
 def add(*extra: str, name: str = "xx"):
-    return lambda c: ["add-domain", str(c.run), "--name", name, "--steps", "1", "--no-reference", *extra]
+    """`koff add-domain` of a one-step memory (TRAIN stands for a valid training file)."""
+    return lambda c: ["add-domain", str(c.run), "--name", name, "--steps", "1", "--no-reference",
+                      *(str(c.data["de"]["train"]) if x == "TRAIN" else x for x in extra)]
 
 
 def leak_train(src: Callable[[Ctx], Path], flag: str = "--train"):
@@ -497,6 +499,12 @@ CASES = [
     Case("test-data-gone", "flags", lambda c: ["evaluate", str(c.run), "--block", "16", "--max-tokens", "32"],
          edit_json(M, set_key(["data", "en", "test"], ["/nonexistent/test.txt"])), ("/nonexistent/test.txt",)),
     Case("unknown-flag", "flags", lambda c: ["generate", str(c.run), "hi", "--memroy", "en"], None, ("--memroy",)),
+    Case("chat-without-template", "flags", gen("--chat"), None, ("--chat", "chat template")),
+    Case("device-unknown", "flags", gen("--device", "tpu"), None, ("--device", "'tpu'")),
+    Case("plan-config", "flags", lambda c: ["plan", "--model", str(c.model), "--config", str(c.tmp / "files" / "p.yaml")],
+         lambda c: c.file("p.yaml", "train: {batch_size: abc}\n"), ("p.yaml", "train.batch_size")),
+    Case("name-a", "flags", add("--train", "TRAIN", name="a"), None, (),
+         accepted="'a' is a valid memory name (the old substring test refused it, and 'l', 'o', 'lo', 'ora')"),
 
     # -- the test-leak guard --------------------------------------------------------------------
     Case("leak-original-test", "test leak", leak_train(lambda c: c.data["en"]["test"]),
@@ -603,6 +611,11 @@ CASES = [
          lambda c: (c.config(), (c.tmp / "r.partial").mkdir()), ("r.partial", ".koff-partial.yaml", "delete it")),
     Case("locked-run", "outputs", lambda c: add("--train", str(c.data["de"]["train"]))(c), hold_lock,
          ("run", "being written by", ".run.lock")),
+    Case("eval-folder-foreign", "outputs", lambda c: ["evaluate", str(c.run), "--block", "16", "--max-tokens", "32"],
+         lambda c: ((c.run / "eval").mkdir(), (c.run / "eval" / "mine.txt").write_text("x")),
+         ("eval", "not a folder koff wrote")),
+    Case("evaluate-locked-run", "outputs", lambda c: ["evaluate", str(c.run), "--block", "16", "--max-tokens", "32"],
+         hold_lock, ("being written by",)),
     Case("demo-onto-folder", "outputs", lambda c: ["demo", "-o", str(c.tmp / "mine")], None, ("mine", "not a folder koff wrote")),
 
     # -- grid configs and report cells ----------------------------------------------------------

@@ -337,7 +337,7 @@ def cmd_plan(args) -> int:
     import dataclasses
     import json
 
-    from .config import ConfigError, MemoryConfig, _section, read_yaml
+    from .config import ConfigError, MemoryConfig, TrainConfig, _section, read_yaml
     from .plan import format_plan, make_plan, measure_peak
 
     raw = read_yaml(args.config) if args.config else {}
@@ -346,17 +346,20 @@ def cmd_plan(args) -> int:
     for key in ("lora_rank", "kv_tokens"):
         if getattr(args, key) is not None:
             memory = dataclasses.replace(memory, **{key: getattr(args, key)})
-    train = raw.get("train") or {}
-    if not isinstance(train, dict):
-        raise ConfigError(f"{where}: train: expected a mapping")
+    memory.validate(f"{where}: memory")
+    train = _section(TrainConfig, raw.get("train"), f"{where}: train")
     domains = raw.get("domains", ["en", "fr", "es"])
     memories = args.memories if args.memories is not None else (len(domains) if isinstance(domains, (list, dict)) else 1)
-    batch = args.batch_size or int(train.get("batch_size", 4))
-    seq = args.seq_len or int(train.get("seq_len", 128))
-    accum = args.grad_accum or int(train.get("grad_accum", 1))
+    batch = args.batch_size or train.batch_size
+    seq = args.seq_len or train.seq_len
+    accum = args.grad_accum or train.grad_accum
+    sparsity = args.sparsity if args.sparsity is not None else raw.get("target_sparsity", 0.2)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+        raise ConfigError(f"{where}: target_sparsity (--sparsity) must be a number in [0, 1), got {sparsity!r}")
+    if raw.get("model") is not None and not isinstance(raw["model"], str):
+        raise ConfigError(f"{where}: model: expected a string, got {raw['model']!r}")
     plan = make_plan(args.model or raw.get("model"), memory, batch_size=batch, seq_len=seq, grad_accum=accum,
-                     memories=memories, world_size=args.processes, fsdp=args.fsdp,
-                     target_sparsity=args.sparsity if args.sparsity is not None else raw.get("target_sparsity", 0.2))
+                     memories=memories, world_size=args.processes, fsdp=args.fsdp, target_sparsity=sparsity)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

@@ -27,6 +27,10 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
     if not prompts:
         return []
     names = km.row_names(memory, len(prompts))
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--chat: the base model's tokenizer has no chat template; leave --chat out")
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]

@@ -210,6 +210,7 @@ def make_temp_dir(final: Path) -> Path:
         os.chmod(tmp, _dir_mode())
     except OSError as e:
         raise ArtifactError(f"cannot create the output {final}: {e.strerror or e}") from None
+    faults.point("output.created")
     return tmp
 
 
