@@ -186,6 +186,11 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     run = load_run(run_dir)
     if run.keep is None:
         raise ArtifactError(f"{run_dir}: the run is a dense + memories run: it has no backbone mask to analyse")
+    if write:  # refuse now what would be refused after the analysis
+        from .outputs import check_not_locked, check_output
+
+        check_output(Path(run_dir) / "analysis", "analysis", overwrite=True)
+        check_not_locked(run_dir)
     km, tok = build_model(run, model, memories=[], runtime=runtime)
     km.gates.detach()  # the dense base model: LAPE and one-shot scores are measured on it
     base = km.model

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifact import ArtifactError, Run, atomic_write_text, build_model, load_run
-from .outputs import atomic_output, lock
+from .outputs import atomic_output, check_not_locked, check_output, lock
 from .data import DataError, Domain, pack, read_documents, tokenize_documents, tokenize_files
 from .model import KoffModel, lm_loss
 
@@ -101,6 +101,9 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     `runtime` (koff.runtime.Runtime) sets device and dtype (default: float32 on the CPU)."""
     settings = settings or EvalSettings()
     run = load_run(run_dir)
+    if write:  # refuse now what would be refused after the evaluation
+        check_output(Path(run_dir) / "eval", "eval", overwrite=True)
+        check_not_locked(run_dir)
     km, tok = build_model(run, model, runtime=runtime)
     domains = _domains_of(run)
     sets = {d.name: test_set(d, tok, settings) for d in domains}

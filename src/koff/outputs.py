@@ -354,6 +354,13 @@ def lock(target: Path, shared: bool = False) -> Iterator[None]:
         os.close(fd)
 
 
+def check_not_locked(target: Path, shared: bool = True) -> None:
+    """Refuse now, rather than after minutes of work, if a writer holds `target` (the lock is
+    taken again, for real, when the output is written)."""
+    with lock(target, shared=shared):
+        pass
+
+
 # -- whole outputs -------------------------------------------------------------------------------
 
 
@@ -395,6 +402,7 @@ def remove_tree(path: Path) -> None:
     _remove(Path(path))
 
 
-__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "check_output", "clean_leftovers", "kind_of",
+__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "check_not_locked", "check_output",
+           "clean_leftovers", "kind_of",
            "leftovers", "lock", "make_temp_dir", "notice", "register_kind", "remove_tree", "swap_in", "temp_name",
            "umask"]
