@@ -242,6 +242,34 @@ def test_export_killed(fault, overwrite, world, tmp_path):
         assert (out / f).read_bytes() == (world["straight"] / "out" / f).read_bytes(), f
 
 
+@pytest.mark.parametrize("fault", ["output.staged", "output.exchanged"])
+def test_evaluate_killed(fault, world, tmp_path):
+    """eval/ holds the earlier tables until the new ones replace them, together."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    argv = ["evaluate", run, "--block", "16", "--max-tokens", "32"]
+    assert koff(argv, tmp_path / "logs" / "0.txt")[0] == 0
+    (run / "eval" / "perplexity-other.json").write_text("{}")  # a table of another --tag
+    old = tree(run)
+    md = (run / "eval" / "perplexity.md").read_text()
+    (run / "eval" / "perplexity.md").write_text(md + "\nedited\n")  # so the rewrite is visible
+    before = tree(run)
+    code, log = koff(argv, tmp_path / "logs" / "1.txt", fault)
+    assert code == -9, log
+    after = {k: v for k, v in tree(run).items() if not is_temporary(k)}
+    if fault == "output.staged":
+        assert after == before
+    else:
+        assert {k: v for k, v in after.items() if not k.startswith("eval/")} == \
+               {k: v for k, v in before.items() if not k.startswith("eval/")}
+        assert after["eval/perplexity.md"] == old["eval/perplexity.md"] and "eval/perplexity-other.json" in after
+    assert [k for k in tree(tmp_path) if is_temporary(k) and not k.endswith(".lock")]
+    code, log = koff(argv, tmp_path / "logs" / "2.txt")
+    assert code == 0 and "left by an interrupted koff command" in log, log
+    assert tree(run) == {**old, "eval/perplexity-other.json": before["eval/perplexity-other.json"]}
+    assert not [k for k in tree(tmp_path) if is_temporary(k)]
+
+
 def _decompose_argv(world, folder: Path, extra=()) -> list:
     """`koff decompose` of a resumable tiny run into FOLDER/r, run from FOLDER (the output is
     recorded as given, so runs made in different folders compare bitwise)."""

@@ -182,3 +182,32 @@ def test_kinds_are_recognised_by_what_koff_writes(tmp_path):
     finally:
         outputs.KINDS.pop("gguf")
         outputs.KIND_NAMES.pop("gguf")
+
+
+def test_an_updated_folder_keeps_what_the_command_did_not_write(tmp_path):
+    """RUN/eval/ collects tables (one per --tag): a new table and its Markdown replace the old
+    pair in one swap; every other file stays; a failure changes nothing."""
+    from koff.outputs import updated_folder
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "perplexity.json").write_text("old")
+    (folder / "perplexity-long.json").write_text("another tag")
+    (folder / "plots").mkdir()
+    (folder / "plots" / "a.png").write_bytes(b"png")
+    with pytest.raises(RuntimeError):
+        with updated_folder(folder) as tmp:
+            (tmp / "perplexity.json").write_text("half")
+            raise RuntimeError("crash")
+    assert (folder / "perplexity.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    with updated_folder(folder) as tmp:
+        atomic_write_text(tmp / "perplexity.json", "new")
+        atomic_write_text(tmp / "perplexity.md", "new table")
+    assert sorted(p.name for p in folder.iterdir()) == ["perplexity-long.json", "perplexity.json", "perplexity.md",
+                                                         "plots"]
+    assert (folder / "perplexity.json").read_text() == "new" and (folder / "plots" / "a.png").read_bytes() == b"png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="a file, not a folder"):
+        with updated_folder(tmp_path / "file"):
+            pass

@@ -186,11 +186,11 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     run = load_run(run_dir)
     if run.keep is None:
         raise ArtifactError(f"{run_dir}: the run is a dense + memories run: it has no backbone mask to analyse")
-    if write:  # refuse now what would be refused after the analysis
-        from .outputs import check_not_locked, check_output
+    if write:  # refuse now, not after the analysis
+        from .outputs import check_folder, check_not_locked
 
-        check_output(Path(run_dir) / "analysis", "analysis", overwrite=True)
         check_not_locked(run_dir)
+        check_folder(Path(run_dir) / "analysis")
     km, tok = build_model(run, model, memories=[], runtime=runtime)
     km.gates.detach()  # the dense base model: LAPE and one-shot scores are measured on it
     base = km.model
@@ -235,12 +235,11 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
                    "general_per_layer": result.general.sum(1).tolist()},
         "masks": {name: mask_report(m, result) for name, m in masks.items()},
     }
-    if write:  # analysis/ is replaced as a whole: its tables and plots always belong together
+    if write:  # the tables and plots appear together, in one swap of analysis/
         from .artifact import atomic_write_text
-        from .outputs import atomic_output, lock
+        from .outputs import lock, updated_folder
 
-        with lock(run_dir, shared=True), atomic_output(Path(run_dir) / "analysis", kind="analysis",
-                                                       overwrite=True) as folder:
+        with lock(run_dir, shared=True), updated_folder(Path(run_dir) / "analysis") as folder:
             atomic_write_text(folder / "specialization.json", json.dumps(out, indent=2))
             atomic_write_text(folder / "specialization.md", to_markdown(out))
             plot(out, folder)

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import ArtifactError, Run, atomic_write_text, build_model, load_run
-from .outputs import atomic_output, check_not_locked, check_output, lock
+from .artifact import Run, atomic_write_text, build_model, load_run
 from .data import DataError, Domain, pack, read_documents, tokenize_documents, tokenize_files
 from .model import KoffModel, lm_loss
+from .errors import ArtifactError
+from .outputs import check_folder, check_not_locked, lock, updated_folder
 
 
 @dataclass
@@ -87,11 +88,11 @@ def summarize(nll: torch.Tensor, ts: TestSet) -> dict[str, dict]:
 
 
 def _domains_of(run: Run) -> list[Domain]:
-    data = run.meta.data
-    out = [data[name].domain() for name in run.domains if name in data]
+    data = run.manifest.get("data", {})
+    out = [Domain.from_dict(data[name]) for name in run.domains if name in data]
     for name, rec in run.memories.items():  # memories added later carry their own data record
-        if name not in run.domains and rec.meta.data is not None:
-            out.append(rec.meta.data.domain())
+        if name not in run.domains and "data" in rec.info:
+            out.append(Domain.from_dict(rec.info["data"]))
     return out
 
 
@@ -101,9 +102,9 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     `runtime` (koff.runtime.Runtime) sets device and dtype (default: float32 on the CPU)."""
     settings = settings or EvalSettings()
     run = load_run(run_dir)
-    if write:  # refuse now what would be refused after the evaluation
-        check_output(Path(run_dir) / "eval", "eval", overwrite=True)
+    if write:  # refuse now, not after the evaluation
         check_not_locked(run_dir)
+        check_folder(Path(run_dir) / "eval")
     km, tok = build_model(run, model, runtime=runtime)
     domains = _domains_of(run)
     sets = {d.name: test_set(d, tok, settings) for d in domains}
@@ -150,8 +151,8 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
                  **{s: [[swap.get((m, d), {}).get(s, {}).get("ppl") for d in names] for m in memories]
                     for s in subsets}},
     }
-    if write:  # eval/ is replaced as a whole: its tables always belong together
-        with lock(run_dir, shared=True), atomic_output(Path(run_dir) / "eval", kind="eval", overwrite=True) as out:
+    if write:  # a table and its Markdown appear together, in one swap of eval/
+        with lock(run_dir, shared=True), updated_folder(Path(run_dir) / "eval") as out:
             atomic_write_text(out / "perplexity.json", json.dumps(result, indent=2))
             atomic_write_text(out / "perplexity.md", to_markdown(result))
     return result

@@ -4,9 +4,11 @@ SIGKILL (no cleanup, no exception handlers, no atexit, unflushed buffers lost).
 `KOFF_FAULT=<point>#<n>` dies at the n-th time the point is reached (a point reached once per
 trained model, e.g. `train.step.2` in a run and then in its reference); `KOFF_FAULT=<point>:int`
 sends SIGINT instead (a Ctrl-C arriving exactly there). Points are named where koff writes:
-`train.step.N` (after optimizer step N and any checkpoint due there), `output.staged` (a new
-output complete in its temporary folder), `output.exchanged` (swapped in, the old one not yet
-removed), `add_domain.*`, `decompose.*`, `checkpoint.*` (see the callers). Unset (the normal case)
+`train.step.N` (after optimizer step N and any checkpoint due there), `output.created` (an
+output's temporary folder made), `output.staged` (a new output complete in its temporary folder),
+`output.exchanged` (swapped in, the old one not yet removed), `add_domain.staged` /
+`add_domain.swapped`, `checkpoint.staged`, `run.written`, `decompose.publish` /
+`decompose.published` (see the callers). Unset (the normal case)
 it costs one environment lookup.
 """
 

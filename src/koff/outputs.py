@@ -397,12 +397,49 @@ def atomic_output(final: Path, kind: str | None = None, inputs: Iterable[Path | 
                     _remove(leftover)
 
 
+def check_folder(folder: Path) -> None:
+    """`folder` is a folder (or not there yet), not a file or a symlink koff would write through."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ArtifactError(f"{folder} is {'a symlink' if folder.is_symlink() else 'a file'}, not a folder; koff "
+                            "writes its tables there: move it away")
+
+
+@contextlib.contextmanager
+def updated_folder(folder: Path) -> Iterator[Path]:
+    """Yield a staging copy of `folder` (a folder of result files that several commands add to,
+    e.g. RUN/eval/ with one table per `--tag`): what the block writes there, and every file it
+    leaves alone, replace `folder` in one swap. A crash or Ctrl-C leaves `folder` as it was; a
+    reader never sees a table without its companions."""
+    folder = Path(folder)
+    check_folder(folder)
+    with lock(folder):
+        clean_leftovers(folder)
+        tmp = make_temp_dir(folder)
+        old = None
+        try:
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.copytree(p, tmp / p.name, symlinks=True)
+                    else:  # copies, not links: a writer that rewrites a file in place must not touch the live one
+                        shutil.copy2(p, tmp / p.name, follow_symlinks=False)
+            yield tmp
+            faults.point("output.staged")
+            old = swap_in(tmp, folder)
+            faults.point("output.exchanged")
+        finally:
+            for leftover in (tmp, old):
+                if leftover is not None and (leftover.exists() or leftover.is_symlink()):
+                    _remove(leftover)
+
+
 def remove_tree(path: Path) -> None:
     """Delete a folder (or file) that koff owns, ignoring one that is already gone."""
     _remove(Path(path))
 
 
-__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "check_not_locked", "check_output",
-           "clean_leftovers", "kind_of",
+__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "check_folder", "check_not_locked", "check_output",
+           "clean_leftovers", "kind_of", "updated_folder",
            "leftovers", "lock", "make_temp_dir", "notice", "register_kind", "remove_tree", "swap_in", "temp_name",
            "umask"]
