@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 
 from . import faults
 from .errors import ArtifactError
-from .manifest import CHECKPOINT_FORMAT as FORMAT
-from .manifest import CHECKPOINT_VERSION as FORMAT_VERSION
+from .manifest import CHECKPOINT_FORMAT as FORMAT  # noqa: F401  (re-exported)
+from .manifest import CHECKPOINT_VERSION as FORMAT_VERSION  # noqa: F401  (re-exported)
 from .manifest import CheckpointManifest
 
 

@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         print("koff: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, always
         return 2
     except OSError as e:  # the file system refused (disk full, permissions, ...): not a bug in koff
-        print(f"koff: error: {e.strerror or e}: {e.filename or ''} (nothing was replaced)", file=sys.stderr)
+        print(f"koff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("koff: interrupted; every file written before is intact", file=sys.stderr)
