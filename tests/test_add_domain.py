@@ -42,3 +42,34 @@ def test_add_domain_keeps_every_existing_byte(llama_folder, data_files, tmp_path
     with pytest.raises(ConfigError, match="exists already"):
         add_domain(run, Domain("de", train=[de["train"]]), steps=1, progress=False)
     assert _hashes(run) == {**after, **{k: v for k, v in _hashes(run).items() if k.startswith("eval/")}}
+
+
+def test_add_domain_with_a_moved_base_model_writes_only_inside_the_run(llama_folder, data_files, tmp_path,
+                                                                         monkeypatch):
+    """The base model moved: `--model` names its new folder. The memory's metrics are staged in the
+    run itself: nothing is written to the system's temporary folder."""
+    import json
+    import shutil
+    import tempfile
+
+    run = tmp_path / "run"
+    cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, run, steps=2))
+    cfg.reference = False
+    decompose(cfg, progress=False)
+    moved = tmp_path / "moved-model"
+    shutil.copytree(llama_folder, moved)
+    m = json.loads((run / "koff.json").read_text())
+    m["base_model"]["source"] = str(tmp_path / "gone")
+    (run / "koff.json").write_text(json.dumps(m))
+    sys_tmp = tmp_path / "system-tmp"
+    sys_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(sys_tmp))
+    before = _hashes(run)
+    de = write_domain_files(tmp_path / "de-data", langs=("de",))["de"]
+    args = ["add-domain", str(run), "--name", "de", "--train", str(de["train"]), "--steps", "1"]
+    assert main(args) == 2  # the recorded base model is gone ...
+    assert main(args + ["--model", str(moved)]) == 0  # ... and --model points to where it went
+    assert {k: v for k, v in _hashes(run).items() if k in before} == before
+    assert load_run(run).memories["de"].meta.added_after
+    assert list(sys_tmp.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["de-data", "moved-model", "run", "system-tmp"]

@@ -63,6 +63,9 @@ def test_artifact_layout(trained):
 def test_missing_run(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         load_run(tmp_path / "nope")
+    for bad in (None, "", 5):
+        with pytest.raises(ArtifactError, match="must be a path"):
+            load_run(bad)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -132,7 +135,7 @@ def test_kv_of_wrong_shape(trained, tmp_path):
     run = _copy(trained[0], tmp_path)
     bad = torch.zeros(2, 2, 4, 5)
     _rewrite_memory_file(run, "fr", "kv.safetensors", {"keys": bad, "values": bad.clone()})
-    with pytest.raises(ArtifactError, match=r"fr/kv.safetensors: KV tensors have shape \[2, 2, 4, 5\], but the base model needs \[2, 2, 4, 8\]"):
+    with pytest.raises(ArtifactError, match=r"fr/kv.safetensors: KV tensors have shape \[2, 2, 4, 5\], but koff.json's base model .* needs \[2, 2, 4, 8\]"):
         load_run(run)
 
 
@@ -177,16 +180,17 @@ def test_other_base_model_is_refused(trained, qwen_folder):
 def test_failed_write_keeps_existing_artifact(tmp_path):
     final = tmp_path / "run"
     final.mkdir()
-    (final / "koff.json").write_text("old")
+    old, new = '{"format": "koff.run", "v": "old"}', '{"format": "koff.run", "v": "new"}'
+    (final / "koff.json").write_text(old)
     with pytest.raises(RuntimeError):
         with atomic_directory(final, overwrite=True) as tmp:
-            (tmp / "koff.json").write_text("new")
+            (tmp / "koff.json").write_text(new)
             raise RuntimeError("crash mid-write")
-    assert (final / "koff.json").read_text() == "old"
+    assert (final / "koff.json").read_text() == old
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     with atomic_directory(final, overwrite=True) as tmp:
-        (tmp / "koff.json").write_text("new")
-    assert (final / "koff.json").read_text() == "new"
+        (tmp / "koff.json").write_text(new)
+    assert (final / "koff.json").read_text() == new
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from koff.config import ConfigError, config_from_dict, dump_config, load_config
 
@@ -39,3 +40,33 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_data_paths_are_stored_absolute(llama_folder, data_files, tmp_path, monkeypatch):
+    """Relative data paths (a relative KOFF_DATA, relative files in a config) are recorded
+    absolute, so the run keeps working from any working directory."""
+    from koff.data import bundled_domain, data_root
+    from koff.evaluate import EvalSettings, evaluate_run
+    from koff.train import decompose
+
+    shared = tmp_path / "shared"
+    (shared / "text" / "en").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KOFF_DATA", "shared")
+    assert data_root() == shared and bundled_domain("en").train == [shared / "text" / "en" / "train.txt"]
+
+    monkeypatch.chdir(data_files["en"]["train"].parents[1])
+    d = tiny_config_dict(llama_folder, data_files, tmp_path / "run", steps=2)
+    d["domains"] = {"en": {"train": ["en/train.txt"], "test": ["en/test.txt"]},
+                    "fr": {"train": ["fr/train.txt"], "test": ["fr/test.txt"]}}
+    d["general"] = ["general.jsonl"]
+    d["reference"] = False
+    cfg = config_from_dict(d)
+    assert cfg.domains[0].train == [data_files["en"]["train"]] and cfg.general[0].is_absolute()
+    decompose(cfg, progress=False)
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["domains"]["en"]["train"] == [str(data_files["en"]["train"])]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = evaluate_run(tmp_path / "run", EvalSettings(block=16, max_tokens=32), progress=False)
+    assert result["tokens"]["en"]["test"] == 30

@@ -119,3 +119,16 @@ def test_distillation_from_the_reference(llama_folder, data_files, tmp_path):
     cfg.reference = False
     with pytest.raises(ValueError, match="distill needs the dense"):
         decompose(cfg, progress=False)
+
+
+def test_a_diverged_run_is_refused_not_written(llama_folder, data_files, tmp_path):
+    """Huge learning rates blow the memories up: koff stops with an error naming the learning
+    rates, and no run (nor a temporary folder) is left."""
+    from koff.config import ConfigError
+
+    cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "r", steps=6, lr_lora=1e30,
+                                            lr_kv=1e30, lr_gates=1e30))
+    cfg.reference = False
+    with pytest.raises(ConfigError, match="diverged.*lr_"):
+        decompose(cfg, progress=False)
+    assert list(tmp_path.iterdir()) == []

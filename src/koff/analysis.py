@@ -178,7 +178,7 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     from tqdm.auto import tqdm
 
     from .artifact import ArtifactError, build_model, load_run
-    from .data import Domain, pack, tokenize_files
+    from .data import DataError, pack, tokenize_files
     from .gates import topk_keep_mask
     from .scores import activation_stats, neuron_scores
 
@@ -186,32 +186,46 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     run = load_run(run_dir)
     if run.keep is None:
         raise ArtifactError(f"{run_dir}: the run is a dense + memories run: it has no backbone mask to analyse")
+    if write:  # refuse now, not after the analysis
+        from .outputs import check_folder, check_not_locked
+
+        check_not_locked(run_dir)
+        check_folder(Path(run_dir) / "analysis")
     km, tok = build_model(run, model, memories=[], runtime=runtime)
     km.gates.detach()  # the dense base model: LAPE and one-shot scores are measured on it
     base = km.model
-    data = run.manifest["data"]
+    data = run.meta.data
     languages = [d for d in run.domains if d in data]
+    if len(languages) < 2:
+        raise ArtifactError(f"{run_dir}: LAPE compares languages: the run needs at least two domains with data "
+                            f"records in koff.json, has {languages}")
     probs, calib = [], []
     for lang in languages:
-        dom = Domain.from_dict(data[lang])
-        blocks = pack(tokenize_files(dom.train, tok, dom.text_field), s.seq_len, s.tokens)
+        dom = data[lang].domain()
+        tokens = tokenize_files(dom.train, tok, dom.text_field)
+        try:
+            blocks = pack(tokens, s.seq_len, s.tokens)
+        except DataError:
+            raise DataError(f"domain {lang!r}: its training files ({', '.join(map(str, dom.train))}) give "
+                            f"{tokens.numel()} tokens, fewer than one block of {s.seq_len} within --tokens "
+                            f"{s.tokens}") from None
         calib.append(blocks)
         batches = [blocks[i: i + s.batch_size] for i in range(0, blocks.shape[0], s.batch_size)]
         probs.append(activation_probability(base, tqdm(batches, desc=f"LAPE {lang}", disable=not progress, leave=False)))
     result = lape(torch.stack(probs, -1), languages, s)
     pruned = ~torch.stack([k.bool() for k in run.keep])
-    training = run.manifest["training"]["train"]
-    scope = training.get("mask_scope", "global")
+    training = run.meta.training.train
+    scope = training.mask_scope
     masks = {"koff": pruned}
     stats = None
     for kind in baselines:
         if kind != "magnitude" and stats is None:
-            cal = [b[: max(1, training.get("calibration_tokens", 4096) // s.seq_len)] for b in calib]
+            cal = [b[: max(1, training.calibration_tokens // s.seq_len)] for b in calib]
             stats = activation_stats(base, [c[i: i + s.batch_size] for c in cal for i in range(0, c.shape[0], s.batch_size)])
         keep = topk_keep_mask(neuron_scores(kind, base, stats), run.target_sparsity, scope=scope)
         masks[kind] = ~torch.stack(keep)
     out = {
-        "run": str(run.path), "base_model": run.manifest["base_model"]["source"], "languages": languages,
+        "run": str(run.path), "base_model": run.meta.base_model.source, "languages": languages,
         "settings": asdict(s), "target_sparsity": run.target_sparsity, "mask_scope": scope,
         "activation_bar": result.activation_bar,
         "counts": {"specific": int(result.any_specific.sum()),
@@ -221,13 +235,14 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
                    "general_per_layer": result.general.sum(1).tolist()},
         "masks": {name: mask_report(m, result) for name, m in masks.items()},
     }
-    if write:
+    if write:  # the tables and plots appear together, in one swap of analysis/
         from .artifact import atomic_write_text
+        from .outputs import lock, updated_folder
 
-        folder = Path(run_dir) / "analysis"
-        atomic_write_text(folder / "specialization.json", json.dumps(out, indent=2))
-        atomic_write_text(folder / "specialization.md", to_markdown(out))
-        plot(out, folder)
+        with lock(run_dir, shared=True), updated_folder(Path(run_dir) / "analysis") as folder:
+            atomic_write_text(folder / "specialization.json", json.dumps(out, indent=2))
+            atomic_write_text(folder / "specialization.md", to_markdown(out))
+            plot(out, folder)
     return out
 
 

@@ -15,18 +15,20 @@
       eval/                      tables written by `koff evaluate`
 
 Everything is safetensors or JSON/YAML: nothing is ever unpickled. Every write goes to a temporary
-path first and is renamed into place, so a failure never leaves a half-written artifact and never
-destroys an existing one. A memory's files are listed in its own memory.json, not in koff.json, so
-adding a memory later leaves every existing file byte-identical.
+path first and is renamed into place (`koff.outputs`), so a failure never leaves a half-written
+artifact and never destroys an existing one. A memory's files are listed in its own memory.json,
+not in koff.json, so adding a memory later leaves every existing file byte-identical.
+
+Loading trusts the format, not the manifest: the files a run or memory must hold follow from its
+shape (`koff.manifest`), each must be listed with its sha256, lie inside the folder (no '..', no
+symlink) and match; every tensor is checked for dtype, shape and finiteness, and the geometry
+recorded is checked against the base model actually loaded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,55 +38,20 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .base import Geometry, sha256_file
-from .errors import ArtifactError  # noqa: F401  (re-exported)
+from .errors import ArtifactError, ModelError
+from .manifest import (FORMAT_VERSION, MEMORY_FORMAT, RUN_FORMAT, MemoryManifest, RunManifest, optional,  # noqa: F401
+                       require)
+from .outputs import atomic_output, atomic_write_text  # noqa: F401  (re-exported)
 
-FORMAT = "koff.run"
-FORMAT_VERSION = 1
-MEMORY_FORMAT = "koff.memory"
-
-
+FORMAT = RUN_FORMAT
 
 
 # -- atomic writing ------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temporary sibling and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path, overwrite: bool = False):
-    """Yield a temporary directory that becomes `final` only if the block succeeds.
-
-    With `overwrite`, an existing `final` is replaced only after the new one is complete.
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise ArtifactError(f"{final} already exists (choose another output or pass --overwrite)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rmdir(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def atomic_directory(final: Path, overwrite: bool = False, kind: str | None = None, inputs=()):
+    """Yield a temporary directory that becomes `final` only if the block succeeds
+    (`koff.outputs.atomic_output`: an existing `final` is replaced only with `overwrite`, only when
+    it is an earlier koff output of the same kind, and atomically)."""
+    return atomic_output(final, kind=kind, inputs=inputs, overwrite=overwrite)
 
 
 # -- in-memory records ---------------------------------------------------------------------------
@@ -96,6 +63,8 @@ class MemoryRecord:
     name: str
     parts: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    meta: MemoryManifest | None = None
+    """The typed memory.json (set when the memory was loaded from disk)."""
 
     @classmethod
     def of(cls, name: str, lora_config: dict | None = None, lora_state: dict | None = None,
@@ -155,24 +124,32 @@ class Run:
 
     path: Path
     manifest: dict
+    """koff.json as stored (validated); readers use `meta`, the typed manifest."""
     keep: list[torch.Tensor] | None
     log_alpha: list[torch.Tensor] | None
     memories: dict[str, MemoryRecord]
     bias: list[torch.Tensor] | None = None
     """FLAP bias compensation added to each layer's down_proj output (one-shot FLAP runs only)."""
+    meta: RunManifest | None = None
 
     @property
     def domains(self) -> list[str]:
-        return list(self.manifest["domains"])
+        return list(self.meta.domains)
 
     @property
     def target_sparsity(self) -> float:
-        return float(self.manifest["target_sparsity"])
+        return float(self.meta.target_sparsity)
 
     @property
     def reference(self) -> Run | None:
         ref = self.path / "reference"
-        return load_run(ref) if (ref / "koff.json").is_file() else None
+        if not (ref / "koff.json").is_file():
+            return None
+        run = load_run(ref)
+        if run.meta.pruned or run.meta.base_model.fingerprint != self.meta.base_model.fingerprint:
+            raise ArtifactError(f"{ref / 'koff.json'}: a run's reference must be the dense + memories run of the same "
+                                "base model (pruned: false, the same fingerprint)")
+        return run
 
 
 def memory_record(km, name: str, info: dict | None = None) -> MemoryRecord:
@@ -185,23 +162,21 @@ def write_memory(folder: Path, rec: MemoryRecord, base_source: str | None = None
                  extra: dict[str, bytes] | None = None) -> dict[str, str]:
     """Write one memory's files into `folder` (which must exist and be empty); returns hashes.
     Each part writes its own files and memory.json section (under its kind's name); `extra` files
-    (e.g. the memory's training metrics) are written and hashed alongside."""
+    (the memory's training metrics) are written and hashed alongside. memory.json is written last:
+    a folder without it is not a memory."""
     from .memory import PART_KINDS
 
+    folder = Path(folder)
     for fname, data in (extra or {}).items():
         (folder / fname).write_bytes(data)
-    sections = {kind: (rec.parts[kind].save(folder, base_source) if kind in rec.parts else None) for kind in PART_KINDS}
-    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
-    manifest = {
-        "format": MEMORY_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "koff_version": __version__,
-        "name": rec.name,
-        **sections,
-        "files": files,
-        **{k: v for k, v in rec.info.items() if k not in ("name", "files", "format", *PART_KINDS)},
-    }
-    (folder / "memory.json").write_text(json.dumps(manifest, indent=2))
+    sections = {kind: rec.parts[kind].save(folder, base_source) for kind in PART_KINDS if kind in rec.parts}
+    info = {k: v for k, v in rec.info.items() if k not in ("name", "files", "format", "format_version", "koff_version",
+                                                           *PART_KINDS)}
+    draft = MemoryManifest(name=rec.name, parts=sections, files={})
+    files = {f: sha256_file(folder / f) for f in sorted(draft.required_files() | set(extra or {}))}
+    where = str(folder.parent / rec.name / "memory.json")
+    manifest = MemoryManifest.from_dict({**draft.to_dict(), **info, "files": files}, where)
+    atomic_write_text(folder / "memory.json", json.dumps(manifest.to_dict(), indent=2))
     return files
 
 
@@ -220,9 +195,17 @@ def save_mask(folder: Path, keep: list[torch.Tensor], log_alpha: list[torch.Tens
 
 def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log_alpha: list[torch.Tensor] | None,
               memories: list[MemoryRecord], config_yaml: str, bias: list[torch.Tensor] | None = None) -> None:
-    """Write a complete run into a temporary folder (which may already hold metrics.jsonl).
-    koff.json lists the sha256 of every backbone-level file."""
+    """Write a complete run into a folder not yet holding one (a temporary folder, or a resumable
+    OUTPUT.partial/, which may already hold metrics.jsonl, a checkpoint and a reference). koff.json
+    lists the sha256 of every backbone-level file the format requires and is written last, in one
+    rename: a folder without it is not a run, and what an interrupted write left is replaced."""
+    from .outputs import remove_tree
+
     folder = Path(folder)
+    if (folder / "koff.json").exists():
+        raise ArtifactError(f"{folder}: holds a finished run already (koff.json)")
+    for stale in ("backbone", "memories", "config.yaml"):  # from a write interrupted before koff.json
+        remove_tree(folder / stale)
     (folder / "config.yaml").write_text(config_yaml)
     if keep is not None:
         save_mask(folder / "backbone", keep, log_alpha, bias)
@@ -230,21 +213,20 @@ def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log
         d = folder / "memories" / rec.name
         d.mkdir(parents=True)
         write_memory(d, rec, manifest.get("base_model", {}).get("source"))
-    files = {}
-    for f in sorted(folder.rglob("*")):
-        rel = f.relative_to(folder).as_posix()
-        if f.is_file() and not rel.startswith(("memories/", "reference/", "eval/", "checkpoint/", ".")):
-            files[rel] = sha256_file(f)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "koff_version": __version__, **manifest,
-                "files": files}
-    (folder / "koff.json").write_text(json.dumps(manifest, indent=2))
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "koff_version": __version__, **manifest, "files": {}}
+    training = full.get("training") if isinstance(full.get("training"), dict) else {}
+    required = RunManifest.files_for(bool(full.get("pruned")), training.get("mask", "learned"))
+    full["files"] = {rel: sha256_file(folder / rel) for rel in sorted(required)}
+    typed = RunManifest.from_dict(full, str(folder / "koff.json"))
+    atomic_write_text(folder / "koff.json", json.dumps(typed.to_dict(), indent=2))
 
 
 def add_memory(run_dir: Path, rec: MemoryRecord, base_source: str | None = None, overwrite: bool = False,
                extra: dict[str, bytes] | None = None) -> Path:
-    """Add (or with `overwrite`, replace) one memory in an existing run; other files are untouched."""
+    """Add (or with `overwrite`, replace an earlier memory of the same name) one memory in an
+    existing run; other files are untouched."""
     final = Path(run_dir) / "memories" / rec.name
-    with atomic_directory(final, overwrite=overwrite) as tmp:
+    with atomic_output(final, kind="memory", overwrite=overwrite) as tmp:
         write_memory(tmp, rec, base_source, extra)
     return final
 
@@ -252,36 +234,33 @@ def add_memory(run_dir: Path, rec: MemoryRecord, base_source: str | None = None,
 # -- reading and validation ----------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, expected a JSON file")
     if not path.is_file():
         raise ArtifactError(f"{path} is missing")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def require(obj: dict, key: str, types, where: str):
-    """`obj[key]`, which must exist and be of `types` (a bool is not an int here)."""
-    if key not in obj:
-        raise ArtifactError(f"{where}: missing field '{key}'")
-    v = obj[key]
-    if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
-        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise ArtifactError(f"{where}: field '{key}' must be {names}, got {type(v).__name__} {v!r}")
-    return v
 
 
 def load_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file. With `dtype`, every tensor must have exactly that dtype
     (the one the format specifies) and, being floating point, hold no NaN or Inf."""
+    path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} is missing")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
     if dtype is not None:
         for key, t in tensors.items():
@@ -296,150 +275,166 @@ def load_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torc
 _read_json, _require, _load_tensors = read_json, require, load_tensors
 
 
+def inside(root: Path, rel: str, where: str) -> Path:
+    """`root / rel`, refused unless it stays inside `root`: a relative path without '..', and no
+    symlink on the way (a run must not make koff read files elsewhere)."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or rel != Path(rel).as_posix():
+        raise ArtifactError(f"{where}: file path {rel!r} must be relative to {root} without '..'")
+    p = Path(root)
+    for part in parts:
+        p = p / part
+        if p.is_symlink():
+            raise ArtifactError(f"{where}: {p} is a symlink; koff reads only files inside the run itself")
+    return p
+
+
 def _check_hashes(folder: Path, files: dict, where: str) -> None:
     for rel, digest in files.items():
-        p = folder / rel
+        p = inside(folder, rel, where)
         if not p.is_file():
             raise ArtifactError(f"{where}: lists {rel}, which is missing from {folder}")
         if sha256_file(p) != digest:
             raise ArtifactError(f"{p}: contents changed since koff wrote it (sha256 differs from {where})")
 
 
-def _check_format(data: dict, fmt: str, where: str) -> None:
-    if data.get("format") != fmt:
-        raise ArtifactError(f"{where}: field 'format' must be {fmt!r}, got {data.get('format')!r}")
-    version = _require(data, "format_version", int, where)
-    if version > FORMAT_VERSION:
-        raise ArtifactError(f"{where}: format_version {version} was written by a newer koff "
-                            f"(this koff {__version__} reads up to {FORMAT_VERSION}); upgrade koff")
-    if version < 1:
-        raise ArtifactError(f"{where}: format_version must be >= 1, got {version}")
-
-
-def load_memory(folder: Path, geometry: Geometry) -> MemoryRecord:
+def load_memory(folder: Path, geometry: Geometry, against: str = "the base model") -> MemoryRecord:
     """Read and validate one memory folder against the base model's geometry."""
     from .memory import STATE_CLASSES
 
+    folder = Path(folder)
     where = str(folder / "memory.json")
-    data = _read_json(folder / "memory.json")
-    _check_format(data, MEMORY_FORMAT, where)
-    name = _require(data, "name", str, where)
-    if name != folder.name:
-        raise ArtifactError(f"{where}: field 'name' is {name!r} but the folder is {folder.name!r}")
-    files = _require(data, "files", dict, where)
-    _check_hashes(folder, files, where)
-    rec = MemoryRecord(name=name, info={k: v for k, v in data.items()
-                                        if k not in ("format", "format_version", "koff_version", "name", "files",
-                                                     *STATE_CLASSES)})
-    for kind, cls in STATE_CLASSES.items():
-        section = data.get(kind)
-        if section is None:
-            continue
-        if not isinstance(section, dict):
-            raise ArtifactError(f"{where}: field {kind!r} must be an object or null")
-        state = cls.load(folder, section, where)
+    meta = MemoryManifest.from_dict(_read_json(inside(folder, "memory.json", where)), where)
+    if meta.name != folder.name:
+        raise ArtifactError(f"{where}: field 'name' is {meta.name!r} but the folder is {folder.name!r}")
+    _check_hashes(folder, meta.files, where)
+    rec = MemoryRecord(name=meta.name, info=meta.info, meta=meta)
+    for kind, section in meta.parts.items():
         if kind == "kv":
-            state.check_geometry(geometry, folder / "kv.safetensors")
-        rec.parts[kind] = state
-    if not rec.parts:
-        raise ArtifactError(f"{where}: memory holds no part ({' / '.join(STATE_CLASSES)})")
+            rec.parts[kind] = STATE_CLASSES[kind].load(folder, section, where, geometry, against)
+        else:
+            rec.parts[kind] = STATE_CLASSES[kind].load(folder, section, where)
     return rec
 
 
 def geometry_from_manifest(base: dict, where: str) -> Geometry:
-    layers = _require(base, "num_layers", int, where)
-    widths = _require(base, "intermediate_sizes", list, where)
-    if len(widths) != layers or not all(isinstance(w, int) and w >= 0 for w in widths):
-        raise ArtifactError(f"{where}: 'intermediate_sizes' must list {layers} non-negative integers")
-    return Geometry(num_layers=layers, hidden_size=_require(base, "hidden_size", int, where),
-                    intermediate_sizes=tuple(widths), num_kv_heads=_require(base, "num_kv_heads", int, where),
-                    head_dim=_require(base, "head_dim", int, where),
-                    architecture=_require(base, "architecture", str, where),
-                    model_type=_require(base, "model_type", str, where))
+    from .manifest import BaseModelInfo
+
+    return BaseModelInfo.from_dict(base, where).geometry()
+
+
+def _layer_tensors(path: Path, dtype: torch.dtype, name: str, shapes: list[list[int]]) -> list[torch.Tensor]:
+    """The per-layer tensors `layers.{i}.{name}` of a backbone file: exactly those keys, each of
+    its shape, of the format's dtype, finite."""
+    tensors = _load_tensors(path, dtype=dtype)
+    want = {f"layers.{i}.{name}" for i in range(len(shapes))}
+    unknown = sorted(set(tensors) - want)
+    if unknown:
+        raise ArtifactError(f"{path}: unexpected tensors {unknown[:3]} (expected {name} for {len(shapes)} layers)")
+    out = []
+    for i, shape in enumerate(shapes):
+        key = f"layers.{i}.{name}"
+        t = tensors.get(key)
+        if t is None:
+            raise ArtifactError(f"{path}: missing tensor {key!r}")
+        if list(t.shape) != shape:
+            raise ArtifactError(f"{path}: tensor {key!r} has shape {list(t.shape)}, expected {shape}")
+        out.append(t)
+    return out
 
 
 def load_run(path: Path) -> Run:
-    """Read a run directory, validating every field, hash and tensor shape."""
+    """Read a run directory, validating every field, file, hash, tensor dtype, shape and value."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ArtifactError(f"a run directory must be a path, got {path!r}")
     path = Path(path)
     if not path.is_dir():
-        raise ArtifactError(f"run directory {path} does not exist")
+        raise ArtifactError(f"run directory {path} does not exist" if not path.exists()
+                            else f"{path} is not a run directory (a file)")
     where = str(path / "koff.json")
-    m = _read_json(path / "koff.json")
-    _check_format(m, FORMAT, where)
-    _require(m, "koff_version", str, where)
-    base = _require(m, "base_model", dict, where)
-    fp = _require(base, "fingerprint", str, f"{where} base_model")
-    if not fp.startswith("sha256:"):
-        raise ArtifactError(f"{where}: base_model.fingerprint must start with 'sha256:', got {fp!r}")
-    geometry = geometry_from_manifest(base, f"{where} base_model")
-    target = _require(m, "target_sparsity", (int, float), where)
-    if not 0 <= target < 1:
-        raise ArtifactError(f"{where}: target_sparsity must be in [0, 1), got {target}")
-    pruned = _require(m, "pruned", bool, where)
-    domains = _require(m, "domains", list, where)
-    if not all(isinstance(d, str) for d in domains):
-        raise ArtifactError(f"{where}: 'domains' must be a list of names")
-    _require(m, "sparsity", dict, where)
-    _require(m, "training", dict, where)
-    files = _require(m, "files", dict, where)
-    _check_hashes(path, files, where)
+    raw = _read_json(inside(path, "koff.json", where))
+    meta = RunManifest.from_dict(raw, where)
+    _check_hashes(path, meta.files, where)
+    geometry = meta.base_model.geometry()
 
     keep = log_alpha = bias = None
-    if pruned:
-        tensors = _load_tensors(path / "backbone" / "mask.safetensors")
-        keep = []
-        for i, width in enumerate(geometry.intermediate_sizes):
-            key = f"layers.{i}.keep"
-            t = tensors.get(key)
-            if t is None:
-                raise ArtifactError(f"{path / 'backbone/mask.safetensors'}: missing tensor {key!r}")
-            if list(t.shape) != [width]:
-                raise ArtifactError(f"{path / 'backbone/mask.safetensors'}: tensor {key!r} has shape {list(t.shape)}, "
-                                    f"expected [{width}]")
+    if meta.pruned:
+        widths = [[w] for w in geometry.intermediate_sizes]
+        keep = _layer_tensors(path / "backbone" / "mask.safetensors", torch.uint8, "keep", widths)
+        for i, t in enumerate(keep):
             if not bool(((t == 0) | (t == 1)).all()):
-                raise ArtifactError(f"{path / 'backbone/mask.safetensors'}: tensor {key!r} holds values other than 0/1")
-            keep.append(t.bool())
-        if (path / "backbone" / "gates.safetensors").is_file():
-            g = _load_tensors(path / "backbone" / "gates.safetensors")
-            log_alpha = []
-            for i, width in enumerate(geometry.intermediate_sizes):
-                t = g.get(f"layers.{i}.log_alpha")
-                if t is None or list(t.shape) != [width]:
-                    raise ArtifactError(f"{path / 'backbone/gates.safetensors'}: tensor 'layers.{i}.log_alpha' "
-                                        f"missing or not of shape [{width}]")
-                log_alpha.append(t)
-        if (path / "backbone" / "bias.safetensors").is_file():
-            b = _load_tensors(path / "backbone" / "bias.safetensors")
-            bias = []
-            for i in range(geometry.num_layers):
-                t = b.get(f"layers.{i}.down_bias")
-                if t is None or list(t.shape) != [geometry.hidden_size]:
-                    raise ArtifactError(f"{path / 'backbone/bias.safetensors'}: tensor 'layers.{i}.down_bias' "
-                                        f"missing or not of shape [{geometry.hidden_size}]")
-                bias.append(t)
+                raise ArtifactError(f"{path / 'backbone/mask.safetensors'}: tensor 'layers.{i}.keep' holds values "
+                                    "other than 0/1")
+        keep = [t.bool() for t in keep]
+        log_alpha = _layer_tensors(path / "backbone" / "gates.safetensors", torch.float32, "log_alpha", widths)
+        if "backbone/bias.safetensors" in meta.files:
+            bias = _layer_tensors(path / "backbone" / "bias.safetensors", torch.float32, "down_bias",
+                                  [[geometry.hidden_size]] * geometry.num_layers)
 
     memories = {}
     mem_root = path / "memories"
+    if mem_root.is_symlink():
+        raise ArtifactError(f"{mem_root} is a symlink; koff reads only files inside the run itself")
     if mem_root.is_dir():
         for d in sorted(mem_root.iterdir()):
             if d.is_dir() and not d.name.startswith("."):
-                memories[d.name] = load_memory(d, geometry)
-    mem_cfg = m["training"].get("memory", {})
-    if mem_cfg.get("lora_rank", 0) or mem_cfg.get("kv_tokens", 0):
-        missing = [d for d in domains if d not in memories]
+                if d.is_symlink():
+                    raise ArtifactError(f"{d} is a symlink; koff reads only files inside the run itself")
+                memories[d.name] = load_memory(d, geometry, f"koff.json's base model ({where}: base_model)")
+    _check_memories(meta, memories, where)
+    return Run(path=path, manifest=raw, keep=keep, log_alpha=log_alpha, memories=memories, bias=bias, meta=meta)
+
+
+def _check_memories(meta: RunManifest, memories: dict[str, MemoryRecord], where: str) -> None:
+    """Every domain has its memory, and every memory is of the shape the run was trained with."""
+    cfg = meta.training.memory
+    if not cfg.empty:
+        missing = [d for d in meta.domains if d not in memories]
         if missing:
-            raise ArtifactError(f"{path}: domains {missing} are listed in koff.json but have no memories/<name> folder")
-    return Run(path=path, manifest=m, keep=keep, log_alpha=log_alpha, memories=memories, bias=bias)
+            raise ArtifactError(f"{where}: domains {missing} are listed in koff.json but have no "
+                                "memories/<name> folder")
+    if meta.default_memory is not None and meta.default_memory not in memories:
+        raise ArtifactError(f"{where}: default_memory {meta.default_memory!r} has no memories/<name> folder")
+    for name, rec in memories.items():
+        mwhere = f"memories/{name}/memory.json"
+        lora, kv = rec.meta.parts.get("lora"), rec.meta.parts.get("kv")
+        if (lora is not None) != bool(cfg.lora_rank) or (lora is not None and lora.rank != cfg.lora_rank):
+            raise ArtifactError(f"{mwhere}: lora is {lora.rank if lora else None} but {where} training.memory.lora_rank "
+                                f"is {cfg.lora_rank}: every memory of a run has the run's shape")
+        if lora is not None and list(lora.targets) != sorted(cfg.lora_targets):
+            raise ArtifactError(f"{mwhere}: lora.targets {list(lora.targets)} differ from {where} "
+                                f"training.memory.lora_targets {sorted(cfg.lora_targets)}")
+        if (kv is not None) != bool(cfg.kv_tokens) or (kv is not None and kv.tokens != cfg.kv_tokens):
+            raise ArtifactError(f"{mwhere}: kv.tokens is {kv.tokens if kv else None} but {where} "
+                                f"training.memory.kv_tokens is {cfg.kv_tokens}: every memory of a run has the run's shape")
 
 
 def check_base(run: Run, source: str, fingerprint: str) -> None:
     """Refuse to apply a run to a base model other than the one it was made from."""
-    want = run.manifest["base_model"]["fingerprint"]
+    want = run.meta.base_model.fingerprint
     if fingerprint != want:
         raise ArtifactError(
-            f"{run.path / 'koff.json'}: made from base model {run.manifest['base_model'].get('source')!r} "
-            f"(fingerprint {want[:19]}…), but the model given is {source!r} (fingerprint {fingerprint[:19]}…); "
-            "a mask and memories only fit the exact base model they were trained on")
+            f"{run.path / 'koff.json'}: made from base model {run.meta.base_model.source!r} (fingerprint {want}), "
+            f"but the model given is {source!r} (fingerprint {fingerprint}); a mask and memories only fit the exact "
+            "base model they were trained on (if that model moved, pass its new folder with --model)")
+
+
+def load_run_base(run: Run, model: str | None = None, dtype: torch.dtype = torch.float32, device=None):
+    """The base model of a run, `(model, tokenizer, source)`: from `model` or the recorded source,
+    refused unless its fingerprint and geometry are the recorded ones."""
+    from .base import fingerprint, inspect_model, load_base
+
+    source = model or run.meta.base_model.source
+    try:
+        base, tok, resolved = load_base(source, dtype=dtype, device=device)
+    except ModelError as e:
+        if model is None:
+            raise ModelError(f"{run.path / 'koff.json'}: the run's base model {source!r} cannot be loaded ({e}); "
+                             "if it moved, pass its new folder with --model") from None
+        raise
+    check_base(run, resolved, fingerprint(resolved))
+    run.meta.base_model.check_model(inspect_model(base), str(run.path / "koff.json"), resolved)
+    return base, tok, resolved
 
 
 def attach_memory(km, rec: MemoryRecord, where: Path | None = None) -> None:
@@ -454,17 +449,18 @@ def build_model(run: Run, model: str | None = None, memories: list[str] | None =
     """Rebuild the decomposed model of a run: `(KoffModel, tokenizer)`.
 
     The base model is loaded from `model` (default: the source recorded in koff.json) and must
-    have the recorded fingerprint. The backbone mask is applied; `memories` selects which
-    memories to attach (default: all). `runtime` (a `koff.runtime.Runtime`) gives the device and
-    base-weight dtype (default: float32 on the CPU).
+    have the recorded fingerprint and geometry. The backbone mask is applied; `memories` selects
+    which memories to attach (default: all). `runtime` (a `koff.runtime.Runtime`) gives the device
+    and base-weight dtype (default: float32 on the CPU).
     """
-    from .base import fingerprint, load_base
     from .gates import NeuronGates
     from .model import KoffModel
 
+    for name in memories or []:
+        if name not in run.memories:
+            raise ArtifactError(f"{run.path}: no memory named {name!r}; have {sorted(run.memories)}")
     dtype = runtime.dtype if runtime is not None else torch.float32
-    base, tok, source = load_base(model or run.manifest["base_model"]["source"], dtype=dtype)
-    check_base(run, source, fingerprint(source))
+    base, tok, source = load_run_base(run, model, dtype=dtype)
     gates = None
     if run.keep is not None:
         gates = NeuronGates.for_model(base, init=run.log_alpha if run.log_alpha is not None else 3.0)
@@ -473,8 +469,6 @@ def build_model(run: Run, model: str | None = None, memories: list[str] | None =
         gates.requires_grad_(False)
     km = KoffModel(base, gates)
     for name in memories if memories is not None else list(run.memories):
-        if name not in run.memories:
-            raise ArtifactError(f"{run.path}: no memory named {name!r}; have {sorted(run.memories)}")
         attach_memory(km, run.memories[name], run.path / "memories" / name)
     if runtime is not None:
         km.to(runtime.device)

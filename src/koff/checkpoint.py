@@ -9,25 +9,24 @@
 The state is whatever `Trainer.state_dict()` returns (nested dicts and lists of numbers, strings
 and tensors); `flatten` / `unflatten` turn it into the two files and back, so a new controller or
 memory part only has to put its tensors into its own state_dict. A checkpoint is written to a
-temporary sibling and swapped in (the previous one kept as CHECKPOINT.old until the swap is done),
-so a crash at any moment leaves one complete checkpoint.
+temporary sibling and swapped in by one atomic exchange (`koff.outputs.swap_in`), so a crash at
+any moment leaves one complete checkpoint at CHECKPOINT; temporary folders of a crashed save are
+removed by the next one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from . import faults
 from .errors import ArtifactError
-
-FORMAT = "koff.checkpoint"
-FORMAT_VERSION = 2
+from .manifest import CHECKPOINT_FORMAT as FORMAT  # noqa: F401  (re-exported)
+from .manifest import CHECKPOINT_VERSION as FORMAT_VERSION  # noqa: F401  (re-exported)
+from .manifest import CheckpointManifest
 
 
 def flatten(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
@@ -63,25 +62,25 @@ def unflatten(skeleton, tensors: dict[str, torch.Tensor]):
 
 def save_checkpoint(folder: Path, state: dict) -> None:
     """Write a trainer state atomically to `folder`."""
+    from .outputs import clean_leftovers, make_temp_dir, remove_tree, swap_in
+
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(state, tensors)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    clean_leftovers(folder)  # the caller holds the run's lock: these are a crashed save's
+    old_style = folder.with_name(folder.name + ".old")  # where a non-atomic swap kept the previous one
+    tmp = make_temp_dir(folder)
+    old = None
     try:
         save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "pt"})
-        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                    "state": skeleton}))
-        old = None
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        (tmp / "state.json").write_text(json.dumps(CheckpointManifest(skeleton).to_dict()))
+        faults.point("checkpoint.staged")
+        old = swap_in(tmp, folder)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for p in (tmp, old):
+            if p is not None:
+                remove_tree(p)
+    remove_tree(old_style)
 
 
 def checkpoint_exists(folder: Path) -> bool:
@@ -91,19 +90,22 @@ def checkpoint_exists(folder: Path) -> bool:
 
 def load_checkpoint(folder: Path) -> dict:
     """Read a checkpoint folder back into the nested state `save_checkpoint` was given."""
+    from .artifact import load_tensors, read_json
+
     folder = Path(folder)
     if not (folder / "state.json").is_file() and folder.with_name(folder.name + ".old").is_dir():
         folder = folder.with_name(folder.name + ".old")  # interrupted while replacing: the previous one
+    hint = "; delete it to start the run over"
     try:
-        meta = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "tensors.safetensors"))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{folder}: unreadable checkpoint ({e}); delete it to start the run over") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{folder}: a checkpoint of another format ({meta.get('format')!r} version "
-                            f"{meta.get('format_version')!r}; this koff writes {FORMAT!r} version {FORMAT_VERSION}); "
-                            "delete it to start the run over")
+        meta = CheckpointManifest.from_dict(read_json(folder / "state.json"), str(folder / "state.json"))
+        tensors = load_tensors(folder / "tensors.safetensors")
+    except ArtifactError as e:
+        raise ArtifactError(f"{e}{hint}") from None
+    missing = sorted(set(meta.tensor_refs) - set(tensors))
+    if missing:
+        raise ArtifactError(f"{folder / 'state.json'}: refers to tensors {missing[:3]} that "
+                            f"{folder / 'tensors.safetensors'} lacks{hint}")
     try:
-        return unflatten(meta["state"], tensors)
+        return unflatten(meta.state, tensors)
     except (KeyError, ValueError, TypeError) as e:
-        raise ArtifactError(f"{folder}: malformed checkpoint ({e}); delete it to start the run over") from None
+        raise ArtifactError(f"{folder}: malformed checkpoint ({e}){hint}") from None

@@ -67,6 +67,20 @@ def _temperature(value: str) -> float:
     return t
 
 
+def _block(value: str) -> int:
+    n = _positive_int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"expected a block of at least 2 tokens, got {n}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as koff's: one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"koff: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_runtime_args(p: argparse.ArgumentParser, dtype_help: str = "precision of the base weights") -> None:
     from .runtime import DTYPES
 
@@ -138,6 +152,11 @@ def build_config(args: argparse.Namespace):
 
     raw: dict = read_yaml(args.config) if args.config else {}
     domains = raw.get("domains")
+    if args.test and not args.train:
+        raise ConfigError("--test needs --train for the same NAME (a bundled domain brings its own test files)")
+    names = list(args.domains or []) + [n for n, _ in args.train]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--domains / --train: a domain is given twice: {names}")
     if args.domains or args.train:
         domains = {}
         for name in args.domains or []:
@@ -156,6 +175,10 @@ def build_config(args: argparse.Namespace):
     for flag, key in (("model", "model"), ("sparsity", "target_sparsity"), ("output", "output")):
         if getattr(args, flag) is not None:
             raw[key] = str(getattr(args, flag)) if flag != "sparsity" else getattr(args, flag)
+    where = str(args.config) if args.config else "command line"
+    for section in ("train", "memory"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__}")
     train = dict(raw.get("train") or {})
     for key in ("steps", "batch_size", "seq_len", "reg_every", "controller", "lr_gates", "lr_lora", "lr_kv",
                 "lr_lambda", "warmup_frac", "consolidate_frac", "gate_init", "mask_scope", "seed", "checkpoint_every",
@@ -208,7 +231,7 @@ def _task(value: str) -> tuple[str, int]:
 
 
 def _add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> None:
-    p.add_argument("--block", type=_positive_int, default=256, help="evaluation block length in tokens (default 256)")
+    p.add_argument("--block", type=_block, default=256, help="evaluation block length in tokens (default 256)")
     p.add_argument("--max-tokens", type=_positive_int, default=max_tokens,
                    help="score only the first N test tokens per domain (default: the whole split)")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8)
@@ -266,10 +289,17 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from .artifact import build_model, load_run
+    from .config import ConfigError
     from .generate import generate
 
-    km, tok = build_model(load_run(args.run), model=args.model, runtime=_runtime(args))
+    run = load_run(args.run)
     memory = None if args.memory in (None, "none") else args.memory
+    if memory is not None and memory not in run.memories:
+        raise ConfigError(f"--memory: {args.run} has no memory named {memory!r}; it has {sorted(run.memories)} "
+                          "(or 'none' for the bare backbone)")
+    if any(not p.strip() for p in args.prompt):
+        raise ConfigError("PROMPT: every prompt must hold some text, got an empty one")
+    km, tok = build_model(run, model=args.model, runtime=_runtime(args))
     for prompt, text in zip(args.prompt, generate(km, tok, args.prompt, memory, max_new_tokens=args.max_new_tokens,
                                                   temperature=args.temperature, seed=args.seed, chat=args.chat)):
         print(f"[{memory or 'backbone'}] {prompt}{'' if args.chat else ''}\033[1m{text}\033[0m" if sys.stdout.isatty()
@@ -279,8 +309,14 @@ def cmd_generate(args) -> int:
 
 def cmd_add_domain(args) -> int:
     from .data import Domain, bundled_domain
+    from .model import check_memory_name
     from .train import add_domain
 
+    check_memory_name(args.name, "--name")
+    if args.test and not args.train:
+        from .config import ConfigError
+
+        raise ConfigError("--test needs --train: a bundled domain brings its own test files")
     if args.train:
         domain = Domain(name=args.name, train=list(args.train), test=list(args.test or []), text_field=args.text_field)
     else:
@@ -323,7 +359,7 @@ def cmd_plan(args) -> int:
     import dataclasses
     import json
 
-    from .config import ConfigError, MemoryConfig, _section, read_yaml
+    from .config import ConfigError, MemoryConfig, TrainConfig, _section, read_yaml
     from .plan import format_plan, make_plan, measure_peak
 
     raw = read_yaml(args.config) if args.config else {}
@@ -332,17 +368,20 @@ def cmd_plan(args) -> int:
     for key in ("lora_rank", "kv_tokens"):
         if getattr(args, key) is not None:
             memory = dataclasses.replace(memory, **{key: getattr(args, key)})
-    train = raw.get("train") or {}
-    if not isinstance(train, dict):
-        raise ConfigError(f"{where}: train: expected a mapping")
+    memory.validate(f"{where}: memory")
+    train = _section(TrainConfig, raw.get("train"), f"{where}: train")
     domains = raw.get("domains", ["en", "fr", "es"])
     memories = args.memories if args.memories is not None else (len(domains) if isinstance(domains, (list, dict)) else 1)
-    batch = args.batch_size or int(train.get("batch_size", 4))
-    seq = args.seq_len or int(train.get("seq_len", 128))
-    accum = args.grad_accum or int(train.get("grad_accum", 1))
+    batch = args.batch_size or train.batch_size
+    seq = args.seq_len or train.seq_len
+    accum = args.grad_accum or train.grad_accum
+    sparsity = args.sparsity if args.sparsity is not None else raw.get("target_sparsity", 0.2)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+        raise ConfigError(f"{where}: target_sparsity (--sparsity) must be a number in [0, 1), got {sparsity!r}")
+    if raw.get("model") is not None and not isinstance(raw["model"], str):
+        raise ConfigError(f"{where}: model: expected a string, got {raw['model']!r}")
     plan = make_plan(args.model or raw.get("model"), memory, batch_size=batch, seq_len=seq, grad_accum=accum,
-                     memories=memories, world_size=args.processes, fsdp=args.fsdp,
-                     target_sparsity=args.sparsity if args.sparsity is not None else raw.get("target_sparsity", 0.2))
+                     memories=memories, world_size=args.processes, fsdp=args.fsdp, target_sparsity=sparsity)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -384,7 +423,7 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"koff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -512,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KoffError as e:
+        print("koff: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, always
+        return 2
+    except OSError as e:  # the file system refused (disk full, permissions, ...): not a bug in koff
         print(f"koff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -69,19 +69,65 @@ def _setting_slug(setting: dict) -> str:
 
 
 def load_grid(path: Path) -> dict:
-    """Read and check a grid config."""
+    """Read and check a grid config (every field `expand` reads, with the file and field at fault)."""
     spec = read_yaml(path, "grid config")
     for key in ("base", "methods"):
         if not isinstance(spec.get(key), dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping")
-    unknown = sorted(set(spec) - {"name", "results", "work", "base", "methods", "seeds", "sweeps", "eval"})
+    unknown = sorted(str(k) for k in set(spec) - {"name", "results", "work", "base", "methods", "seeds", "sweeps", "eval"})
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {unknown}")
     spec.setdefault("seeds", [0])
     spec.setdefault("sweeps", {})
     spec.setdefault("eval", {})
+    for key in ("name", "results", "work"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ConfigError(f"{path}: '{key}' must be a string, got {spec[key]!r}")
+    _seeds(spec["seeds"], f"{path}: seeds")
+    for name, over in spec["methods"].items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}: methods: a method name must be a string, got {name!r}")
+        if over is not None and not isinstance(over, dict):
+            raise ConfigError(f"{path}: methods.{name} must be a mapping of overrides (or empty), got {over!r}")
+        if over and over.get("kind", "decompose") not in ("decompose", "dense"):
+            raise ConfigError(f"{path}: methods.{name}.kind must be 'decompose' or 'dense', got {over['kind']!r}")
+        if over and not isinstance(over.get("deterministic", False), bool):
+            raise ConfigError(f"{path}: methods.{name}.deterministic must be true or false")
+    if not isinstance(spec["sweeps"], dict):
+        raise ConfigError(f"{path}: 'sweeps' must be a mapping name -> {{methods, settings}}")
+    for name, sweep in spec["sweeps"].items():
+        where = f"{path}: sweeps.{name}"
+        if not isinstance(sweep, dict) or "methods" not in sweep or "settings" not in sweep:
+            raise ConfigError(f"{where} needs 'methods' and 'settings'")
+        if not isinstance(sweep["methods"], list) or not all(isinstance(m, str) for m in sweep["methods"]):
+            raise ConfigError(f"{where}.methods must be a list of method names")
+        if not isinstance(sweep["settings"], list) or not all(isinstance(x, dict) for x in sweep["settings"]):
+            raise ConfigError(f"{where}.settings must be a list of override mappings")
+        if "seeds" in sweep:
+            _seeds(sweep["seeds"], f"{where}.seeds")
+    ev = spec["eval"]
+    if not isinstance(ev, dict):
+        raise ConfigError(f"{path}: 'eval' must be a mapping")
+    for key in ("block", "max_tokens", "batch_size"):
+        v = ev.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (2 if key == "block" else 1)):
+            raise ConfigError(f"{path}: eval.{key} must be a whole number >= {2 if key == 'block' else 1}, got {v!r}")
+    tasks = ev.get("tasks") or {}
+    if not isinstance(tasks, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                              for n in tasks.values()):
+        raise ConfigError(f"{path}: eval.tasks must map task names to a number of items >= 1, got {tasks!r}")
+    if not isinstance(ev.get("swap_for") or [], list):
+        raise ConfigError(f"{path}: eval.swap_for must be a list of method names")
     spec["_path"] = str(path)
     return spec
+
+
+def _seeds(seeds, where: str) -> None:
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise ConfigError(f"{where}: expected a non-empty list of seeds (whole numbers >= 0), got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: a seed is listed twice: {seeds}")
 
 
 def expand(spec: dict) -> list[Cell]:
@@ -95,7 +141,9 @@ def expand(spec: dict) -> list[Cell]:
         kind = over.pop("kind", "decompose")
         deterministic = over.pop("deterministic", kind == "dense")
         cfg = _merge(_merge(spec["base"], over), setting)
-        cfg.setdefault("train", {})["seed"] = seed
+        if not isinstance(cfg.setdefault("train", {}), dict):
+            raise ConfigError(f"{spec['_path']}: method {method!r}: 'train' must be a mapping, got {cfg['train']!r}")
+        cfg["train"]["seed"] = seed
         cfg["reference"] = False
         suffix = f"__{_setting_slug(setting)}" if setting else ""
         cid = _slug(f"{method}{suffix}__seed{seed}")
@@ -143,7 +191,6 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
     """Perplexity per domain (own memory and backbone alone) and general-ability tasks."""
     from .artifact import build_model, load_run
     from .base import load_base
-    from .data import Domain
     from .evaluate import EvalSettings, block_nll, summarize, test_set
     from .gates import sparsity_report
     from .model import KoffModel
@@ -161,10 +208,10 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
     else:
         run = load_run(run_dir)
         km, tok = build_model(run, runtime=runtime)
-        domains = [Domain.from_dict(run.manifest["data"][d]) for d in run.domains]
-        report = run.manifest["sparsity"]
+        domains = [run.meta.data[d].domain() for d in run.domains if d in run.meta.data]
+        report = run.meta.sparsity.to_dict()
         memories = sorted(run.memories)
-        source = run.manifest["base_model"]["source"]
+        source = run.meta.base_model.source
     sets = {d.name: test_set(d, tok, settings) for d in domains}
     ppl = {}
     for d in domains:
@@ -216,10 +263,12 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Pat
         run_dir = work / cell.id
         if not finished_run(run_dir, cfg):  # a run trained earlier (e.g. before an interrupted evaluation) is reused
             decompose(cfg, overwrite=True, progress=progress, runtime=runtime)
-        summary = json.loads((run_dir / "koff.json").read_text())["metrics"]
+        from .artifact import load_run
+
+        summary = load_run(run_dir).meta.metrics
         t = cfg.train
-        steps = summary.get("steps_run", summary["steps"])
-        train_info = {"steps": steps, "seconds": summary["seconds"], "tokens": steps * t.batch_size * t.seq_len}
+        steps = summary.steps_run if summary.steps_run is not None else summary.steps
+        train_info = {"steps": steps, "seconds": summary.seconds, "tokens": steps * t.batch_size * t.seq_len}
     else:
         raise ConfigError(f"cell {cell.id}: unknown kind {cell.kind!r}")
     result = evaluate_cell(cell, run_dir, spec["eval"], progress, runtime)
@@ -239,6 +288,9 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Pat
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": round(time.time() - t0, 1),
         **result,
     }
+    from .manifest import CellRecord
+
+    CellRecord.from_dict(record, str(out_path))  # what `koff report` will read back
     atomic_write_text(out_path, json.dumps(record, indent=1))
     return out_path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,21 @@ class MemoryConfig:
     @property
     def empty(self) -> bool:
         return self.lora_rank == 0 and self.kv_tokens == 0
+
+    def validate(self, where: str = "memory") -> None:
+        """Check every field on its own (raises ConfigError naming `where`.FIELD)."""
+        _finite_fields(self, where)
+        if self.lora_rank < 0 or self.kv_tokens < 0:
+            raise ConfigError(f"{where}.lora_rank and {where}.kv_tokens must be >= 0")
+        if self.kv_tokens and not 0 <= self.kv_frozen_tokens <= self.kv_tokens:
+            raise ConfigError(f"{where}.kv_frozen_tokens must be in [0, kv_tokens={self.kv_tokens}], "
+                              f"got {self.kv_frozen_tokens}")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
+                                            or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+            raise ConfigError(f"{where}.lora_alpha must be a number > 0 (or null: 2 * rank), got {self.lora_alpha!r}")
+        if (not isinstance(self.lora_targets, list) or not self.lora_targets
+                or not all(isinstance(t, str) and t for t in self.lora_targets)):
+            raise ConfigError(f"{where}.lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
 
 
 @dataclass
@@ -95,6 +111,54 @@ class TrainConfig:
     always train in float32."""
     seed: int = 0
 
+    def validate(self, where: str = "train") -> None:
+        """Check every field on its own (raises ConfigError naming `where`.FIELD)."""
+        t = self
+        if t.steps < 1 or t.batch_size < 1 or t.seq_len < 2:
+            raise ConfigError(f"{where}.steps and {where}.batch_size must be >= 1 and {where}.seq_len >= 2")
+        if t.controller not in CONTROLLERS:
+            raise ConfigError(f"{where}.controller must be one of {sorted(CONTROLLERS)}, got {t.controller!r}")
+        if t.reg_memory not in REG_MEMORIES:
+            raise ConfigError(f"{where}.reg_memory must be one of {REG_MEMORIES}, got {t.reg_memory!r}")
+        if t.dtype not in DTYPES:
+            raise ConfigError(f"{where}.dtype must be one of {sorted(DTYPES)}, got {t.dtype!r}")
+        if t.grad_accum < 1:
+            raise ConfigError(f"{where}.grad_accum must be >= 1, got {t.grad_accum}")
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"{where}.batch_size {t.batch_size} (the global batch) must be divisible by "
+                              f"{where}.grad_accum {t.grad_accum}")
+        _finite_fields(t, where)
+        for key in ("lr_gates", "lr_lambda", "lr_lora", "lr_kv"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be > 0, got {getattr(t, key)}")
+        if t.rho < 0:
+            raise ConfigError(f"{where}.rho must be >= 0, got {t.rho}")
+        if t.log_alpha_limit <= 0:
+            raise ConfigError(f"{where}.log_alpha_limit must be > 0, got {t.log_alpha_limit}")
+        if t.calibration_tokens < 1:
+            raise ConfigError(f"{where}.calibration_tokens must be >= 1, got {t.calibration_tokens}")
+        if t.seed < 0:
+            raise ConfigError(f"{where}.seed must be >= 0, got {t.seed}")
+        if t.gate_init not in ("wanda-sp", "flap", "magnitude", "constant"):
+            raise ConfigError(f"{where}.gate_init must be wanda-sp, flap, magnitude or constant, got {t.gate_init!r}")
+        if t.mask_scope not in ("global", "layer"):
+            raise ConfigError(f"{where}.mask_scope must be 'global' or 'layer', got {t.mask_scope!r}")
+        if not (0 <= t.warmup_frac <= 1 and 0 <= t.consolidate_frac < 1 and t.warmup_frac + t.consolidate_frac <= 1):
+            raise ConfigError(f"{where}.warmup_frac and {where}.consolidate_frac must be in [0, 1] and sum to at most 1")
+        if not 0.0 <= t.distill <= 1.0:
+            raise ConfigError(f"{where}.distill must be in [0, 1], got {t.distill}")
+        if t.checkpoint_every < 0:
+            raise ConfigError(f"{where}.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+        if t.reg_every < 0 or t.reg_every == 1:
+            raise ConfigError(f"{where}.reg_every must be 0 (no regularization) or >= 2")
+
+
+def _finite_fields(obj, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{where}.{f.name} must be a finite number, got {v}")
+
 
 @dataclass
 class DecomposeConfig:
@@ -121,7 +185,10 @@ class DecomposeConfig:
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate domain names: {names}")
+        from .model import check_memory_name
+
         for d in self.domains:
+            check_memory_name(d.name, f"domains.{d.name}")
             if not d.train:
                 raise ConfigError(f"domain {d.name!r} has no training files")
         if self.mask not in MASKS:
@@ -130,12 +197,8 @@ class DecomposeConfig:
             raise ConfigError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
         t, m = self.train, self.memory
         names = [d.name for d in self.domains]
-        if t.steps < 1 or t.batch_size < 1 or t.seq_len < 2:
-            raise ConfigError("train.steps and train.batch_size must be >= 1 and train.seq_len >= 2")
-        if t.controller not in CONTROLLERS:
-            raise ConfigError(f"train.controller must be one of {sorted(CONTROLLERS)}, got {t.controller!r}")
-        if t.reg_memory not in REG_MEMORIES:
-            raise ConfigError(f"train.reg_memory must be one of {REG_MEMORIES}, got {t.reg_memory!r}")
+        t.validate("train")
+        m.validate("memory")
         if t.reg_memory == "general":
             if m.empty or not t.reg_every or not self.general:
                 raise ConfigError("train.reg_memory 'general' trains a memory on the general data: it needs memories "
@@ -143,39 +206,8 @@ class DecomposeConfig:
             if "general" in names:
                 raise ConfigError("train.reg_memory 'general' names its memory 'general', which is also a domain's name; "
                                   "rename that domain")
-        if t.dtype not in DTYPES:
-            raise ConfigError(f"train.dtype must be one of {sorted(DTYPES)}, got {t.dtype!r}")
-        if t.grad_accum < 1:
-            raise ConfigError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
-        if t.batch_size % t.grad_accum:
-            raise ConfigError(f"train.batch_size {t.batch_size} (the global batch) must be divisible by "
-                              f"train.grad_accum {t.grad_accum}")
-        for section, obj in (("train", t), ("memory", m)):
-            for f in dataclasses.fields(obj):
-                v = getattr(obj, f.name)
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ConfigError(f"{section}.{f.name} must be a finite number, got {v}")
-        for key in ("lr_gates", "lr_lambda", "lr_lora", "lr_kv"):
-            if getattr(t, key) <= 0:
-                raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
-        if t.gate_init not in ("wanda-sp", "flap", "magnitude", "constant"):
-            raise ConfigError(f"train.gate_init must be wanda-sp, flap, magnitude or constant, got {t.gate_init!r}")
-        if t.mask_scope not in ("global", "layer"):
-            raise ConfigError(f"train.mask_scope must be 'global' or 'layer', got {t.mask_scope!r}")
-        if not (0 <= t.warmup_frac <= 1 and 0 <= t.consolidate_frac < 1 and t.warmup_frac + t.consolidate_frac <= 1):
-            raise ConfigError("train.warmup_frac and train.consolidate_frac must be in [0, 1] and sum to at most 1")
-        if not 0.0 <= t.distill <= 1.0:
-            raise ConfigError(f"train.distill must be in [0, 1], got {t.distill}")
-        if t.checkpoint_every < 0:
-            raise ConfigError(f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
-        if t.reg_every < 0 or t.reg_every == 1:
-            raise ConfigError("train.reg_every must be 0 (no regularization) or >= 2")
         if t.reg_every and not self.general:
             raise ConfigError("regularization steps need general data (general: [...]) or train.reg_every: 0")
-        if m.lora_rank < 0 or m.kv_tokens < 0:
-            raise ConfigError("memory.lora_rank and memory.kv_tokens must be >= 0")
-        if m.kv_tokens and not 0 <= m.kv_frozen_tokens <= m.kv_tokens:
-            raise ConfigError(f"memory.kv_frozen_tokens must be in [0, kv_tokens={m.kv_tokens}], got {m.kv_frozen_tokens}")
 
     def to_dict(self) -> dict:
         return {
@@ -198,7 +230,7 @@ def _section(cls, raw, where: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(str(k) for k in set(raw) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
     out = cls()
@@ -206,6 +238,8 @@ def _section(cls, raw, where: str):
         default = getattr(out, k)
         if isinstance(default, bool) and not isinstance(v, bool):
             raise ConfigError(f"{where}.{k}: expected true/false, got {v!r}")
+        if isinstance(default, str) and not isinstance(v, str):
+            raise ConfigError(f"{where}.{k}: expected a string, got {v!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ConfigError(f"{where}.{k}: expected a number, got {v!r}")
@@ -223,38 +257,64 @@ def _flag(raw: dict, key: str, default: bool, source: str) -> bool:
     return v
 
 
+def _existing_file(value, where: str) -> Path:
+    """An existing data file, as an absolute path (so a run keeps working from any folder)."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigError(f"{where}: expected a file path, got {value!r}")
+    p = Path(os.path.abspath(Path(value).expanduser()))
+    if p.is_dir():
+        raise ConfigError(f"{where}: {value} is a folder, not a data file (give the .txt or .jsonl files in it)")
+    if not p.is_file():
+        raise ConfigError(f"{where}: file {value} does not exist")
+    return p
+
+
 def parse_domains(raw, root: Path | None = None) -> list[Domain]:
     """Domains from config: a list of bundled names, or a mapping name -> {train, test, valid,
     text_field}, where a value may also be the string "bundled"."""
+    from .model import check_memory_name
+
     if isinstance(raw, str):
         raw = [raw]
     if isinstance(raw, list):
-        return [bundled_domain(str(n), root) for n in raw]
+        out = []
+        for n in raw:
+            if not isinstance(n, str):
+                raise ConfigError(f"domains: expected names of bundled languages, got {n!r}")
+            out.append(bundled_domain(check_memory_name(n, "domains"), root))
+        return out
     if not isinstance(raw, dict):
         raise ConfigError("domains: expected a list of bundled names or a mapping name -> files")
     out = []
     for name, spec in raw.items():
-        if spec in (None, "bundled"):
-            out.append(bundled_domain(str(name), root))
+        if not isinstance(name, str):
+            raise ConfigError(f"domains: a domain name must be a string, got {name!r}")
+        check_memory_name(name, "domains")
+        if spec is None or spec == "bundled":
+            out.append(bundled_domain(name, root))
             continue
         if not isinstance(spec, dict) or "train" not in spec:
             raise ConfigError(f"domains.{name}: expected a mapping with a 'train' list of files")
-        files = {}
-        for key in ("train", "test", "valid"):
-            v = spec.get(key, [])
-            v = [v] if isinstance(v, str) else v
-            if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
-                raise ConfigError(f"domains.{name}.{key}: expected a list of file paths")
-            files[key] = [Path(p) for p in v]
-        for key, paths in files.items():
-            for p in paths:
-                if not p.is_file():
-                    raise ConfigError(f"domains.{name}.{key}: file {p} does not exist")
-        unknown = sorted(set(spec) - {"train", "test", "valid", "text_field", "test_subsets"})
+        unknown = sorted(str(k) for k in set(spec) - {"train", "test", "valid", "text_field", "test_subsets"})
         if unknown:
             raise ConfigError(f"domains.{name}: unknown field(s) {unknown}")
-        out.append(Domain(name=str(name), train=files["train"], test=files["test"], valid=files["valid"],
-                          text_field=spec.get("text_field", "text"), test_subsets=spec.get("test_subsets", {})))
+        files = {}
+        for key in ("train", "test", "valid"):
+            v = spec.get(key) or []
+            v = [v] if isinstance(v, str) else v
+            if not isinstance(v, list):
+                raise ConfigError(f"domains.{name}.{key}: expected a list of file paths")
+            files[key] = [_existing_file(p, f"domains.{name}.{key}") for p in v]
+        text_field = spec.get("text_field", "text")
+        if not isinstance(text_field, str) or not text_field:
+            raise ConfigError(f"domains.{name}.text_field: expected a JSONL field name, got {text_field!r}")
+        subsets = spec.get("test_subsets") or {}
+        if not isinstance(subsets, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                    and v >= 0 for k, v in subsets.items()):
+            raise ConfigError(f"domains.{name}.test_subsets: expected a mapping subset name -> number of leading "
+                              f"test lines (>= 0), got {subsets!r}")
+        out.append(Domain(name=name, train=files["train"], test=files["test"], valid=files["valid"],
+                          text_field=text_field, test_subsets=dict(subsets)))
     return out
 
 
@@ -263,26 +323,28 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     known = {"model", "domains", "general", "target_sparsity", "memory", "train", "reference", "prune", "mask", "output"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
     if "domains" not in raw:
         raise ConfigError(f"{source}: missing 'domains'")
+    for key in ("model", "output", "mask"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {raw[key]!r}")
     try:
         domains = parse_domains(raw["domains"])
         general = raw.get("general", "bundled")
         if general == "bundled":
             general = general_files()
-        elif general in (None, "none", []):
+        elif general is None or general == "none" or general == []:
             general = []
         elif isinstance(general, list):
-            general = [Path(p) for p in general]
-            for p in general:
-                if not p.is_file():
-                    raise ConfigError(f"{source}: general file {p} does not exist")
+            general = [_existing_file(p, f"{source}: general") for p in general]
         else:
             raise ConfigError(f"{source}: general: expected 'bundled', 'none' or a list of files")
     except DataError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     sparsity = raw.get("target_sparsity", 0.2)
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
@@ -297,9 +359,12 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
         train=_section(TrainConfig, raw.get("train"), f"{source}: train"),
         reference=_flag(raw, "reference", True, source),
         prune=_flag(raw, "prune", True, source),
-        mask=str(raw.get("mask", "learned")),
+        mask=raw.get("mask") or "learned",
     )
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
@@ -311,7 +376,12 @@ def read_yaml(path: Path, what: str = "config file") -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{at} ({problem})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -9,7 +9,6 @@ domain cannot be a training file (checked by content hash).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -32,12 +31,12 @@ def data_root() -> Path:
     """The shared data folder: `$KOFF_DATA`, else `../shared/data` from the working directory,
     else `../shared/data` beside this source checkout."""
     env = os.environ.get("KOFF_DATA")
-    if env:
-        return Path(env)
+    if env:  # absolute, so the paths a run records work from any working directory
+        return Path(os.path.abspath(Path(env).expanduser()))
     for cand in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"):
         if cand.is_dir():
-            return cand
-    return Path.cwd().parent / "shared" / "data"
+            return Path(os.path.abspath(cand))
+    return Path(os.path.abspath(Path.cwd().parent / "shared" / "data"))
 
 
 @dataclass
@@ -117,6 +116,8 @@ def read_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
     """Documents of a .txt (one per non-empty line) or .jsonl file (one JSON object per line)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder, not a file (give the .txt or .jsonl files in it)")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
@@ -134,14 +135,29 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    h.update(Path(path).read_bytes())
-    return h.hexdigest()
+    """Hex sha256 of a data file's bytes; errors name the file."""
+    from .base import sha256_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder, not a file")
+    try:
+        return sha256_file(path)
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist") from None
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read ({e.strerror or e})") from None
 
 
-def check_no_test_leak(domains: Sequence[Domain], general: Sequence[Path] = ()) -> None:
-    """Refuse any training file whose content equals a test file of any domain."""
-    test = {file_sha256(p): (d.name, p) for d in domains for p in d.test}
+def check_no_test_leak(domains: Sequence[Domain], general: Sequence[Path] = (),
+                       known_tests: Sequence[tuple[str, str, str]] = ()) -> None:
+    """Refuse any training file whose content equals a test file of any domain.
+
+    `known_tests` adds test files recorded elsewhere (in a run's manifests, by sha256, so the check
+    holds even where those files are gone): (domain, file, sha256) triples.
+    """
+    test = {digest: (name, path) for name, path, digest in known_tests}
+    test.update({file_sha256(p): (d.name, p) for d in domains for p in d.test})
     for d in domains:
         for p in d.train:
             h = file_sha256(p)
@@ -151,7 +167,8 @@ def check_no_test_leak(domains: Sequence[Domain], general: Sequence[Path] = ()) 
     for p in general:
         h = file_sha256(p)
         if h in test:
-            raise DataError(f"general training file {p} has the same content as test file {test[h][1]}")
+            raise DataError(f"general training file {p} has the same content as test file {test[h][1]} "
+                            f"of domain {test[h][0]!r}; test text must never be trained on")
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer) -> torch.Tensor:

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from .artifact import Run, atomic_write_text, build_model, load_run
 from .data import DataError, Domain, pack, read_documents, tokenize_documents, tokenize_files
 from .model import KoffModel, lm_loss
+from .errors import ArtifactError
+from .outputs import check_folder, check_not_locked, lock, updated_folder
 
 
 @dataclass
@@ -55,9 +57,14 @@ class TestSet:
 def test_set(domain: Domain, tokenizer, settings: EvalSettings) -> TestSet:
     """Pack a domain's test text into blocks and locate its named subsets."""
     if not domain.test:
-        raise ValueError(f"domain {domain.name!r} has no test files to evaluate on")
+        raise DataError(f"domain {domain.name!r} has no test files to evaluate on")
     tokens = tokenize_files(domain.test, tokenizer, domain.text_field)
-    blocks = pack(tokens, settings.block, settings.max_tokens)
+    try:
+        blocks = pack(tokens, settings.block, settings.max_tokens)
+    except DataError:
+        raise DataError(f"domain {domain.name!r}: its test files ({', '.join(map(str, domain.test))}) give "
+                        f"{tokens.numel()} tokens, fewer than one block of --block {settings.block}"
+                        + (f" within --max-tokens {settings.max_tokens}" if settings.max_tokens else "")) from None
     subsets = {}
     for name, lines in domain.test_subsets.items():
         docs = read_documents(domain.test[0], domain.text_field)[:lines]
@@ -116,6 +123,9 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
     `runtime` (koff.runtime.Runtime) sets device and dtype (default: float32 on the CPU)."""
     settings = settings or EvalSettings()
     run = load_run(run_dir)
+    if write:  # refuse now, not after the evaluation
+        check_not_locked(run_dir)
+        check_folder(Path(run_dir) / "eval")
     km, tok = build_model(run, model, runtime=runtime)
     domains = _domains_of(run, settings.tests)
     sets = {d.name: test_set(d, tok, settings) for d in domains}
@@ -153,13 +163,13 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
         rows[f"{label} + default memory ({default})"] = {d: swap[(default, d)] if (default, d) in swap
                                                           else score(label, km, default, d) for d in names}
     if not rows:
-        raise ValueError(f"{run_dir}: nothing to evaluate (no gates, no memories, dense scoring off)")
+        raise ArtifactError(f"{run_dir}: nothing to evaluate (no gates, no memories, dense scoring off)")
     subsets = ["test"] + sorted({s for ts in sets.values() for s in ts.subsets})
     result = {
         "run": str(run.path),
-        "base_model": run.manifest["base_model"]["source"],
+        "base_model": run.meta.base_model.source,
         "target_sparsity": run.target_sparsity,
-        "sparsity": {k: run.manifest["sparsity"][k] for k in ("ffn", "global", "global_without_embeddings")},
+        "sparsity": {k: run.meta.sparsity[k] for k in ("ffn", "global", "global_without_embeddings")},
         "settings": asdict(settings),
         "subsets": subsets,
         "tokens": {d: {s: v["tokens"] for s, v in next(iter(rows.values()))[d].items()} for d in names},
@@ -170,11 +180,11 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
         "default_memory": default,
         "tasks": _score_tasks(km, tok, settings.tasks, default if default in run.memories else None, pruned),
     }
-    if write:
-        out = Path(run_dir) / "eval"
+    if write:  # a table and its Markdown appear together, in one swap of eval/
         stem = "perplexity" + (f"-{settings.tag}" if settings.tag else "")
-        atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2))
-        atomic_write_text(out / f"{stem}.md", to_markdown(result))
+        with lock(run_dir, shared=True), updated_folder(Path(run_dir) / "eval") as out:
+            atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2))
+            atomic_write_text(out / f"{stem}.md", to_markdown(result))
     return result
 
 

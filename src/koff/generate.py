@@ -27,13 +27,19 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
     if not prompts:
         return []
     names = km.row_names(memory, len(prompts))
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--chat: the base model's tokenizer has no chat template; leave --chat out")
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if any(len(e) == 0 for e in encoded):
-        raise ValueError("every prompt must have at least one token")
+        from .errors import ConfigError
+
+        raise ConfigError("every prompt must have at least one token")
     width = max(len(e) for e in encoded)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=torch.bool)

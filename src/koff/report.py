@@ -19,12 +19,10 @@ def load_cells(results: Path) -> list[dict]:
     folder = Path(results) / "cells"
     if not folder.is_dir():
         raise ArtifactError(f"{results}: no cells/ folder (run `koff compare CONFIG` first)")
-    cells = []
-    for p in sorted(folder.glob("*.json")):
-        try:
-            cells.append(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{p}: not valid JSON ({e})") from None
+    from .artifact import read_json
+    from .manifest import CellRecord
+
+    cells = [CellRecord.from_dict(read_json(p), str(p)).to_dict() for p in sorted(folder.glob("*.json"))]
     if not cells:
         raise ArtifactError(f"{folder}: no cell results")
     return cells
@@ -303,12 +301,13 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
 
 def _savefig(fig, path: Path) -> None:
     import os
-    import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from .outputs import clean_leftovers, temp_name
+
+    clean_leftovers(path, only_dead=True)
+    tmp = temp_name(path)
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -500,9 +499,12 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
 
 def report(results: Path) -> Path:
     """Write RESULTS/report.md and its figures from RESULTS/cells/*.json."""
+    from .outputs import lock
+
     results = Path(results)
     cells = load_cells(results)
-    figs = plots(cells, results)
     path = results / "report.md"
-    atomic_write_text(path, to_markdown(cells, [str(f) for f in figs]))
+    with lock(path):  # figures first, the report that shows them last
+        figs = plots(cells, results)
+        atomic_write_text(path, to_markdown(cells, [str(f) for f in figs]))
     return path

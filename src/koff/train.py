@@ -6,14 +6,16 @@ creation and the run's manifest around the offloading loop, which lives in `trai
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import DecomposeConfig, MemoryConfig, TrainConfig, dump_config
+from . import faults
+from .config import ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, dump_config
 from .data import BlockStream, DataError, Domain, check_no_test_leak, pack, tokenize_files
+from .manifest import DomainRecord
+from .outputs import remove_tree
 from .gates import NeuronGates, sparsity_report
 from .model import KoffModel
 from .runtime import Runtime, barrier, resolve_dtype
@@ -60,16 +62,35 @@ def add_memories(km: KoffModel, names: list[str], kv_init: dict[str, torch.Tenso
                  seed: int) -> None:
     """Create one fresh memory per name: LoRA (B = 0, so it starts as a no-op) and a KV memory
     initialised from the base model's own cache of the domain's first tokens."""
+    check_kv_init(kv_init, names, cfg)
     torch.manual_seed(seed)  # LoRA A init draws from the global RNG: same memories in every run
     for name in names:
         init = {}
         if cfg.kv_tokens:
-            ids = kv_init[name]
-            if ids.numel() < cfg.kv_tokens:
-                raise DataError(f"memory.kv_tokens = {cfg.kv_tokens}, but the training text of {name!r} holds only "
-                                f"{ids.numel()} tokens to initialise its KV memory from")
-            init["kv"] = km.capture_kv(ids)
+            init["kv"] = km.capture_kv(kv_init[name])
         km.create_memory(name, cfg, init)
+
+
+def check_kv_init(kv_init: dict[str, torch.Tensor], names: list[str], cfg: MemoryConfig) -> None:
+    """Each memory's training text must hold the memory.kv_tokens its KV memory starts from."""
+    if not cfg.kv_tokens:
+        return
+    for name in names:
+        ids = kv_init[name]
+        if ids.numel() < cfg.kv_tokens:
+            raise DataError(f"memory.kv_tokens (--kv-tokens) = {cfg.kv_tokens}, but the training text of {name!r} "
+                            f"holds only {ids.numel()} tokens to initialise its KV memory from")
+
+
+def check_finite(km: KoffModel, names: list[str], what: str) -> None:
+    """Refuse to store a diverged model: every gate and memory tensor must be finite."""
+    tensors = [(f"memory {n!r}", p) for n in names for p in km.memory_parameters(n)]
+    if km.gates is not None:
+        tensors += [("the gates", a) for a in km.gates.log_alpha]
+    for label, t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"{what}: training diverged, {label} holds NaN or Inf values; nothing was written "
+                              "(lower the learning rates: train.lr_gates, lr_lora, lr_kv)")
 
 
 def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) -> list[torch.Tensor]:
@@ -156,6 +177,7 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     if cfg.memory.lora_rank:
         target_modules(base, cfg.memory.lora_targets)  # fail now, not after minutes of calibration
     streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, cfg.memory.kv_tokens)
+    check_kv_init(streams.kv_init, memory_names(cfg) if not cfg.memory.empty else [], cfg.memory)
     learned = prune and cfg.mask == "learned"
     gates = None
     if learned:
@@ -174,8 +196,6 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
         summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
                           learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint,
                           runtime=runtime)
-        if checkpoint is not None and writes:
-            shutil.rmtree(checkpoint, ignore_errors=True)
     else:  # a one-shot mask and no memories: nothing to train
         if metrics_path is not None:
             metrics_path.write_text("")
@@ -195,16 +215,28 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
         "sparsity": report,
         "domains": [d.name for d in cfg.domains],
         "default_memory": GENERAL_MEMORY if GENERAL_MEMORY in names and not cfg.memory.empty else None,
-        "data": {d.name: d.to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]},
+        "data": {d.name: DomainRecord.of(d).to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]},
         "training": cfg.to_dict() | {"prune": prune},
         "runtime": runtime.describe(),
         "metrics": summary,
     }
+    check_finite(km, km.memory_names, f"{out}")
     records = [memory_record(km, n, {"domain": n if n != GENERAL_MEMORY else None, "trained_steps": cfg.train.steps})
                for n in km.memory_names]
     write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg),
               bias=gates.bias if prune else None)
+    faults.point("run.written")
+    if checkpoint is not None:  # kept until koff.json is written, so a crash before resumes from it
+        remove_tree(checkpoint)
     return km
+
+
+def _inputs(cfg: DecomposeConfig) -> list[Path]:
+    """What a decompose reads: the base model's folder (when local) and every data file."""
+    paths = [Path(cfg.model)] if cfg.model and Path(cfg.model).exists() else []
+    for d in cfg.domains:
+        paths += [*d.train, *d.test, *d.valid]
+    return paths + list(cfg.general)
 
 
 def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool = False,
@@ -213,12 +245,13 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
 
     With `cfg.reference`, dense + memories is trained the same way (same data, steps, seeds,
     memory initialisation; no gates) into OUTPUT/reference, the upper bound `evaluate` compares
-    against. The run appears at `cfg.output` only when everything has been written. With
-    `cfg.train.checkpoint_every`, the run is built in OUTPUT.partial/ and `resume` continues it.
-    In a multi-process launch every process trains its shard; only the main one writes.
+    against. The run appears at `cfg.output` only when everything has been written, in one atomic
+    swap; `overwrite` replaces only an earlier run. With `cfg.train.checkpoint_every`, the run is
+    built in OUTPUT.partial/ and `resume` continues it. In a multi-process launch every process
+    trains its shard; only the main one writes.
     """
-    from .artifact import ArtifactError, atomic_directory
-    from .config import ConfigError
+    from .artifact import ArtifactError
+    from .outputs import atomic_output, check_output, clean_leftovers, lock, swap_in, temp_name
 
     cfg.validate()
     runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
@@ -232,28 +265,49 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
         _decompose_into(cfg, partial if cfg.train.checkpoint_every else None, reference, progress, runtime)
         barrier(runtime)
         return output
+    inputs = _inputs(cfg)
     if not cfg.train.checkpoint_every:
         if resume:
             raise ArtifactError("--resume needs a run trained with train.checkpoint_every > 0")
-        with atomic_directory(output, overwrite=overwrite) as tmp:
+        with atomic_output(output, kind="run", inputs=inputs, overwrite=overwrite) as tmp:
             _decompose_into(cfg, tmp, reference, progress, runtime)
         barrier(runtime)
         return output
-    if output.exists() and not overwrite:
-        raise ArtifactError(f"{output} already exists (choose another output or pass --overwrite)")
-    if partial.exists():
-        if not resume:
-            raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
-        if (partial / ".koff-partial.yaml").read_text() != dump_config(cfg):
-            raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
-    else:
-        partial.mkdir(parents=True)
-        (partial / ".koff-partial.yaml").write_text(dump_config(cfg))
-    _decompose_into(cfg, partial, reference, progress, runtime)
-    (partial / ".koff-partial.yaml").unlink()
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        os.rmdir(tmp)
-        os.replace(partial, tmp)
+    check_output(output, "run", inputs, overwrite)
+    with lock(output):
+        clean_leftovers(output)
+        clean_leftovers(partial)
+        marker = partial / ".koff-partial.yaml"
+        if partial.exists():
+            if not marker.is_file():
+                raise ArtifactError(f"{partial} is not a resumable partial run (it has no .koff-partial.yaml; an "
+                                    "interrupted --overwrite leaves the run it replaced there): delete it")
+            if not resume:
+                raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+            if marker.read_text() != dump_config(cfg):
+                raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
+            clean_leftovers(marker)
+        else:  # created with its marker in one rename, so a partial folder always says what it is
+            from .outputs import atomic_write_text, make_temp_dir
+
+            fresh = make_temp_dir(partial)
+            atomic_write_text(fresh / ".koff-partial.yaml", dump_config(cfg))
+            os.rename(fresh, partial)
+        _decompose_into(cfg, partial, reference, progress, runtime)
+        for folder in (partial, partial / "reference"):  # a finished run holds no training state
+            remove_tree(folder / "checkpoint")
+            clean_leftovers(folder / "checkpoint")
+        faults.point("decompose.publish")
+        check_output(output, "run", (), overwrite)
+        old = swap_in(partial, output)
+        if old == partial:  # the replaced run is now at OUTPUT.partial: move it out of --resume's way
+            trash = temp_name(output, "old")
+            os.rename(partial, trash)
+            old = trash
+        faults.point("decompose.published")
+        if old is not None:
+            remove_tree(old)
+        (output / ".koff-partial.yaml").unlink(missing_ok=True)
     barrier(runtime)
     return output
 
@@ -284,6 +338,34 @@ def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, 
                   desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
 
 
+def _known_tests(run, where: str) -> list[tuple[str, str, str]]:
+    """(domain, file, sha256) of every test file a run's manifests record, its own domains' and
+    those of memories added later: what a new memory must not train on."""
+    records = [(rec, where) for rec in run.meta.data.values()]
+    records += [(m.meta.data, f"{run.path / 'memories' / n / 'memory.json'}") for n, m in run.memories.items()
+                if m.meta is not None and m.meta.data is not None]
+    out = []
+    for rec, src in records:
+        if rec.test_sha256 is not None:
+            out += [(rec.name, p, h) for p, h in zip(rec.test, rec.test_sha256)]
+            continue
+        for p in rec.test:  # recorded before koff kept test hashes: the files must still be there
+            if not Path(p).is_file():
+                raise DataError(f"test file {p} of domain {rec.name!r} (recorded in {src}) is missing, so koff cannot "
+                                "check that the new training data does not contain it; restore it first")
+            from .data import file_sha256
+
+            out.append((rec.name, p, file_sha256(p)))
+    return out
+
+
+def _absolute(domain: Domain) -> Domain:
+    import dataclasses
+
+    return dataclasses.replace(domain, **{k: [Path(os.path.abspath(p)) for p in getattr(domain, k)]
+                                          for k in ("train", "test", "valid")})
+
+
 def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
                reference: bool = True, overwrite: bool = False, progress: bool = True, model: str | None = None,
                runtime: Runtime | None = None) -> Path:
@@ -294,52 +376,85 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     frozen. No existing file of the run changes: the memory lands in RUN/memories/NAME with its own
     manifest and metrics. With `reference`, and when the run has a dense + memories reference, the
     same memory is trained on the dense model too, so `evaluate` can show its upper bound.
+
+    Both memories are trained and written under temporary names first, then swapped in, the
+    reference's first: the run's own memory, last, is what makes the memory part of the run. The
+    run is locked meanwhile; `model` is the base model's folder if it moved.
     """
     import dataclasses
-    import tempfile
 
-    from .artifact import add_memory as store_memory
-    from .artifact import build_model, load_run, memory_record
-    from .config import ConfigError
+    from .artifact import build_model, load_run, memory_record, write_memory
     from .model import check_memory_name
+    from .outputs import check_output, clean_leftovers, lock, make_temp_dir, notice, swap_in
 
     run_dir = Path(run_dir)
     check_memory_name(domain.name, "--name")
-    run = load_run(run_dir)
-    if domain.name in run.memories and not overwrite:
-        raise ConfigError(f"{run_dir}: a memory named {domain.name!r} exists already (pass --overwrite to replace it)")
-    training = run.manifest["training"]
-    mem_cfg = MemoryConfig(**training["memory"])
-    if mem_cfg.empty:
-        raise ConfigError(f"{run_dir}: the run was trained without memories; there is nothing to add")
-    train_cfg = dataclasses.replace(TrainConfig(**training["train"]), reg_memory="domain")
-    if steps is not None:
-        train_cfg = dataclasses.replace(train_cfg, steps=steps)
-    if general is None:
-        general = [Path(p) for p in training.get("general", [])]
-    if not general:
-        train_cfg = dataclasses.replace(train_cfg, reg_every=0)
-    runtime = runtime or Runtime.from_env(dtype=train_cfg.dtype)
-    known = [Domain.from_dict(d) for name, d in run.manifest.get("data", {}).items() if name != "general"]
-    known += [Domain.from_dict(m.info["data"]) for m in run.memories.values() if isinstance(m.info.get("data"), dict)]
-    check_no_test_leak(known + [domain], general)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"--steps must be a whole number >= 1, got {steps!r}")
+    domain = _absolute(domain)
+    if not domain.train:
+        raise ConfigError(f"--train: the new domain {domain.name!r} has no training files")
+    with lock(run_dir):
+        run = load_run(run_dir)
+        name = domain.name
+        ref = run.reference if reference else None
+        ref_dir = run_dir / "reference"
+        for folder in (run_dir, ref_dir):
+            clean_leftovers(folder / "memories" / name)
+        if name in run.memories and not overwrite:
+            raise ConfigError(f"{run_dir}: a memory named {name!r} exists already (pass --overwrite to replace it)")
+        orphan = ref_dir / "memories" / name
+        if name not in run.memories and orphan.is_dir():
+            notice(f"{orphan} was left by an interrupted add-domain (the run has no memory {name!r}); "
+                   + ("replacing it" if ref is not None else "removing it"))
+            if ref is None:
+                remove_tree(orphan)
+        meta = run.meta
+        mem_cfg = meta.training.memory
+        if mem_cfg.empty:
+            raise ConfigError(f"{run_dir}: the run was trained without memories; there is nothing to add")
+        train_cfg = dataclasses.replace(meta.training.train, reg_memory="domain")
+        if steps is not None:
+            train_cfg = dataclasses.replace(train_cfg, steps=steps)
+        if general is None:
+            general = [Path(p) for p in meta.general]
+            for p in general:
+                if not p.is_file():
+                    raise DataError(f"the run's general data {p} (recorded in {run_dir / 'koff.json'}) is missing; "
+                                    "pass --general FILES, or --general none")
+        general = [Path(os.path.abspath(p)) for p in general]
+        if not general:
+            train_cfg = dataclasses.replace(train_cfg, reg_every=0)
+        runtime = runtime or Runtime.from_env(dtype=train_cfg.dtype)
+        check_no_test_leak([domain], general, _known_tests(run, str(run_dir / "koff.json")))
 
-    targets = [(run, run_dir)]
-    ref = run.reference if reference else None
-    if ref is not None:
-        targets.append((ref, run_dir / "reference"))
-    for target, folder in targets:
-        km, tok = build_model(target, model=model, memories=[], runtime=runtime)
-        streams = build_streams([domain], general, tok, train_cfg, mem_cfg.kv_tokens)
-        add_memories(km, [domain.name], streams.kv_init, mem_cfg, train_cfg.seed)
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics = Path(tmp) / "metrics.jsonl"
-            summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
-                              memories=[domain.name], progress=progress, runtime=runtime,
-                              desc=f"add-domain {domain.name}" + (" (reference)" if target is ref else ""))
-            rec = memory_record(km, domain.name, {"domain": domain.name, "data": domain.to_dict(), "added_after": True,
-                                                  "trained_steps": train_cfg.steps, "metrics": summary,
-                                                  "general": [str(p) for p in general]})
-            store_memory(folder, rec, target.manifest["base_model"]["source"], overwrite=overwrite,
-                         extra={"metrics.jsonl": metrics.read_bytes()})
-    return run_dir / "memories" / domain.name
+        targets = [(run, run_dir)] + ([(ref, ref_dir)] if ref is not None else [])
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for target, folder in targets:
+                final = folder / "memories" / name
+                tmp = make_temp_dir(final)
+                staged.append((tmp, final))
+                km, tok = build_model(target, model=model, memories=[], runtime=runtime)
+                streams = build_streams([domain], general, tok, train_cfg, mem_cfg.kv_tokens)
+                add_memories(km, [name], streams.kv_init, mem_cfg, train_cfg.seed)
+                metrics = tmp / "metrics.jsonl"
+                summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
+                                  memories=[name], progress=progress, runtime=runtime,
+                                  desc=f"add-domain {name}" + (" (reference)" if target is ref else ""))
+                check_finite(km, [name], f"add-domain {name}")
+                rec = memory_record(km, name, {"domain": name, "data": DomainRecord.of(domain).to_dict(),
+                                               "added_after": True, "trained_steps": train_cfg.steps,
+                                               "metrics": summary, "general": [str(p) for p in general]})
+                write_memory(tmp, rec, target.meta.base_model.source, extra={"metrics.jsonl": metrics.read_bytes()})
+            faults.point("add_domain.staged")
+            for tmp, final in reversed(staged):  # the reference's first; the run's own memory commits the add
+                check_output(final, "memory", overwrite=True)
+                old = swap_in(tmp, final)
+                if old is not None:
+                    remove_tree(old)
+                faults.point("add_domain.swapped")
+        finally:
+            for tmp, _ in staged:
+                remove_tree(tmp)
+    return run_dir / "memories" / name

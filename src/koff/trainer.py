@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -131,7 +132,16 @@ class Trainer:
             from .checkpoint import checkpoint_exists, load_checkpoint
 
             if checkpoint_exists(self.checkpoint):
-                self.load_state_dict(load_checkpoint(self.checkpoint))
+                from .errors import ArtifactError
+
+                state = load_checkpoint(self.checkpoint)
+                try:
+                    self.load_state_dict(state)
+                except ArtifactError:
+                    raise
+                except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                    raise ArtifactError(f"{self.checkpoint}: the checkpoint does not fit this training run ({e}); "
+                                        "delete it to start the run over") from None
         return self
 
     def _wrap(self, km: KoffModel):
@@ -303,6 +313,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if learning_gates:
             self.controller.after_step(gates, target)
+        if not math.isfinite(loss):
+            raise ConfigError(f"training diverged at step {step} (loss {loss}): lower the learning rates "
+                              "(train.lr_gates, lr_lora, lr_kv)")
         loop.steps_run += 1
         loop.step = step + 1
         key = domain or "general"

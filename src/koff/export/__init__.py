@@ -37,10 +37,11 @@ def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bo
         raise ConfigError(f"--outtype applies to --format gguf only (got --format {format})")
     if outtype is not None and outtype not in GGUF_OUTTYPES:
         raise ConfigError(f"--outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
-    if Path(out).exists() and not overwrite:
-        from ..artifact import ArtifactError
+    from ..outputs import check_output
 
-        raise ArtifactError(f"{out} already exists (choose another output or pass --overwrite)")
+    # refuse now, before minutes of loading: an existing output that is not an earlier export, or
+    # one that is, contains or lies inside the run or the base model folder
+    check_output(Path(out), kind="backbone", inputs=[run_dir, model], overwrite=overwrite)
     pb = pruned_backbone(run_dir, model)
     if format == "hf":
         from .hf import write_hf

@@ -253,7 +253,7 @@ def write_gguf_export(pb: PrunedBackbone, out: Path, outtype: str = "f16", overw
     check_architecture(pb.model.config, where)
     names, left_out = split_for_engine(pb.run.memories, "gguf", pb.run.path)
     widths = stored_widths(pb.widths, outtype)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, kind="backbone", inputs=pb.inputs) as tmp:
         counts = write_gguf_model(pb.model, pb.tokenizer, tmp / "model.gguf", outtype, widths,
                                   where=f"{pb.source}/tokenizer.json")
         save_file({f"layers.{i}": k for i, k in enumerate(pb.kept)}, str(tmp / "kept_neurons.safetensors"),

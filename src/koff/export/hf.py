@@ -93,7 +93,7 @@ def hf_config_dict(pb: PrunedBackbone) -> dict:
 def write_hf(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
     """Write the hf export of a pruned backbone and all its memories to `out`."""
     model_type = pb.model.config.model_type
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, kind="backbone", inputs=pb.inputs) as tmp:
         save_file(state_for_saving(pb.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(pb), indent=2, sort_keys=True))
         if getattr(pb.model, "generation_config", None) is not None:

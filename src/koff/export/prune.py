@@ -158,6 +158,11 @@ class PrunedBackbone:
     def down_bias(self) -> bool:
         return self.run.bias is not None
 
+    @property
+    def inputs(self) -> list[Path]:
+        """What an export must never write into or over: the run and the base model's folder."""
+        return [Path(self.run.path), Path(self.source)]
+
 
 def pruned_backbone(run_dir: Path, model: str | None = None) -> PrunedBackbone:
     """Load a run and its base model (fingerprint checked) and delete the pruned neurons."""

@@ -109,7 +109,7 @@ def write_vllm(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
     check_architecture(pb.model.config, f"{pb.source}/config.json")
     names, left_out = split_for_engine(pb.run.memories, "vllm", pb.run.path)
     widths = padded_widths(pb.widths, 1, minimum=1)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, kind="backbone", inputs=pb.inputs) as tmp:
         save_file(vllm_state(pb, widths), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(deci_config(pb, widths), indent=2, sort_keys=True))
         if getattr(pb.model, "generation_config", None) is not None:

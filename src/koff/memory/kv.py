@@ -57,11 +57,44 @@ class KVMemory(nn.Module):
         return tuple(self.keys.shape)
 
 
+@dataclass(frozen=True)
+class KVSection:
+    """The `kv` section of memory.json."""
+
+    tokens: int
+    num_frozen_tokens: int
+    shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> KVSection:
+        from ..manifest import optional, require
+
+        tokens = require(d, "tokens", int, where)
+        frozen = require(d, "num_frozen_tokens", int, where)
+        if tokens < 1:
+            raise ArtifactError(f"{where}: field 'tokens' must be >= 1, got {tokens}")
+        if not 0 <= frozen <= tokens:
+            raise ArtifactError(f"{where}: kv.num_frozen_tokens={frozen} outside [0, {tokens}]")
+        shape = optional(d, "shape", list, where)
+        if shape is not None and (len(shape) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                            for x in shape) or shape[2] != tokens):
+            raise ArtifactError(f"{where}: field 'shape' must be [layers, kv_heads, {tokens}, head_dim], got {shape!r}")
+        return cls(tokens=tokens, num_frozen_tokens=frozen, shape=None if shape is None else tuple(shape))
+
+    def to_dict(self) -> dict:
+        d = {"tokens": self.tokens, "num_frozen_tokens": self.num_frozen_tokens}
+        if self.shape is not None:
+            d["shape"] = list(self.shape)
+        return d
+
+
 @dataclass
 class KVState:
     """A stored KV memory."""
 
     kind: ClassVar[str] = "kv"
+    FILES: ClassVar[tuple[str, ...]] = (KV_FILE,)
+    """The files a memory's KV part consists of."""
     keys: torch.Tensor
     values: torch.Tensor
     num_frozen: int = 0
@@ -70,22 +103,29 @@ class KVState:
     def tokens(self) -> int:
         return int(self.keys.shape[2])
 
-    def save(self, folder: Path, base_source: str | None = None) -> dict:
+    @staticmethod
+    def parse_section(d: dict, where: str) -> KVSection:
+        return KVSection.from_dict(d, where)
+
+    def save(self, folder: Path, base_source: str | None = None) -> KVSection:
         from safetensors.torch import save_file
 
         save_file({"keys": self.keys.detach().float().cpu().contiguous(),
                    "values": self.values.detach().float().cpu().contiguous()},
                   str(folder / KV_FILE), metadata={"format": "pt"})
-        return {"tokens": self.tokens, "num_frozen_tokens": self.num_frozen, "shape": list(self.keys.shape)}
+        return KVSection(tokens=self.tokens, num_frozen_tokens=self.num_frozen, shape=tuple(self.keys.shape))
 
     @classmethod
-    def load(cls, folder: Path, section: dict, where: str, geometry=None) -> KVState:
-        from ..artifact import load_tensors, require
+    def load(cls, folder: Path, section: KVSection, where: str, geometry=None,
+             against: str = "the base model") -> KVState:
+        from ..artifact import load_tensors
 
-        tokens = require(section, "tokens", int, f"{where} kv")
-        frozen = require(section, "num_frozen_tokens", int, f"{where} kv")
+        tokens = section.tokens
         path = folder / KV_FILE
         tensors = load_tensors(path, dtype=torch.float32)
+        unknown = sorted(set(tensors) - {"keys", "values"})
+        if unknown:
+            raise ArtifactError(f"{path}: unexpected tensors {unknown} (a KV memory holds 'keys' and 'values')")
         for key in ("keys", "values"):
             if key not in tensors:
                 raise ArtifactError(f"{path}: missing tensor {key!r}")
@@ -96,20 +136,22 @@ class KVState:
         if tensors["keys"].shape != tensors["values"].shape:
             raise ArtifactError(f"{path}: 'keys' {list(tensors['keys'].shape)} and 'values' "
                                 f"{list(tensors['values'].shape)} differ in shape")
-        if not 0 <= frozen <= tokens:
-            raise ArtifactError(f"{where}: kv.num_frozen_tokens={frozen} outside [0, {tokens}]")
-        state = cls(tensors["keys"], tensors["values"], frozen)
+        state = cls(tensors["keys"], tensors["values"], section.num_frozen_tokens)
         if geometry is not None:
-            state.check_geometry(geometry, path)
+            state.check_geometry(geometry, path, against)
+        if section.shape is not None and list(section.shape) != list(tensors["keys"].shape):
+            raise ArtifactError(f"{path}: tensors have shape {list(tensors['keys'].shape)}, but {where} records "
+                                f"kv.shape {list(section.shape)}")
         return state
 
-    def check_geometry(self, geometry, where: Path) -> None:
+    def check_geometry(self, geometry, where: Path, against: str = "the base model") -> None:
         want = [geometry.num_layers, geometry.num_kv_heads, self.tokens, geometry.head_dim]
         if list(self.keys.shape) != want:
             raise ArtifactError(
-                f"{where}: KV tensors have shape {list(self.keys.shape)}, but the base model needs {want} "
+                f"{where}: KV tensors have shape {list(self.keys.shape)}, but {against} needs {want} "
                 f"(num_layers {geometry.num_layers}, num_kv_heads {geometry.num_kv_heads}, tokens {self.tokens}, "
-                f"head_dim {geometry.head_dim}): the memory was made for another base model")
+                f"head_dim {geometry.head_dim}): the memory was made for another base model"
+                + ("" if against == "the base model" else ", or the manifest was edited"))
 
     def check(self, base: nn.Module, where: Path) -> None:
         from ..base import inspect_model

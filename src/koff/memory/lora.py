@@ -86,13 +86,46 @@ def target_modules(base: nn.Module, targets: Sequence[str]) -> list[str]:
     return paths
 
 
+@dataclass(frozen=True)
+class LoraSection:
+    """The `lora` section of memory.json."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> LoraSection:
+        from ..manifest import require
+
+        rank = require(d, "rank", int, where)
+        if rank < 1:
+            raise ArtifactError(f"{where}: field 'rank' must be >= 1, got {rank}")
+        alpha = require(d, "alpha", (int, float), where)
+        if alpha <= 0:
+            raise ArtifactError(f"{where}: field 'alpha' must be > 0, got {alpha}")
+        targets = require(d, "targets", list, where)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ArtifactError(f"{where}: field 'targets' must be a non-empty list of module names, got {targets!r}")
+        return cls(rank=rank, alpha=alpha, targets=tuple(sorted(targets)))
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+
 @dataclass
 class LoraState:
     """A stored LoRA: the peft adapter config and its tensors (peft key names)."""
 
     kind: ClassVar[str] = "lora"
+    FILES: ClassVar[tuple[str, ...]] = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    """The files a memory's LoRA part consists of."""
     config: dict
     tensors: dict[str, torch.Tensor]
+
+    @staticmethod
+    def parse_section(d: dict, where: str) -> LoraSection:
+        return LoraSection.from_dict(d, where)
 
     @property
     def rank(self) -> int:
@@ -125,7 +158,7 @@ class LoraState:
                 raise ArtifactError(f"module {path!r} has only one of its LoRA A / B tensors")
         return {p: (a, b) for p, (a, b) in out.items()}
 
-    def save(self, folder: Path, base_source: str | None = None) -> dict:
+    def save(self, folder: Path, base_source: str | None = None) -> LoraSection:
         from safetensors.torch import save_file
 
         cfg = dict(self.config)
@@ -133,23 +166,31 @@ class LoraState:
         (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         save_file({k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()},
                   str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        return {"rank": self.rank, "alpha": self.config["lora_alpha"], "targets": sorted(self.config["target_modules"])}
+        return LoraSection(rank=self.rank, alpha=self.config["lora_alpha"],
+                           targets=tuple(sorted(self.config["target_modules"])))
 
     @classmethod
-    def load(cls, folder: Path, section: dict, where: str) -> LoraState:
-        from ..artifact import load_tensors, read_json, require
+    def load(cls, folder: Path, section: LoraSection, where: str) -> LoraState:
+        from ..artifact import load_tensors, read_json
 
-        rank = require(section, "rank", int, f"{where} lora")
+        rank = section.rank
         path = folder / ADAPTER_CONFIG
         cfg = read_json(path)
-        if cfg.get("peft_type") != "LORA" or cfg.get("r") != rank:
-            raise ArtifactError(f"{path}: expected peft_type 'LORA' with r={rank}, "
+        if cfg.get("peft_type") != "LORA" or cfg.get("r") != rank or isinstance(cfg.get("r"), bool):
+            raise ArtifactError(f"{path}: expected peft_type 'LORA' with r={rank} ({where}: lora.rank), "
                                 f"got peft_type={cfg.get('peft_type')!r}, r={cfg.get('r')!r}")
         for key, want in _UNSUPPORTED.items():
             if cfg.get(key, want) not in (want, None):
                 raise ArtifactError(f"{path}: field {key!r} is {cfg[key]!r}; koff supports plain LoRA only ({key}: {want!r})")
-        if not isinstance(cfg.get("lora_alpha"), (int, float)) or isinstance(cfg.get("lora_alpha"), bool):
-            raise ArtifactError(f"{path}: field 'lora_alpha' must be a number, got {cfg.get('lora_alpha')!r}")
+        alpha = cfg.get("lora_alpha")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+            raise ArtifactError(f"{path}: field 'lora_alpha' must be a number > 0, got {alpha!r}")
+        if alpha != section.alpha:
+            raise ArtifactError(f"{path}: field 'lora_alpha' is {alpha}, but {where} records lora.alpha {section.alpha}")
+        targets = cfg.get("target_modules")
+        if not isinstance(targets, list) or sorted(map(str, targets)) != list(section.targets):
+            raise ArtifactError(f"{path}: field 'target_modules' is {targets!r}, but {where} records lora.targets "
+                                f"{list(section.targets)}")
         tensors = load_tensors(folder / ADAPTER_WEIGHTS, dtype=torch.float32)
         state = cls(cfg, tensors)
         try:
@@ -162,11 +203,23 @@ class LoraState:
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
                 raise ArtifactError(f"{folder / ADAPTER_WEIGHTS}: module {p!r} has A {list(a.shape)} and B "
                                     f"{list(b.shape)}, which do not have rank {rank}")
+            if p.rsplit(".", 1)[-1] not in section.targets:
+                raise ArtifactError(f"{folder / ADAPTER_WEIGHTS}: module {p!r} is not one of the targets "
+                                    f"{list(section.targets)} ({where}: lora.targets)")
         return state
 
     def check(self, base: nn.Module, where: Path) -> None:
-        """Every tensor must name a linear layer of `base` and fit its shape."""
-        for path, (a, b) in self.modules().items():
+        """Every target linear layer of `base` has its A and B, of the shapes that layer needs."""
+        try:
+            want = target_modules(base, list(self.config["target_modules"]))
+        except ConfigError as e:
+            raise ArtifactError(f"{where}: {e}") from None
+        mods = self.modules()
+        missing = sorted(set(want) - set(mods))
+        if missing:
+            raise ArtifactError(f"{where}: the LoRA has no tensors for {len(missing)} of the base model's target "
+                                f"layers (e.g. {missing[0]!r}); the adapter file is incomplete")
+        for path, (a, b) in mods.items():
             try:
                 module = base.get_submodule(path)
             except AttributeError:
