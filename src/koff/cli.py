@@ -347,8 +347,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import importlib.util
     import os
 
+    from .errors import ServeError
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServeError(f"koff serve needs {' and '.join(missing)}: pip install 'koff[serve]'")
     from .serve.app import AppSettings
     from .serve.scheduler import EngineConfig
     from .serve.server import serve

@@ -206,3 +206,39 @@ def test_auto_picks_the_memory_with_the_lowest_loss():
     finally:
         engine.stop()
     assert c.events[0].memory == best and c.end.memory == best
+
+
+def test_cancelled_jobs_leave_the_batch_and_never_start():
+    km, tok = _model()
+    ids = tok("the cat sat on", add_special_tokens=False)["input_ids"]
+    engine = _engine(km, tok, max_batch=2)
+    engine.eos = None  # nothing ends early: only the cancellation stops the long job
+    try:
+        long, short, queued = Collect(), Collect(), Collect()
+        jobs = [Job(ids, "en", Sampling(max_tokens=400), long), Job(ids, "fr", Sampling(max_tokens=30), short),
+                Job(ids, "en", Sampling(max_tokens=5), queued)]
+        engine.submit(jobs)
+        while engine.steps < 3:
+            time.sleep(0.001)
+        jobs[0].cancel()
+        jobs[2].cancel()
+        assert short.done.wait(60)
+        deadline = time.time() + 30
+        while engine.running() and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.running() == 0 and engine.queue_depth() == 0
+        assert not long.done.is_set() and len(long.text) > 0
+        assert queued.events == []
+        assert engine.memories()["en"]["requests"] == 0
+    finally:
+        engine.stop()
+
+
+def test_serve_cli_reports_a_bad_path_in_one_line(capsys, tmp_path):
+    from koff.cli import main
+
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and "run directory" in err[0]
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
