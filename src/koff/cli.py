@@ -360,7 +360,8 @@ def cmd_serve(args) -> int:
     from .serve.server import serve
 
     key = args.api_key if args.api_key is not None else os.environ.get("KOFF_API_KEY") or None
-    engine = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching)
+    engine = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
+                          router=args.router)
     settings = AppSettings(api_key=key, max_tokens=args.max_tokens, max_context=args.max_context,
                            memory_dirs=tuple(d.resolve() for d in args.memory_dir))
     return serve(args.path, _runtime(args), engine, settings, host=args.host, port=args.port,
@@ -477,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests waiting for a batch slot; beyond, 429 with Retry-After (default 64)")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                    help="continuous: admit requests at every token (default); static: a new batch once the last ends")
+    p.add_argument("--router", choices=["classifier", "loss"], default="classifier",
+                   help="how model 'auto' picks a memory: a token classifier fitted on each memory's training text "
+                        "(default; the loss is used while a memory has no readable training text), or the lowest "
+                        "loss on the prompt")
     p.add_argument("--max-tokens", type=_new_tokens, default=1024, help="most tokens one request may generate")
     p.add_argument("--max-context", type=_positive_int, help="cap on prompt + memory prefix + generated tokens "
                                                              "(default: the model's)")

@@ -34,3 +34,23 @@ def test_token_losses_equal_each_prompt_scored_alone():
     assert choose(got[1], names) == names[int(mean.argmin())]
     assert choose(torch.tensor([[3.0, 1.0], [2.0, 9.0]]), ["x", "y"], length=2) == "y"
     assert choose(torch.tensor([[3.0, 1.0], [2.0, 9.0]]), ["x", "y"]) == "x"
+
+
+def test_classifier_picks_the_memory_whose_training_text_fits(tmp_path):
+    from koff.serve.router import TokenClassifier, token_counts
+
+    from conftest import corpus, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    counts = {}
+    for lang in ("en", "fr", "es"):
+        f = tmp_path / f"{lang}.txt"
+        f.write_text("\n".join(corpus(lang, 40, 1)) + "\n")
+        counts[lang] = token_counts([f], tok, len(tok))
+        assert counts[lang].shape == (len(tok),) and counts[lang].sum() > 100
+    clf = TokenClassifier.fit(counts)
+    for lang in ("en", "fr", "es"):
+        for doc in corpus(lang, 10, 9):
+            assert clf.choose(tok(doc, add_special_tokens=False)["input_ids"]) == lang
+    ids = tok("le chat", add_special_tokens=False)["input_ids"] + tok("the dog ran to the park", add_special_tokens=False)["input_ids"]
+    assert clf.choose(ids, length=2) == "fr" and clf.choose(ids) == "en"

@@ -86,11 +86,14 @@ NAMES = ["en", "fr", None, "kvonly", "loraonly", "fr", "en", "kvonly"]
 LENGTHS = [8, 3, 12, 6, 9, 1, 5, 10]
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
-def test_batched_jobs_equal_generate_alone(batching):
-    km, tok = _model()
+@pytest.mark.parametrize("arch,batching", [("llama", "continuous"), ("llama", "static"), ("qwen2", "continuous"),
+                                           ("gemma3", "continuous")])
+def test_batched_jobs_equal_generate_alone(arch, batching):
+    """gemma3's sliding-window cache layers cannot be merged: the engine batches it statically."""
+    km, tok = _model(arch)
     alone = [generate(km, tok, [p], n, max_new_tokens=m) for p, n, m in zip(PROMPTS, NAMES, LENGTHS)]
     engine = _engine(km, tok, max_batch=4, batching=batching)
+    assert engine.mergeable == (arch != "gemma3")
     try:
         spec = [(tok(p, add_special_tokens=False)["input_ids"], n, Sampling(max_tokens=m))
                 for p, n, m in zip(PROMPTS, NAMES, LENGTHS)]
@@ -242,3 +245,32 @@ def test_serve_cli_reports_a_bad_path_in_one_line(capsys, tmp_path):
     assert len(err) == 1 and "does not exist" in err[0] and "run directory" in err[0]
     assert main(["serve", str(tmp_path), "--port", "0"]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_auto_uses_the_classifier_while_every_memory_has_training_text():
+    km, tok = _model()
+    from koff.serve.loading import StoredMemory
+
+    names = km.memory_names
+    vocab = km.model.get_input_embeddings().num_embeddings
+    stored = []
+    for i, n in enumerate(names):
+        counts = torch.zeros(vocab)
+        counts[10 + i] = 1000.0  # each memory's "training text" is one token repeated
+        stored.append(StoredMemory(n, km.snapshot_memory(n), "test", token_counts=counts))
+        km.remove_memory(n)
+    engine = Engine(km, tok, EngineConfig()).start(stored)
+    try:
+        assert engine.router_method() == "classifier"
+        [c] = _run(engine, [([3, 12, 12, 5], AUTO, Sampling(max_tokens=2))])
+        assert c.events[0].memory == names[2]
+        extra = StoredMemory("extra", stored[0].states, "test")  # no training text
+        engine.install(extra).result(30)
+        assert engine.router_method() == "loss"
+        engine.unload("extra")
+        deadline = time.time() + 10
+        while engine.router_method() != "classifier" and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.router_method() == "classifier"
+    finally:
+        engine.stop()

@@ -34,6 +34,8 @@ def test_models_list_every_memory_the_backbone_and_auto(server):
     assert ids == ["en", "es", "fr", "none", "auto"]
     en = next(m for m in models.data if m.id == "en")
     assert en.koff["kind"] == "memory" and en.koff["lora_rank"] == 4 and en.koff["kv_tokens"] == 4
+    assert en.koff["router_text"] and en.koff["router_text"][0].endswith("en/train.txt")
+    assert models.data[-1].koff == {"kind": "router", "method": "classifier"}
 
 
 @pytest.mark.parametrize("memory", ["en", "fr", "none"])

@@ -18,6 +18,7 @@ object.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import KoffError
 from . import api
 from .api import APIError, bad
-from .loading import Served, read_memory_folder
+from .loading import Served, fit_router, read_memory_folder
 from .metrics import Metrics
 from .scheduler import AUTO, Engine, Event, Job, MemoryConflict, QueueFull, Sampling, UnknownMemory
 
@@ -92,13 +93,7 @@ def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: M
         err = APIError(500, f"internal server error ({type(e).__name__})", code="internal_error")
         return JSONResponse(err.body(), status_code=500)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or "other"
-        metrics.inc("requests_total", endpoint=endpoint, status=str(response.status_code))
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     # -- plain endpoints ---------------------------------------------------------------------------
     @app.get("/health")
@@ -119,7 +114,7 @@ def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: M
                         "koff": {"kind": "backbone", "source": str(served.backbone.path)}})
         if entries[:-1]:
             entries.append({"id": AUTO, "object": "model", "created": created, "owned_by": "koff",
-                            "koff": {"kind": "router", "picks": "the memory with the lowest loss on the prompt"}})
+                            "koff": {"kind": "router", "method": engine.router_method()}})
         return entries
 
     @v1.get("/models")
@@ -233,8 +228,14 @@ def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: M
                 raise APIError(403, f"path: {req.path!r} is outside the directories this server loads memories from "
                                     f"({', '.join(str(d) for d in settings.memory_dirs)})", "path",
                                code="forbidden_path", type="permission_error")
+        def read():
+            stored = read_memory_folder(folder, served.backbone, req.name)
+            if engine.config.router == "classifier":
+                fit_router(stored, copy.deepcopy(tok), vocab)  # its own tokenizer: this runs beside requests
+            return stored
+
         try:
-            stored = await asyncio.to_thread(read_memory_folder, folder, served.backbone, req.name)
+            stored = await asyncio.to_thread(read)
             info = await asyncio.wrap_future(engine.install(stored))
         except MemoryConflict as e:
             metrics.inc("memory_loads_total", result="conflict")
@@ -254,6 +255,31 @@ def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: M
 
     app.include_router(v1)
     return app
+
+
+class _CountRequests:
+    """Counts responses by route and status (a plain ASGI wrapper: streamed bodies pass through
+    untouched, and a client that goes away still cancels its stream)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", None) or "other"
+            self.metrics.inc("requests_total", endpoint=endpoint, status=str(status["code"]))
 
 
 def _noop(event: Event) -> None:  # replaced by _respond before a job is submitted

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..artifact import geometry_from_manifest, load_memory, load_tensors, read_json, require
-from ..base import Geometry, sha256_file
+from ..base import sha256_file
 from ..errors import ArtifactError, ServeError
 from ..memory import KVState, LoraState
 from ..model import KoffModel, check_memory_name
@@ -71,6 +71,11 @@ class StoredMemory:
     source: str
     info: dict = field(default_factory=dict)
     """What `/v1/memories` shows: parts, LoRA rank, KV tokens."""
+    train_files: tuple[str, ...] = ()
+    """The text the memory was trained on, as its run recorded it (for the auto router)."""
+    text_field: str = "text"
+    token_counts: torch.Tensor | None = None
+    """Token-id counts of `train_files` (`fit_router`); None when they could not be read."""
 
     @property
     def prefix_tokens(self) -> int:
@@ -140,9 +145,34 @@ def _load_run(path: Path, runtime) -> Served:
     base = run.manifest["base_model"]
     backbone = Backbone("run", path, base["fingerprint"], None if run.keep is None else tuple(run.keep),
                         tuple(base["intermediate_sizes"]), sliced=False)
-    memories = [StoredMemory(name, dict(rec.parts), str(path / "memories" / name), _memory_info(rec.parts))
+    memories = [StoredMemory(name, dict(rec.parts), str(path / "memories" / name), _memory_info(rec.parts),
+                             *_training_text(run.manifest, rec.info, name))
                 for name, rec in run.memories.items()]
     return Served(km, tok, backbone, memories, _context(km))
+
+
+def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ...], str]:
+    """The training files of memory `name`: from its memory.json (a memory added later) or its
+    run's koff.json (a memory of the decomposition)."""
+    data = info.get("data") if isinstance(info.get("data"), dict) else (manifest.get("data") or {}).get(name)
+    if not isinstance(data, dict):
+        return (), "text"
+    files = data.get("train") or []
+    field_name = data.get("text_field") if isinstance(data.get("text_field"), str) else "text"
+    return tuple(str(f) for f in files if isinstance(f, str)), field_name
+
+
+def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
+    """Count the tokens of the memory's training text for the auto router (if it can be read)."""
+    from ..errors import DataError
+    from .router import token_counts
+
+    if not stored.train_files:
+        return
+    try:
+        stored.token_counts = token_counts(stored.train_files, tokenizer, vocab, stored.text_field)
+    except (DataError, OSError, ValueError):
+        stored.token_counts = None
 
 
 def _load_export(path: Path, runtime) -> Served:
@@ -216,14 +246,14 @@ def read_memory_folder(folder: Path, backbone: Backbone, name: str | None = None
         if not (owner / RUN_MANIFEST).is_file():
             raise ServeError(f"{folder}: a run's memory is validated against its run's {RUN_MANIFEST}, two levels up, "
                              f"and {owner / RUN_MANIFEST} is missing; load it from inside its run directory")
-        states, geometry = _run_memory(folder, owner, backbone)
+        states, text = _run_memory(folder, owner, backbone)
     elif (owner / EXPORT_MANIFEST).is_file():
-        states, geometry = _export_memory(folder, owner, backbone)
+        states, text = _export_memory(folder, owner, backbone)
     else:
         raise ServeError(f"{folder} is not a memory folder: expected a run's memories/NAME (with memory.json, "
                          f"{RUN_MANIFEST} two levels up) or an export's memories/NAME ({EXPORT_MANIFEST} two levels up)")
     final = check_memory_name(name if name is not None else folder.name, "memory name")
-    return StoredMemory(final, states, str(folder.resolve()), _memory_info(states))
+    return StoredMemory(final, states, str(folder.resolve()), _memory_info(states), *text)
 
 
 def _check_same_backbone(fp: str, keep, widths, backbone: Backbone, where: Path) -> None:
@@ -235,7 +265,7 @@ def _check_same_backbone(fp: str, keep, widths, backbone: Backbone, where: Path)
                             f"{backbone.path}); a memory only fits the backbone it was trained on")
 
 
-def _run_memory(folder: Path, run_dir: Path, backbone: Backbone) -> tuple[dict, Geometry]:
+def _run_memory(folder: Path, run_dir: Path, backbone: Backbone) -> tuple[dict, tuple]:
     where = run_dir / RUN_MANIFEST
     m = read_json(where)
     if m.get("format") != "koff.run":
@@ -259,10 +289,10 @@ def _run_memory(folder: Path, run_dir: Path, backbone: Backbone) -> tuple[dict, 
     states = dict(rec.parts)
     if "lora" in states and backbone.sliced:
         states["lora"] = refit_lora(states["lora"], backbone.keep, to_sliced=True)
-    return states, geometry
+    return states, _training_text(m, rec.info, folder.name)
 
 
-def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, Geometry]:
+def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, tuple]:
     where = out / EXPORT_MANIFEST
     m = _export_manifest(out)
     mine = _export_backbone(out)
@@ -286,7 +316,21 @@ def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, G
         states["kv"] = KVState.load(folder, section, f"{where} memories.{folder.name}", geometry)
     if not states:
         raise ArtifactError(f"{where}: memory {folder.name!r} has neither a LoRA nor a KV part")
-    return states, geometry
+    return states, _source_run_text(m, folder.name)
+
+
+def _source_run_text(export_manifest: dict, name: str) -> tuple:
+    """An export's memory's training files, from the run it was exported from (if still there)."""
+    source = export_manifest.get("source_run")
+    if not isinstance(source, str) or not (Path(source) / RUN_MANIFEST).is_file():
+        return (), "text"
+    try:
+        manifest = read_json(Path(source) / RUN_MANIFEST)
+        info = read_json(Path(source) / "memories" / name / "memory.json") \
+            if (Path(source) / "memories" / name / "memory.json").is_file() else {}
+    except ArtifactError:
+        return (), "text"
+    return _training_text(manifest, info, name)
 
 
 def refit_lora(state: LoraState, keep, to_sliced: bool) -> LoraState:

@@ -115,6 +115,7 @@ class Job:
     route_prompt: list[int] | None = None
     """What the router scores for AUTO (default: the prompt)."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     """Set from any thread (the client went away); the scheduler drops the job at its next step."""
 
@@ -131,10 +132,14 @@ class EngineConfig:
     batching: str = "continuous"
     prefill_tokens: int = 4096
     """Padded prompt tokens one prefill may take (a single longer prompt is still admitted alone)."""
+    router: str = "classifier"
+    """How AUTO picks a memory (`koff.serve.router`): "classifier", or "loss"."""
     router_tokens: int = 128
     """Prompt tokens the router scores."""
 
     def __post_init__(self):
+        if self.router not in router.ROUTERS:
+            raise ServeError(f"router: expected one of {router.ROUTERS}, got {self.router!r}")
         if self.batching not in BATCHING:
             raise ServeError(f"batching: expected one of {BATCHING}, got {self.batching!r}")
         if self.max_batch < 1 or self.max_queue < 1:
@@ -187,6 +192,8 @@ class Engine:
         self._memories: dict[str, dict] = {}
         self._draining: set[str] = set()
         self._inflight: Counter = Counter()
+        self._counts: dict[str, torch.Tensor] = {}  # training-text token counts per memory, for the classifier
+        self._classifier: router.TokenClassifier | None = None
         self._batch: _Batch | None = None
         self._running = 0
         self._job_seconds = 5.0  # running mean of a job's time in the batch, for Retry-After
@@ -211,6 +218,14 @@ class Engine:
             if name == AUTO:
                 return max((i.get("kv_tokens", 0) for i in self._memories.values()), default=0)
             return self._memories.get(name, {}).get("kv_tokens", 0) if name else 0
+
+    def router_method(self) -> str:
+        """What AUTO uses now: the classifier while every nameable memory has training text."""
+        with self._lock:
+            names = set(self._memories)
+        if self.config.router == "classifier" and names and names <= set(self._counts):
+            return "classifier"
+        return "loss"
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -294,9 +309,13 @@ class Engine:
             state = "still finishing requests" if name in self._draining else "loaded"
             raise MemoryConflict(f"a memory named {name!r} is {state}; unload it first or load under another name")
         self.km.install_memory(name, stored.states)
-        info = {"name": name, "source": stored.source, "loaded_at": int(time.time()), **stored.info}
+        info = {"name": name, "source": stored.source, "loaded_at": int(time.time()), **stored.info,
+                "router_text": list(stored.train_files) if stored.token_counts is not None else None}
         with self._lock:
             self._memories[name] = info
+            if stored.token_counts is not None:
+                self._counts[name] = stored.token_counts
+            self._classifier = None
         return info
 
     def _loop(self) -> None:
@@ -314,7 +333,10 @@ class Engine:
                     fut.set_result(fn())
                 except Exception as e:  # reported to whoever asked
                     fut.set_exception(e)
-            self._remove_drained()
+            try:
+                self._remove_drained()
+            except Exception:  # keeps serving; the memory stays installed but unnameable
+                log.exception("removing an unloaded memory failed")
             self._admit()
             if self._batch is not None:
                 try:
@@ -333,6 +355,9 @@ class Engine:
         with self._lock:
             names = self._drained()
             self._draining.difference_update(names)
+            for n in names:
+                self._counts.pop(n, None)
+                self._classifier = None
         for n in names:
             self.km.remove_memory(n)
 
@@ -414,9 +439,16 @@ class Engine:
                 names[i] = False
             return
         prompts = [jobs[i].route_prompt or jobs[i].prompt for i in auto]
-        losses = router.token_losses(self.km, prompts, candidates, self.config.router_tokens)
-        for i, loss in zip(auto, losses):
-            choice = router.choose(loss, candidates)
+        if self.router_method() == "classifier":
+            with self._lock:
+                counts = {n: self._counts[n] for n in candidates}
+            if self._classifier is None or self._classifier.names != sorted(counts):
+                self._classifier = router.TokenClassifier.fit(counts)
+            choices = [self._classifier.choose(p, self.config.router_tokens) for p in prompts]
+        else:
+            losses = router.token_losses(self.km, prompts, candidates, self.config.router_tokens)
+            choices = [router.choose(loss, candidates) for loss in losses]
+        for i, choice in zip(auto, choices):
             with self._lock:
                 self._inflight[choice] += 1
             names[i] = choice
@@ -489,7 +521,7 @@ class Engine:
         for row, t in zip(batch.rows, tokens):
             row.generated += 1
             if row.generated == 1 and self.metrics:
-                self.metrics.observe("time_to_first_token_seconds", time.monotonic() - row.started)
+                self.metrics.observe("time_to_first_token_seconds", time.monotonic() - row.job.created)
             if self.eos is not None and t == self.eos:
                 row.finish = "stop"
                 continue

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .app import AppSettings, create_app
-from .loading import load_served
+from .loading import fit_router, load_served
 from .metrics import server_metrics
 from .scheduler import Engine, EngineConfig
 
@@ -55,6 +55,10 @@ def serve(path: Path, runtime, engine_config: EngineConfig, settings: AppSetting
     import uvicorn
 
     served = load_served(path, runtime)
+    if engine_config.router == "classifier":
+        vocab = served.km.model.get_input_embeddings().num_embeddings
+        for stored in served.memories:
+            fit_router(stored, served.tokenizer, vocab)
     holder: dict = {}
     metrics = server_metrics(lambda: holder["engine"].queue_depth(), lambda: holder["engine"].running(),
                              lambda: holder["engine"].memory_names())
@@ -67,7 +71,8 @@ def serve(path: Path, runtime, engine_config: EngineConfig, settings: AppSetting
         shown = f"[{host}]" if ":" in host else host
         names = engine.memory_names()
         print(f"koff serve: {served.backbone.kind} {path} ({len(names)} memories: {', '.join(names) or 'none'}; "
-              f"{runtime.device}, {engine_config.batching} batching up to {engine_config.max_batch} rows) "
+              f"{runtime.device}, {engine_config.batching} batching up to {engine_config.max_batch} rows, auto: "
+              f"{engine.router_method()}) "
               f"listening on http://{shown}:{bound}", flush=True)
         config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
                                 lifespan="off")
