@@ -115,13 +115,20 @@ def load(port: int, bodies: list[bytes], clients: int) -> dict:
             "requests": len(results)}
 
 
-def prompts_by_language(langs: list[str], per_language: int, words: int = 12) -> dict[str, list[str]]:
-    from koff.data import data_root
+def prompts_by_language(run: Path, langs: list[str], per_language: int, words: int = 12) -> dict[str, list[str]]:
+    """The first `words` words of documents of each memory's valid split (else its test split), as
+    the run recorded them (bundled languages: the shared data folder)."""
+    from koff.data import data_root, read_documents
 
+    manifest = json.loads((run / "koff.json").read_text()) if (run / "koff.json").is_file() else {}
     out = {}
     for lang in langs:
-        docs = (data_root() / "text" / lang / "valid.txt").read_text(encoding="utf-8").splitlines()
-        out[lang] = [" ".join(d.split()[:words]) for d in docs if len(d.split()) >= words][:per_language]
+        data = (manifest.get("data") or {}).get(lang) or {}
+        files = data.get("valid") or data.get("test") or [data_root() / "text" / lang / "valid.txt"]
+        docs = [d for f in files for d in read_documents(Path(f), data.get("text_field", "text"))]
+        out[lang] = [" ".join(d.split()[:words]) for d in docs if len(d.split()) >= words]
+        if len(out[lang]) < per_language:  # a small split: cycle through it
+            out[lang] = [out[lang][i % len(out[lang])] for i in range(per_language)]
     return out
 
 
@@ -154,7 +161,7 @@ def main() -> None:
     memories = sorted(load_run(run).memories) if (run / "koff.json").is_file() else \
         sorted(d.name for d in (run / "memories").iterdir() if d.is_dir())
     langs = memories[:3]
-    prompts = prompts_by_language(langs, max(args.requests, args.ratio_requests))
+    prompts = prompts_by_language(run, langs, max(args.requests, args.ratio_requests))
     results: dict = {"run": str(run), "memories": langs, "threads": args.threads}
     print(f"koff serve load test: run {run}, memories {', '.join(langs)}, server OMP_NUM_THREADS={args.threads}")
 
@@ -218,6 +225,7 @@ def main() -> None:
     fives = sum(v for r in (results.get("a"), batched, alone, static) if r for k, v in r["statuses"].items()
                 if k >= 500) + sum(v for side in sides.values() for r in side for k, v in r["statuses"].items()
                                     if k >= 500)
+    results["5xx"] = fives
     print(f"\n5xx responses over every phase: {fives}  (target 0)")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str))
