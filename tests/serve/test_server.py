@@ -284,7 +284,7 @@ def test_bad_requests_get_4xx_in_openai_shape_and_the_server_keeps_serving(serve
 
 
 def test_an_exported_backbone_serves_what_the_run_serves_and_the_queue_is_bounded(server, tiny_run):
-    exported = Server(tiny_run.export, "--max-batch", "1", "--max-queue", "1")
+    exported = Server(tiny_run.export, "--max-batch", "1", "--max-queue", "1", "--memory-dir", str(tiny_run.with_de))
     try:
         c = exported.client()
         assert [m.id for m in c.models.list().data] == ["en", "es", "fr", "none", "auto"]
@@ -295,6 +295,14 @@ def test_an_exported_backbone_serves_what_the_run_serves_and_the_queue_is_bounde
         # the exported run's own memory folder loads back into the run server's backbone and vice versa
         status, _, body = exported.raw("POST", "/v1/memories", {"path": str(tiny_run.with_de / "memories" / "de")})
         assert status == 201, body
+        # ... but only from below --memory-dir
+        status, _, body = exported.raw("POST", "/v1/memories", {"path": str(tiny_run.run / "memories" / "en"),
+                                                                "name": "en2"})
+        assert status == 403 and json.loads(body)["error"]["code"] == "forbidden_path"
+        status, _, body = exported.raw("POST", "/v1/memories", {"path": str(tiny_run.with_de / "memories" / ".." /
+                                                                              ".." / "run" / "memories" / "en"),
+                                                                "name": "en3"})
+        assert status == 403
 
         def ask(_):
             return exported.raw("POST", "/v1/completions", {"model": "fr", "prompt": "le chat", "max_tokens": 64,
