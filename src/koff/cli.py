@@ -422,6 +422,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import importlib.util
+    import os
+
+    from .errors import ServeError
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServeError(f"koff serve needs {' and '.join(missing)}: pip install 'koff[serve]'")
+    from .serve.app import AppSettings
+    from .serve.scheduler import EngineConfig
+    from .serve.server import serve
+
+    key = args.api_key if args.api_key is not None else os.environ.get("KOFF_API_KEY") or None
+    engine = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
+                          router=args.router)
+    settings = AppSettings(api_key=key, max_tokens=args.max_tokens, max_context=args.max_context,
+                           memory_dirs=tuple(d.resolve() for d in args.memory_dir))
+    return serve(args.path, _runtime(args), engine, settings, host=args.host, port=args.port,
+                 log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"koff {__version__}")
@@ -544,6 +566,29 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="Markdown tables + PNG plots from the cells of `koff compare`")
     p.add_argument("results", type=Path, help="the grid's results folder (holding cells/)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one backbone, a memory chosen per request")
+    p.add_argument("path", type=Path, help="a run directory (koff decompose) or an exported backbone (koff export)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_count, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $KOFF_API_KEY, else none)")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests waiting for a batch slot; beyond, 429 with Retry-After (default 64)")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous: admit requests at every token (default); static: a new batch once the last ends")
+    p.add_argument("--router", choices=["classifier", "loss"], default="classifier",
+                   help="how model 'auto' picks a memory: a token classifier fitted on each memory's training text "
+                        "(default; the loss is used while a memory has no readable training text), or the lowest "
+                        "loss on the prompt")
+    p.add_argument("--max-tokens", type=_new_tokens, default=1024, help="most tokens one request may generate")
+    p.add_argument("--max-context", type=_positive_int, help="cap on prompt + memory prefix + generated tokens "
+                                                             "(default: the model's)")
+    p.add_argument("--memory-dir", type=Path, action="append", default=[],
+                   help="allow loading memories only from below this folder (repeatable; default: anywhere)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     from .errors import KoffError

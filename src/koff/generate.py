@@ -1,8 +1,8 @@
 """Text generation with memories swapped per request.
 
 `generate` takes a batch of prompts and one memory name per prompt: one routed call
-(`KoffModel.route`) serves every decoding step, so each row gets its own LoRA delta (the rows'
-adapter weights gathered once, two batched matmuls per layer) and its own KV prefix (rows with a
+(`KoffModel.route`) serves every decoding step, so each row gets its own LoRA delta (the used
+memories' adapters stacked once, two matmuls per layer) and its own KV prefix (rows with a
 shorter or no memory are padded with masked slots); prompts are left-padded, and each row's
 positions continue after its own memory. The backbone is shared by all rows and never copied.
 """
@@ -46,7 +46,7 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
     device = next(km.model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
 
-    call = km.route(names, len(names))  # one routing (for mixed rows: one weight gather) for all steps
+    call = km.route(names, len(names))  # one routing (for mixed rows: one adapter stack) for all steps
     cache = km.prefix_cache(call.prefix)
     if call.prefix is not None:
         attention = torch.cat([call.prefix.mask.to(device), mask], dim=1)

@@ -6,8 +6,10 @@ On disk a memory's LoRA is a standard peft LoRA adapter (`adapter_config.json` +
 delta itself: one forward hook per target linear adds `B @ A @ x * scaling` for the memory each
 row names in the current call (`parts.current_call`). peft's own routing switches the active
 adapter on shared layers (or registers per-call hooks on them), which two concurrent requests
-would race on, and its mixed-batch path loops over adapters; here a call with mixed rows gathers
-each row's A and B once and costs two batched matmuls per layer, and no shared state changes.
+would race on, and its mixed-batch path loops over adapters; here a call with mixed rows stacks
+the A and B of the memories it uses along the rank axis (each row selects its own slice), so it
+costs two matmuls per layer, building it copies each used memory once (not once per row), and no
+shared state changes.
 
 A fresh adapter draws its random A exactly as peft's `LoraLayer.update_layer` does (the same
 generator calls in the same module order), so runs are unchanged by the switch away from peft
@@ -246,10 +248,18 @@ class LoraAdapter(nn.Module):
 
 @dataclass
 class _Mixed:
+    """The rows of one call use different memories on one module. The memories used are
+    concatenated along the rank axis, so the whole batch costs two matmuls and no per-row copy of
+    any adapter: building this is O(memories used), not O(rows), which matters when a server
+    rebuilds a call every time its batch changes."""
+
     a: torch.Tensor
-    """[B, r, in]: each row's A (zeros for rows without a LoRA on this module)."""
+    """[R, in]: the A of every memory used on this module, stacked (R = the sum of their ranks)."""
     b: torch.Tensor
-    """[B, out, r]: each row's B with its scaling folded in."""
+    """[out, R]: their B, side by side."""
+    select: torch.Tensor
+    """[B, R]: the scaling of the row's own memory over that memory's rank slice, 0 elsewhere (and
+    for rows without a LoRA on this module)."""
 
 
 @register_part
@@ -333,19 +343,24 @@ class LoraPart(nn.Module):
             call.state[self.kind] = {p: (ad.lora_A[i], ad.lora_B[i], ad.scaling) for i, p in enumerate(ad.paths)}
             return
         state = {}
+        selectors: dict[tuple, torch.Tensor] = {}  # one per distinct set of memories on a module
         for path in {p for n in used for p in self.adapters[n].paths}:
             have = [(n, self.adapters[n]) for n in used if path in self.adapters[n].index]
-            rank = max(ad.lora_A[ad.index[path]].shape[0] for _, ad in have)
-            ref_a = have[0][1].lora_A[have[0][1].index[path]]
-            ref_b = have[0][1].lora_B[have[0][1].index[path]]
-            stack_a = {n: F.pad(ad.lora_A[ad.index[path]], (0, 0, 0, rank - ad.lora_A[ad.index[path]].shape[0]))
-                       for n, ad in have}
-            stack_b = {n: F.pad(ad.lora_B[ad.index[path]] * ad.scaling, (0, rank - ad.lora_B[ad.index[path]].shape[1]))
-                       for n, ad in have}
-            zero_a = ref_a.new_zeros(rank, ref_a.shape[1])
-            zero_b = ref_b.new_zeros(ref_b.shape[0], rank)
-            state[path] = _Mixed(torch.stack([stack_a.get(n, zero_a) if n else zero_a for n in rows]),
-                                 torch.stack([stack_b.get(n, zero_b) if n else zero_b for n in rows]))
+            a = torch.cat([ad.lora_A[ad.index[path]] for _, ad in have])
+            b = torch.cat([ad.lora_B[ad.index[path]] for _, ad in have], dim=1)
+            key = tuple(n for n, _ in have)
+            if key not in selectors:
+                select = a.new_zeros(len(rows), a.shape[0])
+                start, span = 0, {}
+                for n, ad in have:
+                    rank = ad.lora_A[ad.index[path]].shape[0]
+                    span[n] = (start, start + rank)
+                    start += rank
+                for i, n in enumerate(rows):
+                    if n in span:
+                        select[i, span[n][0]: span[n][1]] = self.adapters[n].scaling
+                selectors[key] = select
+            state[path] = _Mixed(a, b, selectors[key])
         call.state[self.kind] = state
 
     def _hook(self, path: str):
@@ -356,7 +371,8 @@ class LoraPart(nn.Module):
                 return None
             if isinstance(entry, _Mixed):
                 x = args[0].to(entry.a.dtype)
-                delta = torch.bmm(torch.bmm(x, entry.a.transpose(1, 2)), entry.b.transpose(1, 2))
+                select = entry.select.view(entry.select.shape[0], *([1] * (x.dim() - 2)), entry.select.shape[1])
+                delta = F.linear(F.linear(x, entry.a) * select, entry.b)
             else:
                 a, b, scaling = entry
                 delta = F.linear(F.linear(args[0].to(a.dtype), a), b) * scaling

@@ -1,0 +1,369 @@
+"""What a server serves: a backbone (from a run directory or an exported backbone) and the memory
+folders it may load, each validated against that backbone.
+
+A memory only fits the backbone it was trained on: the same base model *and* the same FFN mask
+(a memory trained on another run's backbone would load and produce noise). A memory folder does not
+record either itself, so it is validated against the manifest of the artifact it belongs to, two
+levels up:
+
+  - a run's `RUN/memories/NAME/` (with its memory.json): `RUN/koff.json` gives the base model's
+    fingerprint, `RUN/backbone/mask.safetensors` the mask (its sha256 checked against koff.json);
+    memory.json's own hashes, shapes, dtypes and finiteness are checked by `artifact.load_memory`;
+  - an export's `OUT/memories/NAME/` (peft LoRA + kv.safetensors): `OUT/koff_backbone.json` gives
+    the fingerprint and the hashes of the memory's files, `OUT/kept_neurons.safetensors` the mask.
+
+The served backbone has the same two facts (`Backbone.fingerprint`, `Backbone.mask_digest`), and
+both must match. A run's LoRA is shaped for the dense FFN widths and an export's for the pruned
+ones; `refit_lora` converts between the two exactly (a pruned neuron's rows / columns are cut, or
+zero-filled, and they never reach the output: its gate is 0 in a run, and it does not exist in an
+export), so either kind of memory folder can be loaded into either kind of server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifact import geometry_from_manifest, load_memory, load_tensors, read_json, require
+from ..base import sha256_file
+from ..errors import ArtifactError, ServeError
+from ..memory import KVState, LoraState
+from ..memory.kv import KVSection
+from ..memory.lora import LoraSection
+from ..model import KoffModel, check_memory_name
+
+RUN_MANIFEST = "koff.json"
+EXPORT_MANIFEST = "koff_backbone.json"
+FFN_ROWS = ("gate_proj", "up_proj")  # neuron j is row j of their output (LoRA B) ...
+FFN_COLS = ("down_proj",)  # ... and column j of this one's input (LoRA A)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """The identity of a served backbone: what every memory loaded into it must have been made for."""
+
+    kind: str
+    """"run" or "export"."""
+    path: Path
+    fingerprint: str
+    """sha256 fingerprint of the base model (weights + config) the backbone was cut from."""
+    keep: tuple[torch.Tensor, ...] | None
+    """Per layer, which FFN neurons of the base model are kept (None: all of them, a dense run)."""
+    dense_widths: tuple[int, ...]
+    """FFN width of each layer of the base model."""
+    sliced: bool
+    """True when pruned neurons are physically absent (an export): LoRA tensors use the pruned widths."""
+
+    @property
+    def mask_digest(self) -> str:
+        return mask_digest(self.keep, self.dense_widths)
+
+
+@dataclass
+class StoredMemory:
+    """A memory read from disk and validated, ready to install: part kind -> state."""
+
+    name: str
+    states: dict
+    source: str
+    info: dict = field(default_factory=dict)
+    """What `/v1/memories` shows: parts, LoRA rank, KV tokens."""
+    train_files: tuple[str, ...] = ()
+    """The text the memory was trained on, as its run recorded it (for the auto router)."""
+    text_field: str = "text"
+    token_counts: torch.Tensor | None = None
+    """Token-id counts of `train_files` (`fit_router`); None when they could not be read."""
+
+    @property
+    def prefix_tokens(self) -> int:
+        kv = self.states.get("kv")
+        return 0 if kv is None else kv.tokens
+
+
+@dataclass
+class Served:
+    """A loaded backbone with its tokenizer and the memories found beside it."""
+
+    km: KoffModel
+    tokenizer: object
+    backbone: Backbone
+    memories: list[StoredMemory]
+    context: int
+    """Maximum positions of the base model (prompt + memory prefix + generated tokens)."""
+
+
+def mask_digest(keep, widths) -> str:
+    """sha256 of the kept-neuron mask of every layer (all ones for a dense backbone)."""
+    h = hashlib.sha256()
+    for i, w in enumerate(widths):
+        k = torch.ones(w, dtype=torch.bool) if keep is None else keep[i].bool()
+        if k.numel() != w:
+            raise ArtifactError(f"layer {i}: mask of {k.numel()} neurons for an FFN of width {w}")
+        h.update(f"{i}:{w}:".encode())
+        h.update(k.to(torch.uint8).cpu().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _memory_info(states: dict) -> dict:
+    info = {"parts": sorted(states)}
+    if "lora" in states:
+        info["lora_rank"] = states["lora"].rank
+    if "kv" in states:
+        info["kv_tokens"] = states["kv"].tokens
+    return info
+
+
+# -- serving a run or an export ------------------------------------------------------------------
+def load_served(path: Path, runtime) -> Served:
+    """The backbone at `path` (a run directory or an exported backbone) with all its memories."""
+    path = Path(path)
+    if (path / RUN_MANIFEST).is_file():
+        return _load_run(path, runtime)
+    if (path / EXPORT_MANIFEST).is_file():
+        return _load_export(path, runtime)
+    if not path.exists():
+        raise ServeError(f"{path} does not exist; expected a run directory (koff decompose) or an exported "
+                         "backbone (koff export)")
+    raise ServeError(f"{path} is neither a run directory (no {RUN_MANIFEST}) nor an exported backbone "
+                     f"(no {EXPORT_MANIFEST})")
+
+
+def _context(km: KoffModel) -> int:
+    cfg = km.model.config.get_text_config(decoder=True) if hasattr(km.model.config, "get_text_config") \
+        else km.model.config
+    return int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+
+
+def _load_run(path: Path, runtime) -> Served:
+    from ..artifact import build_model, load_run
+
+    run = load_run(path)
+    km, tok = build_model(run, runtime=runtime, memories=[])
+    base = run.manifest["base_model"]
+    backbone = Backbone("run", path, base["fingerprint"], None if run.keep is None else tuple(run.keep),
+                        tuple(base["intermediate_sizes"]), sliced=False)
+    memories = [StoredMemory(name, dict(rec.parts), str(path / "memories" / name), _memory_info(rec.parts),
+                             *_training_text(run.manifest, rec.info, name))
+                for name, rec in run.memories.items()]
+    return Served(km, tok, backbone, memories, _context(km))
+
+
+def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ...], str]:
+    """The training files of memory `name`: from its memory.json (a memory added later) or its
+    run's koff.json (a memory of the decomposition)."""
+    data = info.get("data") if isinstance(info.get("data"), dict) else (manifest.get("data") or {}).get(name)
+    if not isinstance(data, dict):
+        return (), "text"
+    files = data.get("train") or []
+    field_name = data.get("text_field") if isinstance(data.get("text_field"), str) else "text"
+    return tuple(str(f) for f in files if isinstance(f, str)), field_name
+
+
+def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
+    """Count the tokens of the memory's training text for the auto router (if it can be read)."""
+    from ..errors import DataError
+    from .router import token_counts
+
+    if not stored.train_files:
+        return
+    try:
+        stored.token_counts = token_counts(stored.train_files, tokenizer, vocab, stored.text_field)
+    except (DataError, OSError, ValueError):
+        stored.token_counts = None
+
+
+def _load_export(path: Path, runtime) -> Served:
+    from ..export import load_backbone
+
+    model, tok = load_backbone(path, dtype=runtime.dtype)
+    km = KoffModel(model)
+    km.to(runtime.device)
+    backbone = _export_backbone(path)
+    memories = []
+    root = path / "memories"
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and not d.name.startswith("."):
+                memories.append(read_memory_folder(d, backbone))
+    return Served(km, tok, backbone, memories, _context(km))
+
+
+def _export_manifest(out: Path) -> dict:
+    where = out / EXPORT_MANIFEST
+    m = read_json(where)
+    if m.get("format") != "koff.backbone":
+        raise ArtifactError(f"{where}: field 'format' must be 'koff.backbone', got {m.get('format')!r}")
+    return m
+
+
+def _export_backbone(out: Path) -> Backbone:
+    where = out / EXPORT_MANIFEST
+    m = _export_manifest(out)
+    base = require(m, "base_model", dict, str(where))
+    fp = require(base, "fingerprint", str, f"{where} base_model")
+    dense = require(base, "intermediate_sizes", list, f"{where} base_model")
+    files = require(m, "files", dict, str(where))
+    kept_file = out / "kept_neurons.safetensors"
+    _check_hash(kept_file, files.get("kept_neurons.safetensors"), where)
+    kept = load_tensors(kept_file)
+    keep = []
+    for i, w in enumerate(dense):
+        idx = kept.get(f"layers.{i}")
+        if idx is None or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+            raise ArtifactError(f"{kept_file}: tensor 'layers.{i}' missing or not a 1-D integer tensor")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w):
+            raise ArtifactError(f"{kept_file}: tensor 'layers.{i}' holds indices outside [0, {w})")
+        k = torch.zeros(w, dtype=torch.bool)
+        k[idx.long()] = True
+        keep.append(k)
+    return Backbone("export", out, fp, tuple(keep), tuple(dense), sliced=True)
+
+
+def _check_hash(path: Path, digest, where: Path) -> None:
+    if not isinstance(digest, str):
+        raise ArtifactError(f"{where}: lists no sha256 for {path.name}")
+    if not path.is_file():
+        raise ArtifactError(f"{where}: lists {path.name}, which is missing")
+    if sha256_file(path) != digest:
+        raise ArtifactError(f"{path}: contents changed since koff wrote it (sha256 differs from {where})")
+
+
+# -- one memory folder ---------------------------------------------------------------------------
+def read_memory_folder(folder: Path, backbone: Backbone, name: str | None = None) -> StoredMemory:
+    """Read and validate a memory folder (a run's or an export's `memories/NAME`) for `backbone`.
+
+    `name` installs it under another name than its folder's. Raises ArtifactError (a bad or
+    foreign memory) or ServeError (not a memory folder).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ServeError(f"memory folder {folder} does not exist")
+    owner = folder.parent.parent
+    if (folder / "memory.json").is_file():
+        if not (owner / RUN_MANIFEST).is_file():
+            raise ServeError(f"{folder}: a run's memory is validated against its run's {RUN_MANIFEST}, two levels up, "
+                             f"and {owner / RUN_MANIFEST} is missing; load it from inside its run directory")
+        states, text = _run_memory(folder, owner, backbone)
+    elif (owner / EXPORT_MANIFEST).is_file():
+        states, text = _export_memory(folder, owner, backbone)
+    else:
+        raise ServeError(f"{folder} is not a memory folder: expected a run's memories/NAME (with memory.json, "
+                         f"{RUN_MANIFEST} two levels up) or an export's memories/NAME ({EXPORT_MANIFEST} two levels up)")
+    final = check_memory_name(name if name is not None else folder.name, "memory name")
+    return StoredMemory(final, states, str(folder.resolve()), _memory_info(states), *text)
+
+
+def _check_same_backbone(fp: str, keep, widths, backbone: Backbone, where: Path) -> None:
+    if fp != backbone.fingerprint:
+        raise ArtifactError(f"{where}: made from base model fingerprint {fp[:19]}…, but the served backbone was cut "
+                            f"from {backbone.fingerprint[:19]}…; a memory only fits the base model it was trained on")
+    if tuple(widths) != backbone.dense_widths or mask_digest(keep, widths) != backbone.mask_digest:
+        raise ArtifactError(f"{where}: trained on another backbone (its FFN mask differs from the one served from "
+                            f"{backbone.path}); a memory only fits the backbone it was trained on")
+
+
+def _run_memory(folder: Path, run_dir: Path, backbone: Backbone) -> tuple[dict, tuple]:
+    where = run_dir / RUN_MANIFEST
+    m = read_json(where)
+    if m.get("format") != "koff.run":
+        raise ArtifactError(f"{where}: field 'format' must be 'koff.run', got {m.get('format')!r}")
+    base = require(m, "base_model", dict, str(where))
+    fp = require(base, "fingerprint", str, f"{where} base_model")
+    geometry = geometry_from_manifest(base, f"{where} base_model")
+    keep = None
+    if require(m, "pruned", bool, str(where)):
+        mask_file = run_dir / "backbone" / "mask.safetensors"
+        _check_hash(mask_file, require(m, "files", dict, str(where)).get("backbone/mask.safetensors"), where)
+        tensors = load_tensors(mask_file)
+        keep = []
+        for i, w in enumerate(geometry.intermediate_sizes):
+            t = tensors.get(f"layers.{i}.keep")
+            if t is None or list(t.shape) != [w]:
+                raise ArtifactError(f"{mask_file}: tensor 'layers.{i}.keep' missing or not of shape [{w}]")
+            keep.append(t.bool())
+    _check_same_backbone(fp, keep, geometry.intermediate_sizes, backbone, where)
+    rec = load_memory(folder, geometry)
+    states = dict(rec.parts)
+    if "lora" in states and backbone.sliced:
+        states["lora"] = refit_lora(states["lora"], backbone.keep, to_sliced=True)
+    return states, _training_text(m, rec.info, folder.name)
+
+
+def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, tuple]:
+    where = out / EXPORT_MANIFEST
+    m = _export_manifest(out)
+    mine = _export_backbone(out)
+    base = require(m, "base_model", dict, str(where))
+    _check_same_backbone(mine.fingerprint, mine.keep, mine.dense_widths, backbone, where)
+    entry = require(require(m, "memories", dict, str(where)), folder.name, dict, f"{where} memories")
+    files = require(entry, "files", dict, f"{where} memories.{folder.name}")
+    if not files:
+        raise ArtifactError(f"{where}: memory {folder.name!r} lists no files")
+    for rel, digest in files.items():
+        _check_hash(folder / rel, digest, where)
+    geometry = geometry_from_manifest(base, f"{where} base_model")
+    states: dict = {}
+    if "adapter_model.safetensors" in files:
+        cfg = read_json(folder / "adapter_config.json")
+        here = f"{where} memories.{folder.name}"
+        targets = cfg.get("target_modules")
+        section = LoraSection.from_dict({"rank": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
+                                         "targets": sorted(targets) if isinstance(targets, list) else targets}, here)
+        states["lora"] = LoraState.load(folder, section, here)
+        if not backbone.sliced:
+            states["lora"] = refit_lora(states["lora"], mine.keep, to_sliced=False)
+    if "kv.safetensors" in files:
+        here = f"{where} memories.{folder.name}"
+        section = KVSection.from_dict({"tokens": entry.get("kv_tokens"),
+                                       "num_frozen_tokens": entry.get("kv_frozen_tokens", 0)}, here)
+        states["kv"] = KVState.load(folder, section, here, geometry)
+    if not states:
+        raise ArtifactError(f"{where}: memory {folder.name!r} has neither a LoRA nor a KV part")
+    return states, _source_run_text(m, folder.name)
+
+
+def _source_run_text(export_manifest: dict, name: str) -> tuple:
+    """An export's memory's training files, from the run it was exported from (if still there)."""
+    source = export_manifest.get("source_run")
+    if not isinstance(source, str) or not (Path(source) / RUN_MANIFEST).is_file():
+        return (), "text"
+    try:
+        manifest = read_json(Path(source) / RUN_MANIFEST)
+        info = read_json(Path(source) / "memories" / name / "memory.json") \
+            if (Path(source) / "memories" / name / "memory.json").is_file() else {}
+    except ArtifactError:
+        return (), "text"
+    return _training_text(manifest, info, name)
+
+
+def refit_lora(state: LoraState, keep, to_sliced: bool) -> LoraState:
+    """A LoRA for the dense FFN widths cut to the kept neurons (`to_sliced`), or one for the pruned
+    widths zero-filled back to the dense widths. Attention projections are untouched."""
+    out = {}
+    for key, t in state.tensors.items():
+        layer = _LAYER.search(key)
+        module = next((p for p in key.split(".") if p in FFN_ROWS + FFN_COLS), None)
+        if layer is None or module is None or int(layer.group(1)) >= len(keep):
+            out[key] = t
+            continue
+        k = keep[int(layer.group(1))]
+        idx = k.nonzero().squeeze(1)
+        axis = 0 if (module in FFN_ROWS and ".lora_B." in key) else 1 if (module in FFN_COLS and ".lora_A." in key) \
+            else None
+        if axis is not None:
+            have, want = t.shape[axis], (k.numel() if to_sliced else idx.numel())
+            if have != want:
+                raise ArtifactError(f"LoRA tensor {key!r} has {have} neurons on axis {axis}, expected {want}")
+            if to_sliced:
+                t = t.index_select(axis, idx)
+            else:
+                shape = list(t.shape)
+                shape[axis] = k.numel()
+                t = t.new_zeros(shape).index_copy_(axis, idx, t)
+        out[key] = t.contiguous()
+    return LoraState(dict(state.config), out)
