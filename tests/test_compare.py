@@ -99,3 +99,25 @@ def test_claims_let_workers_share_a_grid(tmp_path):
     lock.write_text(dead.stdout.strip())  # a finished process's claim is stale
     with claim(lock) as mine:
         assert mine
+
+
+def test_a_finished_run_counts_when_its_config_predates_a_new_default_field(tmp_path, llama_folder, data_files):
+    """compare reuses a trained cell run if its config.yaml parses to the same config, even when
+    written before fields with defaults were added; a changed value is not reused."""
+    import yaml
+
+    from koff.compare import finished_run
+    from koff.config import config_from_dict, dump_config
+
+    run = tmp_path / "cell"
+    run.mkdir()
+    cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, run, steps=3))
+    (run / "koff.json").write_text("{}")
+    old = yaml.safe_load(dump_config(cfg))
+    for key in ("reg_memory", "grad_accum", "gradient_checkpointing", "dtype"):  # what an older koff wrote
+        del old["train"][key]
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert finished_run(run, cfg)
+    old["train"]["steps"] = 4
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert not finished_run(run, cfg)

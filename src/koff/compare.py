@@ -238,11 +238,20 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
 
 
 def finished_run(run_dir: Path, cfg) -> bool:
-    """True when `run_dir` holds a complete run trained with exactly `cfg`."""
-    from .config import dump_config
+    """True when `run_dir` holds a complete run trained with exactly `cfg`: the configs are compared
+    as parsed (defaults filled in), so a run written before a config field was added still counts
+    when the new field has its default."""
+    from .config import dump_config, load_config
 
     config = run_dir / "config.yaml"
-    return (run_dir / "koff.json").is_file() and config.is_file() and config.read_text() == dump_config(cfg)
+    if not ((run_dir / "koff.json").is_file() and config.is_file()):
+        return False
+    if config.read_text() == dump_config(cfg):
+        return True
+    try:
+        return load_config(config).to_dict() == cfg.to_dict()
+    except (ConfigError, OSError):
+        return False
 
 
 def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Path:
