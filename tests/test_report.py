@@ -162,3 +162,27 @@ def test_claims_count_paired_seeds(cells):
     assert "koff-lora 32.5 ± 1.3 (+1.5%, 0.2 std apart; koff lower on 2 of 3 paired seeds)" in both["lines"][0]
     # a single koff-kv seed shares only seed 0 with koff: no paired count
     assert both["lines"][0].endswith("koff-kv 40.0 (+20.0%, 4.0 std apart, one side's std only)")
+
+
+def test_languages_section_tables_every_language_and_the_swap_matrix():
+    from koff.report import languages_section
+
+    def cell(cid, group, langs, steps, setting, swap=None):
+        return {"id": cid, "method": "koff", "group": group, "seed": 0, "kind": "decompose", "setting": setting,
+                "config": {"target_sparsity": 0.2, "train": {"controller": "lagrangian", "steps": steps}},
+                "train": {"steps": steps}, "sparsity": {"global": 0.118}, "command": "koff compare grid.yaml",
+                "ppl": {d: {"own": {"test": {"ppl": 10.0 + i}}, "backbone": {"test": {"ppl": 20.0 + i}}}
+                        for i, d in enumerate(langs)}, "swap": swap, "tasks": {}, "eval_settings": {}}
+
+    six = ["en", "fr", "es", "de", "it", "pt"]
+    swap = {"memories": six, "domains": six, "test": [[10.0 + j + (0 if i == j else 5) for j in range(6)] for i in range(6)]}
+    cells = [cell("a", "languages", ["en"], 100, {"domains": ["en"]}),
+             cell("b", "languages", six, 600, {"domains": six}, swap),
+             cell("c", "controller", ["en", "fr", "es"], 300, {"train": {"controller": "lagrangian"}}),
+             cell("d", "controller", ["en", "fr", "es"], 300, {"train": {"controller": "augmented"}})]
+    cells[3]["config"]["train"]["controller"] = "augmented"
+    text = "\n".join(languages_section(cells))
+    rows = [line for line in text.splitlines() if line.startswith("| en") and "| 0.2 |" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| en", "| en+fr+es", "| en+fr+es+de+it+pt"]  # augmented left out
+    assert "| 600 |" in rows[-1] and "15.0" in rows[-1]
+    assert "**10.0**" in text and "Swap matrix of the 6-language run" in text

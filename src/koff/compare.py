@@ -118,6 +118,8 @@ def load_grid(path: Path) -> dict:
         raise ConfigError(f"{path}: eval.tasks must map task names to a number of items >= 1, got {tasks!r}")
     if not isinstance(ev.get("swap_for") or [], list):
         raise ConfigError(f"{path}: eval.swap_for must be a list of method names")
+    if not isinstance(ev.get("swap_groups") or [], list):
+        raise ConfigError(f"{path}: eval.swap_groups must be a list of sweep names")
     spec["_path"] = str(path)
     return spec
 
@@ -223,7 +225,9 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
                                              f"{cell.id} {d.name}+mem" if progress else None), ts)
         ppl[d.name] = row
     swap = None
-    if eval_spec.get("swap_for") and cell.method in eval_spec["swap_for"] and cell.group == "main" and memories:
+    wants_swap = ((cell.method in (eval_spec.get("swap_for") or []) and cell.group == "main")
+                  or cell.group in (eval_spec.get("swap_groups") or []))
+    if wants_swap and memories:
         names = [d.name for d in domains]
         swap = {"memories": memories, "domains": names, "test": []}
         for m in memories:

@@ -278,7 +278,8 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
     for c in claims(cells):
         lines.append(f"- **{c['verdict']}**: {c['claim']}")
         lines += [f"  - {t}" for t in c["lines"]]
-    groups = sorted({c["group"] for c in cells} - {"main"})
+    lines += languages_section(cells)
+    groups = sorted({c["group"] for c in cells} - {"main", "languages"})
     for g in groups:
         lines += ["", f"## Sweep: {g}", "", _caption(cells, g) + " (one seed per cell unless listed). Each method's "
                   "first row is its default setting from the main grid, on the same seeds, for reference.", "",
@@ -297,6 +298,64 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+ALL_LANGUAGES = ("en", "fr", "es", "de", "it", "pt")
+
+
+def _controller(cell: dict) -> str:
+    return cell["config"].get("train", {}).get("controller", TrainConfig.controller)
+
+
+def languages_cells(cells: list[dict]) -> list[dict]:
+    """The cells of the number-of-languages sweep, plus the cell with the same settings on the
+    grid's own domains (its method, controller and seed, no other change), sorted by languages."""
+    sweep = [c for c in cells if c["group"] == "languages"]
+    if not sweep:
+        return []
+    ref = sweep[0]
+    same = [c for c in cells if c["group"] != "languages" and c["method"] == ref["method"] and c["seed"] == ref["seed"]
+            and _controller(c) == _controller(ref) and c["kind"] == "decompose"
+            and set(c["setting"]) <= {"train"} and set(c["setting"].get("train", {})) <= {"controller"}
+            and c["config"].get("target_sparsity") == ref["config"].get("target_sparsity")]
+    return sorted(sweep + same[:1], key=lambda c: (len(c["ppl"]), list(c["ppl"])))
+
+
+def languages_section(cells: list[dict]) -> list[str]:
+    """The paper's table shape: 1 / 2 / 3 / 6 languages at the same steps per language, and the
+    six-language swap matrix."""
+    rows = languages_cells(cells)
+    if not rows:
+        return []
+    langs = [x for x in ALL_LANGUAGES if any(x in c["ppl"] for c in rows)]
+    c0 = rows[0]
+    t, ev = c0["config"].get("train", {}), c0.get("eval_settings", {})
+    caption = (f"`{c0['command']}` · model {Path(str(c0.get('base_model', c0['config'].get('model')))).name} · "
+               f"{t.get('batch_size')}×{t.get('seq_len')} tokens per step, the same steps per language · "
+               f"controller {_controller(c0)} · seed {c0['seed']} · PPL on the first {ev.get('max_tokens') or 'all'} "
+               f"test tokens per language ({ev.get('block')}-token blocks), each language with its own memory; the "
+               "backbone-alone mean is over the run's own languages")
+    lines = ["", "## Number of languages", "", caption, "",
+             "| languages | steps | s* | global sparsity | " + " | ".join(langs) + " | mean | backbone alone mean |",
+             "|---|---:|---:|---:|" + "---:|" * (len(langs) + 2)]
+    for c in rows:
+        own = list(c["ppl"])
+        steps = c["config"].get("train", {}).get("steps", c.get("train", {}).get("steps"))
+        cols = [_fmt((cell_ppl(c, d), 0.0, 1)) if d in c["ppl"] else "" for d in langs]
+        lines.append(f"| {'+'.join(own)} | {steps} | {c['config'].get('target_sparsity')} | "
+                     f"{c['sparsity'].get('global', 0):.3f} | " + " | ".join(cols)
+                     + f" | {cell_mean_ppl(c, own):.1f} | {cell_mean_ppl(c, own, 'backbone'):.1f} |")
+    widest = max(rows, key=lambda c: len(c["ppl"]))
+    swap = widest.get("swap")
+    if swap:
+        names = swap["domains"]
+        lines += ["", f"Swap matrix of the {len(names)}-language run (memory in the row, language in the column; "
+                  "test perplexity):", "", "| memory \\ language | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for m, row in zip(swap["memories"], swap["test"]):
+            lines.append(f"| {m} | " + " | ".join(
+                (f"**{x:.1f}**" if m == d else f"{x:.1f}") if x is not None else "–" for d, x in zip(names, row)) + " |")
+    return lines
 
 
 def _savefig(fig, path: Path) -> None:
