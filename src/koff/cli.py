@@ -44,6 +44,7 @@ def _finite(value: str) -> float:
 
 
 MAX_NEW_TOKENS = 4096
+DTYPES_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _new_tokens(value: str) -> int:
@@ -271,7 +272,7 @@ def cmd_export(args) -> int:
     from .export import export_run
 
     out = export_run(args.run, args.out, model=args.model, overwrite=args.overwrite, format=args.format,
-                     outtype=args.outtype)
+                     outtype=args.outtype, dtype=args.dtype)
     import json
 
     m = json.loads((out / "koff_backbone.json").read_text())
@@ -483,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outtype", choices=["f32", "f16", "q8_0"],
                    help="tensor type of the GGUF backbone's matrices (--format gguf only; default f16)")
     p.add_argument("--model", help="base model location, if it moved since the run was made")
+    p.add_argument("--dtype", choices=sorted(DTYPES_NAMES),
+                   help="(hf, vllm) dtype of the stored backbone weights (default float32; a GGUF uses --outtype)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -325,7 +325,7 @@ class Trainer:
                   "memory": memory, "loss": loss, "target": target if gates is not None else None,
                   "expected_sparsity": (gates.expected_sparsity().item() if learning_gates
                                         else (self.target_sparsity if consolidating else None)),
-                  "seconds": round(time.time() - self._t0, 3)}
+                  "global_batch": cfg.batch_size, "seconds": round(time.time() - self._t0, 3)}
         if self.controller is not None:
             record.update(self.controller.log())
         return record

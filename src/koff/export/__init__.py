@@ -26,11 +26,16 @@ GGUF_OUTTYPES = ("f32", "f16", "q8_0")
 
 
 def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bool = False,
-               format: str = "hf", outtype: str | None = None) -> Path:
+               format: str = "hf", outtype: str | None = None, dtype: str | None = None) -> Path:
     """Write the physically pruned backbone of a run and its memories to `out` in `format`.
 
-    `outtype` (GGUF only) is the tensor type of the backbone's matrices (default f16).
+    `outtype` (GGUF only) is the tensor type of the backbone's matrices (default f16); `dtype`
+    (hf and vllm) that of the stored backbone weights (default float32; memories stay float32).
     """
+    from ..runtime import resolve_dtype
+
+    if dtype is not None and format == "gguf":
+        raise ConfigError("--dtype applies to --format hf and vllm; a GGUF's tensor type is --outtype")
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     if outtype is not None and format != "gguf":
@@ -42,7 +47,7 @@ def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bo
     # refuse now, before minutes of loading: an existing output that is not an earlier export, or
     # one that is, contains or lies inside the run or the base model folder
     check_output(Path(out), kind="backbone", inputs=[run_dir, model], overwrite=overwrite)
-    pb = pruned_backbone(run_dir, model)
+    pb = pruned_backbone(run_dir, model, dtype=resolve_dtype(dtype or "float32"))
     if format == "hf":
         from .hf import write_hf
 

@@ -164,12 +164,13 @@ class PrunedBackbone:
         return [Path(self.run.path), Path(self.source)]
 
 
-def pruned_backbone(run_dir: Path, model: str | None = None) -> PrunedBackbone:
-    """Load a run and its base model (fingerprint checked) and delete the pruned neurons."""
+def pruned_backbone(run_dir: Path, model: str | None = None, dtype: torch.dtype = torch.float32) -> PrunedBackbone:
+    """Load a run and its base model (fingerprint checked, weights in `dtype`) and delete the pruned
+    neurons."""
     run = load_run(run_dir)
     if run.keep is None:
         raise ArtifactError(f"{run_dir}: the run has no backbone mask (it is a dense + memories run)")
-    base, tok, source = load_base(model or run.manifest["base_model"]["source"])
+    base, tok, source = load_base(model or run.manifest["base_model"]["source"], dtype=dtype)
     check_base(run, source, fingerprint(source))
     dense = parameter_counts(base)["total"]
     kept = prune_model(base, run.keep)
