@@ -1,6 +1,7 @@
 """An interrupted run resumes exactly: the result is byte-identical to an uninterrupted one."""
 
 import pytest
+import yaml
 
 import koff.trainer as trainer
 from koff.artifact import ArtifactError
@@ -41,6 +42,11 @@ def test_interrupted_run_resumes_exactly(controller, llama_folder, data_files, t
     with pytest.raises(ArtifactError, match="pass --resume"):
         decompose(cfg(tmp_path / "resumed"), progress=False)
     monkeypatch.setattr(trainer, "lm_loss", real_loss)
+    marker = partial / ".koff-partial.yaml"  # as a koff without the newer, defaulted fields wrote it
+    old = yaml.safe_load(marker.read_text())
+    for key in ("reg_memory", "grad_accum", "gradient_checkpointing", "dtype"):
+        del old["train"][key]
+    marker.write_text(yaml.safe_dump(old, sort_keys=False))
     decompose(cfg(tmp_path / "resumed"), progress=False, resume=True)
     assert not partial.exists()
     for f in FILES:
@@ -60,5 +66,9 @@ def test_resume_refuses_another_config(llama_folder, data_files, tmp_path):
     d = tiny_config_dict(llama_folder, data_files, tmp_path / "r", steps=4, checkpoint_every=2)
     (tmp_path / "r.partial").mkdir()
     (tmp_path / "r.partial" / ".koff-partial.yaml").write_text("something else")
+    with pytest.raises(ArtifactError, match="another configuration"):
+        decompose(config_from_dict(d), progress=False, resume=True)
+    changed = dict(d, train={**d["train"], "steps": 5})  # a changed value is another configuration
+    (tmp_path / "r.partial" / ".koff-partial.yaml").write_text(yaml.safe_dump(changed))
     with pytest.raises(ArtifactError, match="another configuration"):
         decompose(config_from_dict(d), progress=False, resume=True)

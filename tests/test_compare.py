@@ -121,3 +121,23 @@ def test_a_finished_run_counts_when_its_config_predates_a_new_default_field(tmp_
     old["train"]["steps"] = 4
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     assert not finished_run(run, cfg)
+
+
+def test_a_cell_with_a_default_memory_scores_it_and_gives_it_the_tasks(grid):
+    """With train.reg_memory: general the cell scores the default memory on every language, and the
+    task columns hold what a request naming no domain gets: the default memory, not the bare backbone."""
+    from koff.artifact import build_model, load_run
+    from koff.tasks import score_task
+
+    path, tmp = grid
+    spec = yaml.safe_load(path.read_text())
+    spec["sweeps"] = {"reg_memory": {"methods": ["koff"], "settings": [{"train": {"reg_memory": "general"}}]}}
+    spec["seeds"] = [0]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["compare", str(path), "--only", "reg_memory=general"]) == 0
+    cell = json.loads((tmp / "results" / "cells" / "koff__reg_memory=general__seed0.json").read_text())
+    assert cell["default_memory"] == "general"
+    assert set(cell["ppl"]["en"]) == {"own", "backbone", "default"}
+    assert cell["ppl"]["en"]["default"]["test"]["ppl"] != cell["ppl"]["en"]["backbone"]["test"]["ppl"]
+    km, tok = build_model(load_run(tmp / "work" / "koff__reg_memory=general__seed0"))
+    assert cell["tasks"]["arc_challenge"] == score_task(km, tok, "arc_challenge", memory="general", max_items=4)

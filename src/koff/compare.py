@@ -190,7 +190,9 @@ def _curves(metrics: Path, max_points: int = 400) -> dict:
 
 
 def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: bool, runtime=None) -> dict:
-    """Perplexity per domain (own memory and backbone alone) and general-ability tasks."""
+    """Perplexity per domain (own memory, backbone alone, and the default memory when the run has
+    one) and the general-ability tasks of what a request naming no domain gets: the default
+    memory when the run has one (`train.reg_memory: general`), the backbone alone otherwise."""
     from .artifact import build_model, load_run
     from .base import load_base
     from .evaluate import EvalSettings, block_nll, summarize, test_set
@@ -207,6 +209,7 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
         domains = cfg.domains
         report = sparsity_report(base, None, 0.0)
         memories: list[str] = []
+        default = None
     else:
         run = load_run(run_dir)
         km, tok = build_model(run, runtime=runtime)
@@ -214,6 +217,8 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
         report = run.meta.sparsity.to_dict()
         memories = sorted(run.memories)
         source = run.meta.base_model.source
+        default = run.manifest.get("default_memory")
+        default = default if default in run.memories else None
     sets = {d.name: test_set(d, tok, settings) for d in domains}
     ppl = {}
     for d in domains:
@@ -223,6 +228,9 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
         if d.name in memories:
             row["own"] = summarize(block_nll(km, ts.blocks, d.name, settings.batch_size,
                                              f"{cell.id} {d.name}+mem" if progress else None), ts)
+        if default is not None:
+            row["default"] = summarize(block_nll(km, ts.blocks, default, settings.batch_size,
+                                                 f"{cell.id} {d.name}+{default}" if progress else None), ts)
         ppl[d.name] = row
     swap = None
     wants_swap = ((cell.method in (eval_spec.get("swap_for") or []) and cell.group == "main")
@@ -236,8 +244,8 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
                                            sets[d.name])["test"]["ppl"] for d in domains])
     tasks = {}
     for name, n in (eval_spec.get("tasks") or {}).items():
-        tasks[name] = score_task(km, tok, name, memory=None, max_items=n)
-    return {"ppl": ppl, "tasks": tasks, "sparsity": report, "swap": swap, "base_model": source,
+        tasks[name] = score_task(km, tok, name, memory=default, max_items=n)
+    return {"ppl": ppl, "tasks": tasks, "default_memory": default, "sparsity": report, "swap": swap, "base_model": source,
             "eval_settings": {"block": settings.block, "max_tokens": settings.max_tokens}}
 
 
@@ -245,17 +253,10 @@ def finished_run(run_dir: Path, cfg) -> bool:
     """True when `run_dir` holds a complete run trained with exactly `cfg`: the configs are compared
     as parsed (defaults filled in), so a run written before a config field was added still counts
     when the new field has its default."""
-    from .config import dump_config, load_config
+    from .config import same_config
 
     config = run_dir / "config.yaml"
-    if not ((run_dir / "koff.json").is_file() and config.is_file()):
-        return False
-    if config.read_text() == dump_config(cfg):
-        return True
-    try:
-        return load_config(config).to_dict() == cfg.to_dict()
-    except (ConfigError, OSError):
-        return False
+    return (run_dir / "koff.json").is_file() and config.is_file() and same_config(config, cfg)
 
 
 def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Path:

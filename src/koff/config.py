@@ -398,5 +398,15 @@ def dump_config(cfg: DecomposeConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def same_config(path: Path, cfg: DecomposeConfig) -> bool:
+    """True when the config file at `path` says what `cfg` says. The two are compared as parsed,
+    defaults filled in, so a file written before a field was added still matches while that field
+    has its default; an unreadable or invalid file matches nothing."""
+    try:
+        return path.read_text() == dump_config(cfg) or load_config(path).to_dict() == cfg.to_dict()
+    except (ConfigError, OSError):
+        return False
+
+
 __all__ = ["MemoryConfig", "TrainConfig", "DecomposeConfig", "ConfigError", "load_config", "config_from_dict",
-           "dump_config", "parse_domains", "BUNDLED_LANGUAGES"]
+           "dump_config", "same_config", "parse_domains", "BUNDLED_LANGUAGES"]

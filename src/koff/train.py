@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .config import ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, dump_config
+from .config import ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, dump_config, same_config
 from .data import BlockStream, DataError, Domain, check_no_test_leak, pack, tokenize_files
 from .manifest import DomainRecord
 from .outputs import remove_tree
@@ -284,7 +284,7 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
                                     "interrupted --overwrite leaves the run it replaced there): delete it")
             if not resume:
                 raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
-            if marker.read_text() != dump_config(cfg):
+            if not same_config(marker, cfg):
                 raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
             clean_leftovers(marker)
         else:  # created with its marker in one rename, so a partial folder always says what it is
