@@ -186,3 +186,14 @@ def test_languages_section_tables_every_language_and_the_swap_matrix():
     assert [r.split(" | ")[0] for r in rows] == ["| en", "| en+fr+es", "| en+fr+es+de+it+pt"]  # augmented left out
     assert "| 600 |" in rows[-1] and "15.0" in rows[-1]
     assert "**10.0**" in text and "Swap matrix of the 6-language run" in text
+
+
+def test_a_sweep_row_reports_the_default_memory_as_what_a_request_naming_no_domain_gets(cells):
+    """A run trained with reg_memory: general answers no-domain requests with its default memory,
+    so the sweep's no-domain column reads that row, not the bare backbone's."""
+    general = _cell("koff", 0, [31.0, 21.0], [300.0, 500.0], group="reg_memory",
+                    setting={"train": {"reg_memory": "general"}})
+    for d, p in (("en", 45.0), ("fr", 55.0)):
+        general["ppl"][d]["default"] = {"test": {"ppl": p, "tokens": 8160}}
+    md = to_markdown(cells + [general], [])
+    assert '| koff | `{"train": {"reg_memory": "general"}}` | 0 | 31.0 | 21.0 | 26.0 | 50.0 |' in md

@@ -47,13 +47,16 @@ def _fmt(ms: tuple[float, float, int] | None, digits: int = 1, pct: bool = False
 
 
 def cell_ppl(cell: dict, domain: str, which: str = "best") -> float | None:
-    """A cell's perplexity on a domain: with its own memory when it has one ("best"), or the
-    backbone alone ("backbone")."""
+    """A cell's perplexity on a domain: with its own memory when it has one ("best"), the backbone
+    alone ("backbone"), or what a request naming no domain gets ("no-domain": the run's default
+    memory when it has one, `train.reg_memory: general`, else the backbone alone)."""
     row = cell["ppl"].get(domain)
     if row is None:
         return None
     if which == "best" and "own" in row:
         return row["own"]["test"]["ppl"]
+    if which == "no-domain" and "default" in row:
+        return row["default"]["test"]["ppl"]
     return row["backbone"]["test"]["ppl"]
 
 
@@ -259,7 +262,8 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
              "## Main table (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
              "Perplexity with the method's own memory where it has one, else of the backbone alone; "
              "mean ± std over seeds (one number: a single seed or a deterministic method). Lower is better; "
-             "task columns are length-normalised accuracy (%, acc_norm) of the backbone alone (no memory); GSM8K is "
+             "task columns are length-normalised accuracy (%, acc_norm) of what a request naming no domain gets: "
+             "the backbone alone, or a run's default memory (`train.reg_memory: general`); GSM8K is "
              "the perplexity of the reference solutions (lower is better).",
              "",
              "| method | seeds | " + " | ".join(domains) + " | mean | backbone alone " + "/".join(domains) + " | "
@@ -282,14 +286,15 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
     groups = sorted({c["group"] for c in cells} - {"main", "languages"})
     for g in groups:
         lines += ["", f"## Sweep: {g}", "", _caption(cells, g) + " (one seed per cell unless listed). Each method's "
-                  "first row is its default setting from the main grid, on the same seeds, for reference.", "",
-                  "| method | setting | seeds | " + " | ".join(domains) + " | mean | backbone alone mean | "
+                  "first row is its default setting from the main grid, on the same seeds, for reference. "
+                  "'No domain named' is the backbone alone, or the run's default memory where it has one.", "",
+                  "| method | setting | seeds | " + " | ".join(domains) + " | mean | no domain named: mean | "
                   + " | ".join(tasks) + " | global sparsity |",
                   "|---|---|---|" + "---:|" * (len(domains) + 3 + len(tasks))]
         for method, setting, group in sweep_rows(cells, g):
             vals = {d: _mean_std([cell_ppl(c, d) for c in group]) for d in domains}
             mean = _mean_std([cell_mean_ppl(c, domains) for c in group])
-            bb = _mean_std([cell_mean_ppl(c, domains, "backbone") for c in group])
+            bb = _mean_std([cell_mean_ppl(c, domains, "no-domain") for c in group])
             task_cells = [_fmt_task(t, _task_stat(group, t)) for t in tasks]
             lines.append(f"| {method} | {setting} | {','.join(str(c['seed']) for c in group)} | "
                          + " | ".join(_fmt(vals[d]) for d in domains)
