@@ -30,13 +30,14 @@ from safetensors.torch import save_file
 from ..artifact import ArtifactError, atomic_directory
 from ..base import sha256_file
 from .gguf_vocab import add_vocab, gguf_vocab
+from .llama_block import MODEL_TYPES, check_llama_block
 from .manifest import write_manifest
 from .memories import split_for_engine
 from .prune import PrunedBackbone, pad_ffn_state, padded_widths, slice_lora_state, state_for_saving
 
 ARCH = "deci"
 OUTTYPES = ("f32", "f16", "q8_0")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
 Q8_BLOCK = 32
 F_ALIGN = 16
 
@@ -67,17 +68,7 @@ def _tensor_name(member: str, bid: int | None = None) -> str:
 
 def check_architecture(config, where: str = "config.json") -> None:
     """Raise ArtifactError unless llama.cpp's `deci` computes exactly what this model computes."""
-    mt = config.model_type
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ArtifactError(f"{where}: model_type {mt!r} has no llama.cpp mapping in koff; --format gguf exports "
-                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (arch `deci`); use --format hf for this model")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ArtifactError(f"{where}: hidden_act {config.hidden_act!r}; llama.cpp `deci` uses SiLU")
-    window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", mt == "mistral")
-    if window is not None and uses_window and window < config.max_position_embeddings:
-        raise ArtifactError(f"{where}: sliding_window={window} (< max_position_embeddings "
-                            f"{config.max_position_embeddings}); llama.cpp `deci` attends to the whole context")
+    check_llama_block(config, where, "llama.cpp", "gguf")
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") not in ("default", "llama3"):
         raise ArtifactError(f"{where}: rope_type {rope.get('rope_type')!r}; --format gguf exports default and "

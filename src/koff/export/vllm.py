@@ -29,11 +29,12 @@ from safetensors.torch import save_file
 from ..artifact import ArtifactError, atomic_directory
 from ..base import sha256_file
 from .hf import remote_source, write_lora_adapter
+from .llama_block import MODEL_TYPES, check_llama_block
 from .manifest import write_manifest
 from .memories import split_for_engine
 from .prune import PrunedBackbone, pad_ffn_state, padded_widths, slice_lora_state, state_for_saving
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
 REMOTE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
             "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
@@ -45,16 +46,7 @@ _LLAMA_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 
 def check_architecture(config, where: str = "config.json") -> None:
     """Raise ArtifactError unless vLLM's DeciLM (a Llama block) computes what this model computes."""
-    mt = config.model_type
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ArtifactError(f"{where}: model_type {mt!r} has no DeciLM mapping in koff; --format vllm exports "
-                            f"{', '.join(SUPPORTED_MODEL_TYPES)}; use --format hf for this model")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ArtifactError(f"{where}: hidden_act {config.hidden_act!r}; koff's DeciLM export assumes SiLU")
-    window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", mt == "mistral")
-    if window is not None and uses_window and window < config.max_position_embeddings:
-        raise ArtifactError(f"{where}: sliding_window={window}; vLLM's DeciLM attends to the whole context")
+    check_llama_block(config, where, "DeciLM", "vllm")
 
 
 def deci_config(pb: PrunedBackbone, widths: list[int]) -> dict:
