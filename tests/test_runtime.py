@@ -55,3 +55,29 @@ def test_bfloat16_run_matches_float32(llama_folder, data_files, tmp_path):
     for lang in ("en", "fr"):
         a, b = ppl["float32"][lang]["test"]["ppl"], ppl["bfloat16"][lang]["test"]["ppl"]
         assert abs(b - a) / a < 0.02, (lang, a, b)
+
+
+@pytest.mark.parametrize("command", ["decompose", "evaluate", "analyze", "generate", "export", "add-domain",
+                                     "compare", "demo", "lm-eval", "plan", "serve"])
+def test_every_command_takes_device_and_dtype(command):
+    """Every command that runs the model takes both; export only slices tensors (it never runs the
+    model, so it has no device) and takes --dtype for the weights it stores."""
+    from koff.cli import make_parser
+
+    actions = {a.dest for sub in make_parser()._subparsers._group_actions for name, p in sub.choices.items()
+               if name == command for a in p._actions}
+    assert ({"dtype"} if command == "export" else {"device", "dtype"}) <= actions, command
+
+
+def test_demo_trains_and_evaluates_in_the_dtype_it_is_given(monkeypatch, tmp_path):
+    import koff.evaluate
+    import koff.train
+    from koff.cli import main
+
+    seen = {}
+    monkeypatch.setattr(koff.train, "decompose", lambda cfg, overwrite, runtime: seen.update(cfg=cfg, train=runtime))
+    monkeypatch.setattr(koff.evaluate, "evaluate_run", lambda run, settings, runtime: seen.update(eval=runtime) or {})
+    monkeypatch.setattr(koff.evaluate, "print_result", lambda result: None)
+    assert main(["demo", "-o", str(tmp_path / "d"), "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert seen["cfg"].train.dtype == "bfloat16"
+    assert seen["train"].dtype is torch.bfloat16 and seen["eval"].dtype is torch.bfloat16

@@ -256,13 +256,15 @@ def cmd_demo(args) -> int:
 
     cfg = config_from_dict({
         "domains": ["en", "fr", "es"], "general": "bundled", "target_sparsity": 0.2, "output": str(args.output),
-        "train": {"steps": args.steps, "batch_size": 4, "seq_len": 128},
+        "train": {"steps": args.steps, "batch_size": 4, "seq_len": 128, "dtype": args.dtype or "float32"},
         "memory": {"lora_rank": 8, "kv_tokens": 16},
     }, "demo")
+    runtime = _runtime(args)
     print(f"koff demo: SmolLM2-135M, domains en/fr/es, s* = 0.2, {args.steps} steps "
-          f"(+ the same for dense + memories), then evaluation on {args.max_tokens} test tokens per language")
-    decompose(cfg, overwrite=True)
-    result = evaluate_run(args.output, _eval_settings(args))
+          f"(+ the same for dense + memories), then evaluation on {args.max_tokens} test tokens per language "
+          f"({runtime.device}, {cfg.train.dtype})")
+    decompose(cfg, overwrite=True, runtime=runtime)
+    result = evaluate_run(args.output, _eval_settings(args), runtime=runtime)
     print_result(result)
     print(f"run: {args.output}  (tables in {args.output / 'eval'})")
     return 0
@@ -445,7 +447,8 @@ def cmd_serve(args) -> int:
                  log_level=args.log_level)
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The `koff` command line: one subcommand per job, each with its own flags."""
     parser = _Parser(prog="koff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"koff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -473,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps", type=_positive_int, default=DEMO_STEPS)
     _add_eval_args(p, max_tokens=4096)
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="physically smaller backbone + memories for transformers, llama.cpp or vLLM")
@@ -593,7 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     from .errors import KoffError
 
     try:
