@@ -28,12 +28,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..artifact import ArtifactError, atomic_directory
-from ..base import sha256_file
 from .gguf_vocab import add_vocab, gguf_vocab
 from .llama_block import MODEL_TYPES, check_llama_block
 from .manifest import write_manifest
-from .memories import split_for_engine
-from .prune import PrunedBackbone, pad_ffn_state, padded_widths, slice_lora_state, state_for_saving
+from .memories import split_for_engine, write_lora_halves
+from .prune import PrunedBackbone, pad_ffn_state, padded_widths, state_for_saving
 
 ARCH = "deci"
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -249,17 +248,12 @@ def write_gguf_export(pb: PrunedBackbone, out: Path, outtype: str = "f16", overw
                                   where=f"{pb.source}/tokenizer.json")
         save_file({f"layers.{i}": k for i, k in enumerate(pb.kept)}, str(tmp / "kept_neurons.safetensors"),
                   metadata={"format": "pt"})
-        memories = {}
-        for name in names:
-            rec = pb.run.memories[name]
-            d = tmp / "memories" / name
-            d.mkdir(parents=True)
-            state = pad_ffn_state(slice_lora_state(rec.lora_state, pb.kept), widths)
+        def write(d, rec, state):
             write_gguf_lora(state, rec.lora_config, pb.model.config, d / "lora.gguf", outtype,
-                            where=str(pb.run.path / "memories" / name))
-            memories[name] = {"files": {"lora.gguf": sha256_file(d / "lora.gguf")}, "carries": ["lora"],
-                              "lora_rank": rec.lora_config["r"], "kv_tokens": rec.kv_tokens,
-                              "kv_dropped": rec.kv_keys is not None}
+                            where=str(pb.run.path / "memories" / d.name))
+            return ["lora.gguf"]
+
+        memories = write_lora_halves(pb, tmp, names, widths, write)
         write_manifest(tmp, out, pb, "gguf", ["model.gguf", "kept_neurons.safetensors"], memories, left_out,
                        stored_widths=widths, outtype=outtype, gguf_arch=ARCH, tensor_types=counts)
     return Path(out)

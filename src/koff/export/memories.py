@@ -61,3 +61,22 @@ def split_for_engine(memories: dict[str, MemoryRecord], engine: str, run_dir: Pa
         check_lora_for_engine(rec, engine, Path(run_dir) / "memories" / name)
         kept.append(name)
     return kept, left_out
+
+
+def write_lora_halves(pb, tmp: Path, names: list[str], widths: list[int], write) -> dict[str, dict]:
+    """Write the LoRA half of each named memory of `pb`'s run under `tmp/memories/NAME`, sliced to
+    the kept neurons and padded to `widths`; `write(folder, record, state)` writes one adapter in
+    the engine's format and returns its file names. Returns the manifest entry of each memory."""
+    from ..base import sha256_file
+    from .prune import pad_ffn_state, slice_lora_state
+
+    memories = {}
+    for name in names:
+        rec = pb.run.memories[name]
+        d = tmp / "memories" / name
+        d.mkdir(parents=True)
+        files = write(d, rec, pad_ffn_state(slice_lora_state(rec.lora_state, pb.kept), widths))
+        memories[name] = {"files": {f: sha256_file(d / f) for f in files}, "carries": ["lora"],
+                          "lora_rank": rec.lora_config["r"], "kv_tokens": rec.kv_tokens,
+                          "kv_dropped": rec.kv_keys is not None}
+    return memories

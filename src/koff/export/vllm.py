@@ -27,12 +27,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..artifact import ArtifactError, atomic_directory
-from ..base import sha256_file
 from .hf import remote_source, write_lora_adapter
 from .llama_block import MODEL_TYPES, check_llama_block
 from .manifest import write_manifest
-from .memories import split_for_engine
-from .prune import PrunedBackbone, pad_ffn_state, padded_widths, slice_lora_state, state_for_saving
+from .memories import split_for_engine, write_lora_halves
+from .prune import PrunedBackbone, pad_ffn_state, padded_widths, state_for_saving
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES
 REMOTE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -111,16 +110,8 @@ def write_vllm(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
         pb.tokenizer.save_pretrained(tmp)
         save_file({f"layers.{i}": k for i, k in enumerate(pb.kept)}, str(tmp / "kept_neurons.safetensors"),
                   metadata={"format": "pt"})
-        memories = {}
-        for name in names:
-            rec = pb.run.memories[name]
-            d = tmp / "memories" / name
-            d.mkdir(parents=True)
-            state = pad_ffn_state(slice_lora_state(rec.lora_state, pb.kept), widths)
-            files = write_lora_adapter(d, rec, state, out)
-            memories[name] = {"files": {f: sha256_file(d / f) for f in files}, "carries": ["lora"],
-                              "lora_rank": rec.lora_config["r"], "kv_tokens": rec.kv_tokens,
-                              "kv_dropped": rec.kv_keys is not None}
+        memories = write_lora_halves(pb, tmp, names, widths,
+                                     lambda d, rec, state: write_lora_adapter(d, rec, state, out))
         ranks = sorted({m["lora_rank"] for m in memories.values()})
         write_manifest(tmp, out, pb, "vllm", ["model.safetensors", "config.json", "kept_neurons.safetensors",
                                               *REMOTE_FILES], memories, left_out, stored_widths=widths,
