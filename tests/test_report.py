@@ -68,6 +68,25 @@ def test_sweep_rows_put_the_paired_default_first(cells):
     assert sweep_rows(cells, "no-such-group") == []
 
 
+def test_sweep_rows_add_the_reference_with_the_settings_shared_overrides(cells):
+    lag = {"train": {"controller": "lagrangian"}}
+    for seed in (0, 1):
+        cells.append(_cell("koff", seed, [20.0, 15.0], [50.0, 55.0], group="controller", setting=lag))
+    for r in ("none", "general"):
+        cells.append(_cell("koff", 0, [20.0, 15.0], [50.0, 55.0], group="reg",
+                           setting={"train": {"controller": "lagrangian", "reg_memory": r}}))
+    rows = [(label, [c["seed"] for c in cs]) for _, label, cs in sweep_rows(cells, "reg")]
+    assert rows[:2] == [("default", [0]), ('`{"train": {"controller": "lagrangian"}}` (controller sweep)', [0])]
+    assert len(rows) == 4
+    # a one-setting sweep is referred to the largest part of its setting that another sweep ran ...
+    cells.append(_cell("koff", 0, [20.0, 15.0], [50.0, 55.0], group="init",
+                       setting={"train": {"controller": "lagrangian", "gate_init": "constant"}}))
+    assert [label for _, label, _ in sweep_rows(cells, "init")][1] == rows[1][0]
+    # ... but not to itself
+    assert [label for _, label, _ in sweep_rows(cells, "controller")] == ["default", f"`{json.dumps(lag)}`"]
+    assert [label for _, label, _ in sweep_rows(cells, "sparsity")] == ["default", '`{"target_sparsity": 0.4}`']
+
+
 def test_sweep_rows_order_numbers_by_value(cells):
     for m in (64, 4, 16):
         cells.append(_cell("koff", 0, [20.0, 15.0], [50.0, 55.0], group="memory", setting={"memory": {"kv_tokens": m}}))

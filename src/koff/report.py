@@ -234,9 +234,33 @@ def _setting_key(setting: str) -> list[tuple]:
     return list(leaves(json.loads(setting)))
 
 
+def _shared(settings: list[dict]) -> dict:
+    """The overrides every setting in `settings` has in common (same key path, same value)."""
+    first, *rest = settings
+    out = {}
+    for k, v in first.items():
+        others = [s.get(k) for s in rest]
+        if isinstance(v, dict) and all(isinstance(o, dict) for o in others):
+            sub = _shared([v, *others])
+            if sub:
+                out[k] = sub
+        elif all(o == v for o in others):
+            out[k] = v
+    return out
+
+
+def _within(small: dict, big: dict) -> bool:
+    """Whether every override in `small` is in `big` with the same value."""
+    return all(k in big and (_within(v, big[k]) if isinstance(v, dict) and isinstance(big[k], dict) else v == big[k])
+               for k, v in small.items())
+
+
 def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]]]:
     """Rows of one sweep table as (method, setting label, cells): for each method, its default setting
-    from the main grid on the seeds the sweep used (so the two are paired), then each swept setting."""
+    from the main grid on the seeds the sweep used (so the two are paired); then, where the swept
+    settings share overrides beside the swept field (`controller: lagrangian`), the cells of another
+    sweep that have the largest part of them and nothing else, on the same seeds (the reference that
+    differs only in the swept field); then each swept setting."""
     keyed: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for c in cells:
         if c["group"] == group:
@@ -249,6 +273,16 @@ def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]
                           and (c["seed"] in seeds or c.get("deterministic"))), key=lambda c: c["seed"])
         if default:
             rows.append((method, "default", default))
+        mine = [json.loads(s) for m, s in keyed if m == method]
+        shared = _shared(mine)
+        refs: dict[str, list[dict]] = defaultdict(list)
+        for c in cells:
+            if (c["group"] not in (group, "main") and c["method"] == method and c["seed"] in seeds
+                    and c["setting"] and c["setting"] not in mine and _within(c["setting"], shared)):
+                refs[json.dumps(c["setting"], sort_keys=True)].append(c)
+        if refs:
+            label, ref = max(refs.items(), key=lambda kv: (len(_setting_key(kv[0])), kv[0]))
+            rows.append((method, f"`{label}` ({ref[0]['group']} sweep)", sorted(ref, key=lambda c: c["seed"])))
         for (m, setting), cs in swept:
             if m == method:
                 rows.append((method, f"`{setting}`", sorted(cs, key=lambda c: c["seed"])))
@@ -286,7 +320,8 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
     groups = sorted({c["group"] for c in cells} - {"main", "languages"})
     for g in groups:
         lines += ["", f"## Sweep: {g}", "", _caption(cells, g) + " (one seed per cell unless listed). Each method's "
-                  "first row is its default setting from the main grid, on the same seeds, for reference. "
+                  "first row is its default setting from the main grid, on the same seeds, for reference; a row marked "
+                  "'(… sweep)' is another sweep's cell that differs from the swept ones only in the swept field. "
                   "'No domain named' is the backbone alone, or the run's default memory where it has one.", "",
                   "| method | setting | seeds | " + " | ".join(domains) + " | mean | no domain named: mean | "
                   + " | ".join(tasks) + " | global sparsity |",
