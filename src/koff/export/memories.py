@@ -7,9 +7,14 @@ half, and a memory without a LoRA is left out of the export (recorded in the man
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..artifact import ArtifactError, MemoryRecord
+from ..base import sha256_file
+from .prune import PrunedBackbone, pad_ffn_state, slice_lora_state
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -63,13 +68,11 @@ def split_for_engine(memories: dict[str, MemoryRecord], engine: str, run_dir: Pa
     return kept, left_out
 
 
-def write_lora_halves(pb, tmp: Path, names: list[str], widths: list[int], write) -> dict[str, dict]:
+def write_lora_halves(pb: PrunedBackbone, tmp: Path, names: list[str], widths: list[int],
+                      write: Callable[[Path, MemoryRecord, dict[str, torch.Tensor]], list[str]]) -> dict[str, dict]:
     """Write the LoRA half of each named memory of `pb`'s run under `tmp/memories/NAME`, sliced to
     the kept neurons and padded to `widths`; `write(folder, record, state)` writes one adapter in
     the engine's format and returns its file names. Returns the manifest entry of each memory."""
-    from ..base import sha256_file
-    from .prune import pad_ffn_state, slice_lora_state
-
     memories = {}
     for name in names:
         rec = pb.run.memories[name]
