@@ -223,36 +223,19 @@ def _caption(cells: list[dict], group: str = "main") -> str:
             f"per language ({ev.get('block')}-token blocks)")
 
 
-def _setting_key(setting: str) -> list[tuple]:
-    """Sort key for a setting's JSON that orders numbers by value (kv_tokens 4 before 16 before 64)."""
-    def leaves(node, path=()):
-        if isinstance(node, dict):
-            for k in sorted(node):
-                yield from leaves(node[k], path + (k,))
-        else:
-            yield path, (0, node, "") if isinstance(node, (int, float)) else (1, 0, str(node))
-    return list(leaves(json.loads(setting)))
-
-
-def _shared(settings: list[dict]) -> dict:
-    """The overrides every setting in `settings` has in common (same key path, same value)."""
-    first, *rest = settings
+def _leaves(setting: dict, path: tuple = ()) -> dict[tuple, object]:
+    """A setting's overrides as {key path: value}, e.g. {("train", "controller"): "lagrangian"}."""
     out = {}
-    for k, v in first.items():
-        others = [s.get(k) for s in rest]
-        if isinstance(v, dict) and all(isinstance(o, dict) for o in others):
-            sub = _shared([v, *others])
-            if sub:
-                out[k] = sub
-        elif all(o == v for o in others):
-            out[k] = v
+    for k in sorted(setting):
+        v = setting[k]
+        out.update(_leaves(v, path + (k,)) if isinstance(v, dict) else {path + (k,): v})
     return out
 
 
-def _within(small: dict, big: dict) -> bool:
-    """Whether every override in `small` is in `big` with the same value."""
-    return all(k in big and (_within(v, big[k]) if isinstance(v, dict) and isinstance(big[k], dict) else v == big[k])
-               for k, v in small.items())
+def _setting_key(setting: str) -> list[tuple]:
+    """Sort key for a setting's JSON that orders numbers by value (kv_tokens 4 before 16 before 64)."""
+    return [(path, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
+            for path, v in _leaves(json.loads(setting)).items()]
 
 
 def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]]]:
@@ -274,14 +257,16 @@ def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]
         if default:
             rows.append((method, "default", default))
         mine = [json.loads(s) for m, s in keyed if m == method]
-        shared = _shared(mine)
+        first, *rest = [_leaves(x) for x in mine]
+        shared = {p: v for p, v in first.items() if all(p in r and r[p] == v for r in rest)}
         refs: dict[str, list[dict]] = defaultdict(list)
         for c in cells:
             if (c["group"] not in (group, "main") and c["method"] == method and c["seed"] in seeds
-                    and c["setting"] and c["setting"] not in mine and _within(c["setting"], shared)):
+                    and c["setting"] and c["setting"] not in mine
+                    and all(p in shared and shared[p] == v for p, v in _leaves(c["setting"]).items())):
                 refs[json.dumps(c["setting"], sort_keys=True)].append(c)
         if refs:
-            label, ref = max(refs.items(), key=lambda kv: (len(_setting_key(kv[0])), kv[0]))
+            label, ref = max(refs.items(), key=lambda kv: (len(_leaves(json.loads(kv[0]))), kv[0]))
             rows.append((method, f"`{label}` ({ref[0]['group']} sweep)", sorted(ref, key=lambda c: c["seed"])))
         for (m, setting), cs in swept:
             if m == method:
