@@ -52,7 +52,8 @@ def synthetic_streams(vocab: int, batch: int, seq: int, domains: tuple[str, ...]
         return torch.stack(rows)
 
     streams = {d: BlockStream(blocks(64), batch, seed=i) for i, d in enumerate(domains)}
-    return Streams(streams, BlockStream(blocks(64), batch, seed=99), {d: streams[d].blocks[0] for d in domains})
+    general = BlockStream(blocks(64), batch, seed=99)
+    return Streams(streams, general, {d: streams[d].blocks[0] for d in domains} | {"general": general.blocks[0]})
 
 
 def build(config, device, dtype):
@@ -83,7 +84,7 @@ def koff_run(config, device, dtype, args) -> dict:
     km = KoffModel(base, NeuronGates.for_model(base).to(device))
     mem = MemoryConfig(lora_rank=8, kv_tokens=16)
     streams = synthetic_streams(config.vocab_size, args.batch_size, args.seq_len, ("a", "b"))
-    add_memories(km, ["a", "b"], streams.kv_init, mem, seed=0)
+    add_memories(km, ["a", "b", "general"], streams.kv_init, mem, seed=0)  # the default recipe's general memory
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, reg_every=4,
                       warmup_frac=0.3, consolidate_frac=0.2, gradient_checkpointing=True,
                       dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype])

@@ -30,12 +30,12 @@ def test_add_domain_keeps_every_existing_byte(llama_folder, data_files, tmp_path
     assert "memories/de/memory.json" in added and "reference/memories/de/memory.json" in added
     assert all(k.startswith(("memories/de/", "reference/memories/de/")) for k in added)
     loaded = load_run(run)
-    assert sorted(loaded.memories) == ["de", "en", "fr"] and loaded.domains == ["en", "fr"]
+    assert sorted(loaded.memories) == ["de", "en", "fr", "general"] and loaded.domains == ["en", "fr"]
     assert loaded.memories["de"].info["added_after"] is True
 
     result = evaluate_run(run, EvalSettings(block=16, max_tokens=64), progress=False)
     assert result["swap"]["domains"] == ["en", "fr", "de"]
-    assert result["swap"]["memories"] == ["en", "fr", "de"]
+    assert result["swap"]["memories"] == ["en", "fr", "de", "general"]
     assert all(x is not None for row in result["swap"]["test"] for x in row)  # new row and column filled
     assert "de" in result["rows"]["dense + memories"] and "de" in result["rows"]["backbone + own memory"]
 

@@ -44,8 +44,14 @@ def test_interrupted_run_resumes_exactly(controller, llama_folder, data_files, t
     monkeypatch.setattr(trainer, "lm_loss", real_loss)
     marker = partial / ".koff-partial.yaml"  # as a koff without the newer, defaulted fields wrote it
     old = yaml.safe_load(marker.read_text())
-    for key in ("reg_memory", "grad_accum", "gradient_checkpointing", "dtype"):
+    for key in ("grad_accum", "gradient_checkpointing", "dtype", "distill_from", "domain_sampling", "dbl_reference",
+                "target_schedule", "backbone_lora_rank"):
         del old["train"][key]
+    without_reg_memory = {**old, "train": {k: v for k, v in old["train"].items() if k != "reg_memory"}}
+    marker.write_text(yaml.safe_dump(without_reg_memory, sort_keys=False))
+    # written before train.reg_memory existed, the run trained the way 'domain' does now, not today's default
+    with pytest.raises(ArtifactError, match="another configuration"):
+        decompose(cfg(tmp_path / "resumed"), progress=False, resume=True)
     marker.write_text(yaml.safe_dump(old, sort_keys=False))
     decompose(cfg(tmp_path / "resumed"), progress=False, resume=True)
     assert not partial.exists()

@@ -17,8 +17,9 @@ def test_decompose_and_evaluate_from_the_command_line(llama_folder, data_files, 
     assert cfg["memory"]["lora_rank"] == 2 and cfg["train"]["steps"] == 6 and cfg["target_sparsity"] == 0.25
     assert main(["evaluate", str(out), "--block", "16", "--max-tokens", "64"]) == 0
     result = json.loads((out / "eval" / "perplexity.json").read_text())
-    assert set(result["rows"]) == {"dense", "dense + memories", "backbone", "backbone + own memory"}
-    assert result["swap"]["memories"] == ["en", "fr"] and len(result["swap"]["test"]) == 2
+    assert set(result["rows"]) == {"dense", "dense + memories", "backbone", "backbone + own memory",
+                                   "backbone + default memory (general)"}
+    assert result["swap"]["memories"] == ["en", "fr", "general"] and len(result["swap"]["test"]) == 3
     assert result["tokens"]["en"]["test"] == 4 * 15
     for row in result["rows"].values():
         for d in ("en", "fr"):

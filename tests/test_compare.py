@@ -56,8 +56,8 @@ def test_compare_runs_resumes_and_reports(grid):
     after = {p.name: p.read_bytes() for p in (tmp / "results" / "cells").glob("*.json")}
     assert len(after) == 8 and all(after[k] == v for k, v in before.items())
     koff = json.loads((tmp / "results" / "cells" / "koff__seed0.json").read_text())
-    assert koff["train"]["tokens"] == 3 * 2 * 16 and koff["swap"]["memories"] == ["en", "fr"]
-    assert set(koff["ppl"]["en"]) == {"own", "backbone"} and koff["tasks"]["arc_challenge"]["items"] == 4
+    assert koff["train"]["tokens"] == 3 * 2 * 16 and koff["swap"]["memories"] == ["en", "fr", "general"]
+    assert set(koff["ppl"]["en"]) == {"own", "backbone", "default"} and koff["tasks"]["arc_challenge"]["items"] == 4
     assert len(koff["curves"]["expected_sparsity"]) == 3
     wanda = json.loads((tmp / "results" / "cells" / "wanda-sp__seed0.json").read_text())
     assert wanda["train"]["tokens"] == 0 and set(wanda["ppl"]["en"]) == {"backbone"}
@@ -114,13 +114,43 @@ def test_a_finished_run_counts_when_its_config_predates_a_new_default_field(tmp_
     cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, run, steps=3))
     (run / "koff.json").write_text("{}")
     old = yaml.safe_load(dump_config(cfg))
-    for key in ("reg_memory", "grad_accum", "gradient_checkpointing", "dtype"):  # what an older koff wrote
+    for key in ("grad_accum", "gradient_checkpointing", "dtype", "backbone_lora_rank"):  # what an older koff wrote
         del old["train"][key]
+    old["train"]["checkpoint_every"] = 5  # how often it was checkpointed changes nothing
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     assert finished_run(run, cfg)
+    del old["train"]["reg_memory"]  # before the field existed, koff trained the way 'domain' does: not today's default
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert not finished_run(run, cfg)
+    old["train"]["reg_memory"] = "general"
     old["train"]["steps"] = 4
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     assert not finished_run(run, cfg)
+
+
+def test_a_grid_extends_another_and_keeps_its_cell_ids(grid, tmp_path):
+    path, _ = grid
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": path.name, "name": "long", "results": str(tmp_path / "r2"),
+                                     "methods": ["koff"], "seeds": [0],
+                                     "sweeps": {"length": {"methods": ["koff"], "settings": [{"train": {"steps": 9}}]}}}))
+    parent = {c.id: c for c in expand(load_grid(path))}
+    cells = expand(load_grid(child))
+    assert [c.id for c in cells] == ["koff__seed0", "koff__steps=9__seed0"]
+    assert cells[0].config == parent["koff__seed0"].config  # the same cell: compare reuses its trained run
+    assert cells[1].config["train"]["steps"] == 9
+    child.write_text(yaml.safe_dump({"extends": path.name, "methods": ["nope"]}))
+    with pytest.raises(ConfigError, match=r"methods \['nope'\] are not methods of"):
+        load_grid(child)
+
+
+def test_a_mapping_valued_setting_gets_a_readable_cell_id(grid):
+    path, _ = grid
+    spec = load_grid(path)
+    spec["sweeps"] = {"dbl": {"methods": ["koff"], "settings": [
+        {"train": {"domain_sampling": "dynamic", "dbl_reference": {"en": 3.5, "fr": 3.1}}}]}}
+    ids = [c.id for c in expand(spec)]
+    assert "koff__dbl_reference=en-3.5+fr-3.1,domain_sampling=dynamic__seed0" in ids
 
 
 def test_a_cell_with_a_default_memory_scores_it_and_gives_it_the_tasks(grid):

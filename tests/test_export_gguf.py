@@ -144,7 +144,7 @@ def test_manifest_records_what_memories_carry(exported):
     m = json.loads((outs["f16"] / "koff_backbone.json").read_text())
     assert m["export_format"] == "gguf" and m["gguf_arch"] == "deci" and m["outtype"] == "f16"
     assert m["memories"]["fr"]["carries"] == ["lora"] and m["memories"]["fr"]["kv_dropped"] is True
-    assert sorted(m["memories"]) == ["en", "fr"] and m["memories_left_out"] == {}
+    assert sorted(m["memories"]) == ["en", "fr", "general"] and m["memories_left_out"] == {}
 
 
 def test_layer_with_every_neuron_pruned_gets_zero_neurons(tmp_path, data_files, llama_cpp):
@@ -247,7 +247,7 @@ def test_kv_only_memory_is_left_out_and_said_so(tmp_path, data_files):
     run_dir = make_run(tmp_path, folder, data_files, steps=2, top={"memory": {"lora_rank": 0, "kv_tokens": 4}})
     out = export_run(run_dir, tmp_path / "out", format="gguf")
     m = read_backbone_manifest(out)
-    assert m["memories"] == {} and set(m["memories_left_out"]) == {"en", "fr"}
+    assert m["memories"] == {} and set(m["memories_left_out"]) == {"en", "fr", "general"}
     assert "no per-request KV prefix" in m["memories_left_out"]["fr"]
 
 

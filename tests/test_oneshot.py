@@ -68,8 +68,8 @@ def test_oneshot_runs(kind, llama_folder, data_files, tmp_path):
     run = load_run(tmp_path / "run")
     assert [int((~k).sum()) for k in run.keep] == [12, 12]
     assert (run.bias is not None) == (kind == "flap")
-    # memories trained on the fixed mask
-    assert sorted(run.memories) == ["en", "fr"]
+    # memories trained on the fixed mask (and the default memory the general steps train)
+    assert sorted(run.memories) == ["en", "fr", "general"]
     # the exported backbone (with FLAP's bias folded in) equals the masked model
     export_run(tmp_path / "run", tmp_path / "out")
     small, _ = load_backbone(tmp_path / "out")

@@ -108,14 +108,14 @@ def test_controller_runs_group_methods_trained_with_several_controllers(cells, t
     assert controller_runs(cells) == {}  # one controller only: nothing to compare, no figure
     for seed in (1, 0):
         c = _cell("koff", seed, [28.0, 18.0], [58.0, 68.0], group="controller",
-                  setting={"train": {"controller": "lagrangian"}})
-        c["config"]["train"]["controller"] = "lagrangian"
+                  setting={"train": {"controller": "projection"}})
+        c["config"]["train"]["controller"] = "projection"
         c["curves"] = {"step": [0, 1], "expected_sparsity": [0.0, 0.2], "target": [0.1, 0.2]}
         cells.append(c)
     runs = controller_runs(cells)
-    assert list(runs) == [("koff", "lagrangian"), ("koff", "projection")]
-    assert [c["seed"] for c in runs[("koff", "lagrangian")]] == [0, 1]
-    assert len(runs[("koff", "projection")]) == 3  # the main cells, not the s* = 0.4 sweep cell
+    assert list(runs) == [("koff", "lagrangian"), ("koff", "projection")]  # a cell naming none has the default
+    assert [c["seed"] for c in runs[("koff", "projection")]] == [0, 1]
+    assert len(runs[("koff", "lagrangian")]) == 3  # the main cells, not the s* = 0.4 sweep cell
     (tmp_path / "cells").mkdir()
     for c in cells:
         (tmp_path / "cells" / f"{c['id']}_{c['group']}.json").write_text(json.dumps(c))
@@ -216,3 +216,78 @@ def test_a_sweep_row_reports_the_default_memory_as_what_a_request_naming_no_doma
         general["ppl"][d]["default"] = {"test": {"ppl": p, "tokens": 8160}}
     md = to_markdown(cells + [general], [])
     assert '| koff | `{"train": {"reg_memory": "general"}}` | 0 | 31.0 | 21.0 | 26.0 | 50.0 |' in md
+
+
+def test_ideas_table_pairs_seeds_and_applies_the_adoption_rule(cells):
+    from koff.report import ideas_rows
+
+    good = {"train": {"backbone_lora_rank": 8}}
+    mixed = {"train": {"distill": 0.5, "distill_from": "dense"}}
+    # defaults: en 30/32/34, fr 20/22/24. `good` is >= 2% lower on both languages on every seed;
+    # `mixed` is lower on average but only 1% lower on seed 2's en.
+    cells += [_cell("koff", s, [o * 0.95, f * 0.95], [60.0, 70.0], group="ideas", setting=good)
+              for s, o, f in ((0, 30.0, 20.0), (1, 32.0, 22.0), (2, 34.0, 24.0))]
+    cells += [_cell("koff", s, [o, f * 0.9], [60.0, 70.0], group="ideas", setting=mixed)
+              for s, o, f in ((0, 27.0, 20.0), (1, 28.0, 22.0), (2, 34.0 * 0.99, 24.0))]
+    rows = {json.loads(r["setting"])["train"].get("backbone_lora_rank", "mixed"): r for r in ideas_rows(cells)}
+    assert rows[8]["adopt"] and rows[8]["wins"] == {"en": 3, "fr": 3}
+    assert rows[8]["change"][0] == pytest.approx(-0.05)
+    assert not rows["mixed"]["adopt"] and rows["mixed"]["wins"] == {"en": 2, "fr": 3}
+    md = to_markdown(cells, [])
+    assert "## Ideas that might close the gap" in md and "| **yes** |" in md
+    assert "| default | 0,1,2 | 32.0 ± 2.0 | 22.0 ± 2.0 |" in md
+
+
+def _gap_cell(method, seed, steps, own):
+    c = _cell(method, seed, own, [99.0, 99.0])
+    c["config"]["train"]["steps"] = steps
+    c["train"]["steps"] = steps
+    if method == "dense+memories":
+        c["ppl"] = {d: {"backbone": {"test": {"ppl": o, "tokens": 8160}}} for d, o in zip(["en", "fr"], own)}
+    return c
+
+
+def test_gap_table_and_trend_from_paired_cells():
+    from koff import gap
+
+    # koff's gap halves every 4x tokens (b = 0.5): 1.4 at 300 steps, 1.2 at 1,200, 1.141 at 2,400
+    cells = [_gap_cell("dense+memories", s, n, [30.0, 20.0]) for s in (0, 1, 2) for n in (300,)]
+    cells += [_gap_cell("dense+memories", 0, n, [30.0, 20.0]) for n in (1200, 2400)]
+    cells += [_gap_cell("koff", s, 300, [30.0 * 1.4, 20.0 * 1.4]) for s in (0, 1, 2)]
+    cells += [_gap_cell("koff", 0, 1200, [30.0 * 1.2, 20.0 * 1.2]),
+              _gap_cell("koff", 0, 2400, [30.0 * (1 + 0.2 / 2 ** 0.5), 20.0 * (1 + 0.2 / 2 ** 0.5)])]
+    lines, numbers = gap.section(cells, "koff compare configs/gap.yaml")
+    md = "\n".join(lines)
+    assert "| koff | 300 | 0.15 M | 0,1,2 | 1.400 ± 0.000 | 1.400 ± 0.000 | 1.400 ± 0.000 |" in md
+    assert "| koff | 1,200 | 0.61 M | 0 | 1.200 | 1.200 | 1.200 |" in md
+    tr = numbers["trends"]["en"]
+    assert tr["b"] == pytest.approx(0.5, abs=1e-6)
+    # ratio - 1 = 0.4 at 153,600 tokens, halving every 4x: 0.1 at 16x (2.46 M), 0.05 at 64x
+    assert tr["tokens_at_1.10"] == pytest.approx(153600 * 16, rel=1e-6)
+    assert tr["tokens_at_1.05"] == pytest.approx(153600 * 64, rel=1e-6)
+
+
+def test_gap_trend_says_when_it_may_be_flat():
+    from koff.gap import fit_trend
+
+    tr = fit_trend("en", [(1e5, 1.30), (1e5, 1.25), (4e5, 1.31), (8e5, 1.24)])
+    assert tr.b_low <= 0  # no decrease the data can tell apart from noise
+    assert fit_trend("en", [(1e5, 1.3), (4e5, 1.2)]) is None  # two points: nothing to fit an interval to
+
+
+def test_report_opens_with_the_gap_section_and_keeps_the_previous_default(tmp_path, cells):
+    for sub, cs in (("", cells), ("gap", [_gap_cell("dense+memories", 0, 300, [30.0, 20.0]),
+                                          _gap_cell("koff", 0, 300, [36.0, 22.0])]),
+                    ("projection", [_cell("koff", 0, [40.0, 30.0], [80.0, 90.0])])):
+        folder = tmp_path / sub / "cells" if sub else tmp_path / "cells"
+        folder.mkdir(parents=True)
+        for c in cs:
+            if sub == "projection":
+                c["config"]["train"].update(controller="projection", reg_memory="domain")
+            (folder / f"{c['id']}.json").write_text(json.dumps(c))
+    md = report(tmp_path).read_text()
+    assert md.index("## The gap to dense + memories against training length") < md.index("## Main table")
+    assert "| koff | 300 | 0.15 M | 0 | 1.200 | 1.100 | 1.150 |" in md
+    assert "## The previous default recipe (controller projection, reg_memory domain)" in md
+    assert "| koff | 0 | 40.0 | 30.0 | 35.0 |" in md
+    assert (tmp_path / "gap" / "gap.json").is_file()

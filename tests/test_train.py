@@ -35,7 +35,7 @@ def test_training_changes_only_gates_and_memories(llama_folder, data_files, tmp_
 
 def test_projection_lands_on_target_every_step(qwen_folder, data_files, tmp_path):
     cfg = config_from_dict(tiny_config_dict(qwen_folder, data_files, tmp_path / "r", steps=12, warmup_frac=0.5,
-                                            consolidate_frac=0.25))
+                                            consolidate_frac=0.25, controller="projection"))
     decompose(cfg, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12
@@ -117,7 +117,7 @@ def test_distillation_from_the_reference(llama_folder, data_files, tmp_path):
             != (tmp_path / "p/memories/en/kv.safetensors").read_bytes())
     cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "r2", steps=3, distill=0.5))
     cfg.reference = False
-    with pytest.raises(ValueError, match="distill needs the dense"):
+    with pytest.raises(ValueError, match="distill from the reference needs the dense"):
         decompose(cfg, progress=False)
 
 

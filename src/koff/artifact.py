@@ -131,6 +131,8 @@ class Run:
     bias: list[torch.Tensor] | None = None
     """FLAP bias compensation added to each layer's down_proj output (one-shot FLAP runs only)."""
     meta: RunManifest | None = None
+    backbone_lora: object = None
+    """The backbone's shared LoRA adapter (a LoraState; `train.backbone_lora_rank` > 0 only)."""
 
     @property
     def domains(self) -> list[str]:
@@ -194,7 +196,8 @@ def save_mask(folder: Path, keep: list[torch.Tensor], log_alpha: list[torch.Tens
 
 
 def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log_alpha: list[torch.Tensor] | None,
-              memories: list[MemoryRecord], config_yaml: str, bias: list[torch.Tensor] | None = None) -> None:
+              memories: list[MemoryRecord], config_yaml: str, bias: list[torch.Tensor] | None = None,
+              backbone_lora=None) -> None:
     """Write a complete run into a folder not yet holding one (a temporary folder, or a resumable
     OUTPUT.partial/, which may already hold metrics.jsonl, a checkpoint and a reference). koff.json
     lists the sha256 of every backbone-level file the format requires and is written last, in one
@@ -209,13 +212,16 @@ def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log
     (folder / "config.yaml").write_text(config_yaml)
     if keep is not None:
         save_mask(folder / "backbone", keep, log_alpha, bias)
+    if backbone_lora is not None:  # a LoraState: the backbone's shared adapter, in peft's format
+        backbone_lora.save(folder / "backbone", manifest.get("base_model", {}).get("source"))
     for rec in memories:
         d = folder / "memories" / rec.name
         d.mkdir(parents=True)
         write_memory(d, rec, manifest.get("base_model", {}).get("source"))
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "koff_version": __version__, **manifest, "files": {}}
     training = full.get("training") if isinstance(full.get("training"), dict) else {}
-    required = RunManifest.files_for(bool(full.get("pruned")), training.get("mask", "learned"))
+    required = RunManifest.files_for(bool(full.get("pruned")), training.get("mask", "learned"),
+                                     bool((training.get("train") or {}).get("backbone_lora_rank")))
     full["files"] = {rel: sha256_file(folder / rel) for rel in sorted(required)}
     typed = RunManifest.from_dict(full, str(folder / "koff.json"))
     atomic_write_text(folder / "koff.json", json.dumps(typed.to_dict(), indent=2))
@@ -357,7 +363,7 @@ def load_run(path: Path) -> Run:
     _check_hashes(path, meta.files, where)
     geometry = meta.base_model.geometry()
 
-    keep = log_alpha = bias = None
+    keep = log_alpha = bias = backbone_lora = None
     if meta.pruned:
         widths = [[w] for w in geometry.intermediate_sizes]
         keep = _layer_tensors(path / "backbone" / "mask.safetensors", torch.uint8, "keep", widths)
@@ -370,6 +376,8 @@ def load_run(path: Path) -> Run:
         if "backbone/bias.safetensors" in meta.files:
             bias = _layer_tensors(path / "backbone" / "bias.safetensors", torch.float32, "down_bias",
                                   [[geometry.hidden_size]] * geometry.num_layers)
+        if meta.backbone_lora:
+            backbone_lora = _load_backbone_lora(path, meta, where)
 
     memories = {}
     mem_root = path / "memories"
@@ -382,7 +390,18 @@ def load_run(path: Path) -> Run:
                     raise ArtifactError(f"{d} is a symlink; koff reads only files inside the run itself")
                 memories[d.name] = load_memory(d, geometry, f"koff.json's base model ({where}: base_model)")
     _check_memories(meta, memories, where)
-    return Run(path=path, manifest=raw, keep=keep, log_alpha=log_alpha, memories=memories, bias=bias, meta=meta)
+    return Run(path=path, manifest=raw, keep=keep, log_alpha=log_alpha, memories=memories, bias=bias, meta=meta,
+               backbone_lora=backbone_lora)
+
+
+def _load_backbone_lora(path: Path, meta: RunManifest, where: str):
+    """RUN/backbone's peft adapter (`train.backbone_lora_rank`), checked against the run's training
+    config and the geometry it records (the base model itself is checked when it is loaded)."""
+    from .memory.lora import LoraSection, LoraState
+
+    rank = meta.training.train.backbone_lora_rank
+    section = LoraSection(rank=rank, alpha=2 * rank, targets=tuple(sorted(meta.training.memory.lora_targets)))
+    return LoraState.load(path / "backbone", section, f"{where}: training.train.backbone_lora_rank")
 
 
 def _check_memories(meta: RunManifest, memories: dict[str, MemoryRecord], where: str) -> None:
@@ -468,6 +487,11 @@ def build_model(run: Run, model: str | None = None, memories: list[str] | None =
         gates.set_bias(run.bias)
         gates.requires_grad_(False)
     km = KoffModel(base, gates)
+    if run.backbone_lora is not None:
+        from .backbone_lora import BackboneLora
+
+        run.backbone_lora.check(base, run.path / "backbone")
+        km.set_backbone_lora(BackboneLora.stored(base, run.backbone_lora))
     for name in memories if memories is not None else list(run.memories):
         attach_memory(km, run.memories[name], run.path / "memories" / name)
     if runtime is not None:

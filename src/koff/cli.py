@@ -122,9 +122,9 @@ def _add_decompose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reg-every", type=_count, help="every N-th step is a general-data step (0: none)")
     p.add_argument("--lora-rank", type=_count, help="LoRA rank per memory (0: no LoRA)")
     p.add_argument("--kv-tokens", type=_count, help="KV memory tokens per layer (0: no KV memory)")
-    p.add_argument("--controller", choices=sorted(CONTROLLERS), help="sparsity controller (default projection)")
+    p.add_argument("--controller", choices=sorted(CONTROLLERS), help="sparsity controller (default lagrangian)")
     p.add_argument("--reg-memory", choices=list(REG_MEMORIES),
-                   help="memory of the general steps: a random domain's (default), none, or a general memory")
+                   help="memory of the general steps: a random domain's, none, or a memory of their own (default general)")
     p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (the global batch is split)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute layers in the backward pass (less memory)")
@@ -352,7 +352,7 @@ def cmd_compare(args) -> int:
     from .compare import compare
 
     ids = compare(args.config, only=args.only, limit=args.limit, dry_run=args.dry_run, runtime=_runtime(args),
-                  dtype=args.dtype)
+                  dtype=args.dtype, checkpoint_every=args.checkpoint_every)
     verb = "would run" if args.dry_run else "ran"
     print(f"{verb} {len(ids)} cell(s)" + (":\n  " + "\n  ".join(ids) if ids else " (every cell has a result)"))
     return 0
@@ -536,6 +536,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", help="run only cells whose id contains one of these")
     p.add_argument("--limit", type=_positive_int, help="run at most N cells this time")
     p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    p.add_argument("--checkpoint-every", type=_count, default=0, metavar="N",
+                   help="save each cell's training state every N steps; an interrupted cell resumes from it "
+                        "(changes no result)")
     _add_runtime_args(p, "precision of the base weights, in training and evaluation")
     p.set_defaults(func=cmd_compare)
 

@@ -57,7 +57,9 @@ def _setting_slug(setting: dict) -> str:
 
     def walk(prefix, d):
         for k, v in sorted(d.items()):
-            if isinstance(v, dict):
+            if isinstance(v, dict) and prefix:  # a mapping-valued field (train.dbl_reference): one entry
+                flat.append(f"{k}=" + "+".join(f"{a}-{b}" for a, b in v.items()))
+            elif isinstance(v, dict):
                 walk(f"{prefix}{k}.", v)
             elif isinstance(v, list):
                 flat.append(f"{k}={'+'.join(map(str, v))}")
@@ -69,8 +71,30 @@ def _setting_slug(setting: dict) -> str:
 
 
 def load_grid(path: Path) -> dict:
-    """Read and check a grid config (every field `expand` reads, with the file and field at fault)."""
+    """Read and check a grid config (every field `expand` reads, with the file and field at fault).
+
+    `extends: OTHER.yaml` (relative to this file) takes `base` and `methods` from another grid, so
+    a second grid (other evaluation, other sweeps) trains exactly the same cells; `methods` may then
+    be a list naming the ones to keep."""
     spec = read_yaml(path, "grid config")
+    if "extends" in spec:
+        parent_path = spec.pop("extends")
+        if not isinstance(parent_path, str) or not parent_path:
+            raise ConfigError(f"{path}: 'extends' must be the path of another grid config, got {parent_path!r}")
+        parent_file = (Path(path).parent / parent_path)
+        parent = read_yaml(parent_file, f"grid config {parent_path!r} (extended by {path})")
+        if "extends" in parent:
+            raise ConfigError(f"{parent_file}: a grid that is extended cannot extend another one itself")
+        spec.setdefault("base", parent.get("base"))
+        names = spec.get("methods")
+        parent_methods = parent.get("methods") if isinstance(parent.get("methods"), dict) else {}
+        if names is None:
+            spec["methods"] = parent_methods
+        elif isinstance(names, list):
+            unknown = [n for n in names if n not in parent_methods]
+            if unknown:
+                raise ConfigError(f"{path}: methods {unknown} are not methods of {parent_file}")
+            spec["methods"] = {n: parent_methods[n] for n in names}
     for key in ("base", "methods"):
         if not isinstance(spec.get(key), dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping")
@@ -252,15 +276,27 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
 def finished_run(run_dir: Path, cfg) -> bool:
     """True when `run_dir` holds a complete run trained with exactly `cfg`: the configs are compared
     as parsed (defaults filled in), so a run written before a config field was added still counts
-    when the new field has its default."""
-    from .config import same_config
+    when the new field has its default. How often it was checkpointed does not matter: resuming
+    from a checkpoint is exact."""
+    import dataclasses
+
+    from .config import load_config
 
     config = run_dir / "config.yaml"
-    return (run_dir / "koff.json").is_file() and config.is_file() and same_config(config, cfg)
+    if not ((run_dir / "koff.json").is_file() and config.is_file()):
+        return False
+    try:
+        done = load_config(config, stored=True)
+    except ConfigError:
+        return False
+    same = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=done.train.checkpoint_every))
+    return done.to_dict() == same.to_dict()
 
 
-def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Path:
-    """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically."""
+def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkpoint_every: int = 0) -> Path:
+    """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically.
+    With `checkpoint_every`, training saves a resumable state that often, and a cell interrupted
+    earlier resumes from its last one."""
     from .artifact import atomic_write_text
     from .train import decompose
 
@@ -276,7 +312,14 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Pat
         cfg = config_from_dict({**cell.config, "output": str(work / cell.id)}, cell.id)
         run_dir = work / cell.id
         if not finished_run(run_dir, cfg):  # a run trained earlier (e.g. before an interrupted evaluation) is reused
-            decompose(cfg, overwrite=True, progress=progress, runtime=runtime)
+            cfg.train.checkpoint_every = checkpoint_every
+            partial = run_dir.with_name(run_dir.name + ".partial")
+            resume = bool(checkpoint_every) and (partial / ".koff-partial.yaml").is_file()
+            if partial.exists() and not resume:
+                from .outputs import remove_tree
+
+                remove_tree(partial)  # an interrupted cell of another checkpoint setting: start it over
+            decompose(cfg, overwrite=True, progress=progress, runtime=runtime, resume=resume)
         from .artifact import load_run
 
         summary = load_run(run_dir).meta.metrics
@@ -310,10 +353,11 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None) -> Pat
 
 
 def compare(config: Path, only: list[str] | None = None, limit: int | None = None, progress: bool = True,
-            dry_run: bool = False, runtime=None, dtype: str | None = None) -> list[str]:
+            dry_run: bool = False, runtime=None, dtype: str | None = None, checkpoint_every: int = 0) -> list[str]:
     """Run every missing cell of a grid (optionally only ids matching `only` substrings, at most
     `limit` cells); returns the ids run (or, with `dry_run`, the ids that would run). `runtime`
-    sets the device (and evaluation dtype); `dtype` overrides every cell's `train.dtype`."""
+    sets the device (and evaluation dtype); `dtype` overrides every cell's `train.dtype`;
+    `checkpoint_every` makes each cell's training resumable (it changes no result)."""
     spec = load_grid(config)
     if dtype is not None:
         spec["base"] = _merge(spec["base"], {"train": {"dtype": dtype}})
@@ -332,7 +376,7 @@ def compare(config: Path, only: list[str] | None = None, limit: int | None = Non
         with claim(results / f"{c.id}.lock") as mine:
             if not mine or (results / f"{c.id}.json").is_file():
                 continue
-            run_cell(c, spec, progress, runtime)
+            run_cell(c, spec, progress, runtime, checkpoint_every)
             done.append(c.id)
     return done
 

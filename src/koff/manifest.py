@@ -277,13 +277,15 @@ class TrainingRecord:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> TrainingRecord:
-        from .config import MASKS, MemoryConfig, TrainConfig, _section
+        from .config import FORMER_DEFAULTS, MASKS, MemoryConfig, TrainConfig, _section
 
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
         sections = {}
         for key, section_cls in (("memory", MemoryConfig), ("train", TrainConfig)):
             raw = require(d, key, dict, where)
+            if key == "train":  # written by a koff before the field existed: what it meant then
+                raw = {**FORMER_DEFAULTS, **raw}
             try:
                 sections[key] = _section(section_cls, raw, f"{where}.{key}")
                 sections[key].validate(f"{where}.{key}")
@@ -380,19 +382,27 @@ class RunManifest:
     def mask(self) -> str:
         return self.training.mask
 
+    @property
+    def backbone_lora(self) -> bool:
+        """Whether the run's backbone has a shared LoRA adapter (`train.backbone_lora_rank`)."""
+        return self.pruned and bool(self.training.train.backbone_lora_rank)
+
     @staticmethod
-    def files_for(pruned: bool, mask: str) -> set[str]:
+    def files_for(pruned: bool, mask: str, backbone_lora: bool = False) -> set[str]:
         """The files a run holds at its top level (its memories list their own): config and
-        metrics, and for a pruned run the mask and gates (plus FLAP's bias compensation)."""
+        metrics, and for a pruned run the mask and gates (plus FLAP's bias compensation and the
+        backbone's shared LoRA adapter, where it has them)."""
         files = {"config.yaml", "metrics.jsonl"}
         if pruned:
             files |= {"backbone/mask.safetensors", "backbone/gates.safetensors"}
             if mask == "flap":
                 files.add("backbone/bias.safetensors")
+            if backbone_lora:
+                files |= {"backbone/adapter_config.json", "backbone/adapter_model.safetensors"}
         return files
 
     def required_files(self) -> set[str]:
-        return self.files_for(self.pruned, self.training.mask)
+        return self.files_for(self.pruned, self.training.mask, self.backbone_lora)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "koff.json") -> RunManifest:

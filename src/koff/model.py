@@ -53,6 +53,16 @@ class KoffModel(nn.Module):
         if gates is not None:
             gates.attach(self.model)
         self.parts = nn.ModuleDict({kind: cls(base) for kind, cls in PART_KINDS.items()})
+        self.backbone_lora = None
+        """The backbone's own LoRA adapter, shared by every memory (`koff.backbone_lora`), or None."""
+
+    def set_backbone_lora(self, adapter) -> None:
+        """Attach the backbone's shared LoRA adapter (a `koff.backbone_lora.BackboneLora`)."""
+        if self.gates is None:
+            raise ConfigError("a backbone LoRA adapter repairs a pruned backbone; this model has no gates")
+        if self.backbone_lora is not None:
+            raise ConfigError("the model has a backbone LoRA adapter already")
+        self.backbone_lora = adapter
 
     # -- memories --------------------------------------------------------------------------------
     @property
@@ -130,6 +140,8 @@ class KoffModel(nn.Module):
         call = Call(tuple(self.row_names(memory, batch)), use_gates=use_gates)
         for part in self.parts.values():
             part.prepare(call)
+        if self.backbone_lora is not None:
+            self.backbone_lora.prepare(call)
         return call
 
     def prefix_cache(self, prefix: Prefix | None):

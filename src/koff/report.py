@@ -274,10 +274,73 @@ def sweep_rows(cells: list[dict], group: str) -> list[tuple[str, str, list[dict]
     return rows
 
 
-def to_markdown(cells: list[dict], figures: list[str]) -> str:
+IDEAS_GROUP = "ideas"
+ADOPT_MARGIN = 0.02
+"""An idea is adopted as the default when it beats the default on every language, on every one of
+at least 3 paired seeds, by at least this fraction of perplexity."""
+
+
+def ideas_rows(cells: list[dict]) -> list[dict]:
+    """One row per setting of the ideas sweep, paired seed by seed with the default (main-grid)
+    koff cell of the same seed: mean ± std per language, the mean's change, and per language on how
+    many paired seeds the idea is at least ADOPT_MARGIN lower."""
+    default = {c["seed"]: c for c in cells if c["group"] == "main" and c["method"] == "koff"}
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    for c in cells:
+        if c["group"] == IDEAS_GROUP:
+            by_setting[json.dumps(c["setting"], sort_keys=True)].append(c)
+    domains = _domains(cells)
+    rows = []
+    for setting, cs in sorted(by_setting.items()):
+        cs = sorted(cs, key=lambda c: c["seed"])
+        paired = [c for c in cs if c["seed"] in default]
+        wins = {d: sum(cell_ppl(c, d) <= (1 - ADOPT_MARGIN) * cell_ppl(default[c["seed"]], d) for c in paired)
+                for d in domains}
+        change = [cell_mean_ppl(c, domains) / cell_mean_ppl(default[c["seed"]], domains) - 1 for c in paired]
+        rows.append({"setting": setting, "seeds": [c["seed"] for c in cs], "paired": len(paired),
+                     **{d: _mean_std([cell_ppl(c, d) for c in cs]) for d in domains},
+                     "mean": _mean_std([cell_mean_ppl(c, domains) for c in cs]),
+                     "no_domain": _mean_std([cell_mean_ppl(c, domains, "no-domain") for c in cs]),
+                     "change": _mean_std(change) if change else None, "wins": wins,
+                     "adopt": len(paired) >= 3 and all(w == len(paired) for w in wins.values())})
+    return rows
+
+
+def ideas_section(cells: list[dict]) -> list[str]:
+    rows = ideas_rows(cells)
+    if not rows:
+        return []
+    domains = _domains(cells)
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    default = [c for c in cells if c["group"] == "main" and c["method"] == "koff" and c["seed"] in seeds]
+    lines = ["", "## Ideas that might close the gap", "", _caption(cells, IDEAS_GROUP) + ". Each idea is the default "
+             "recipe with one switch, against the default on the same seeds (the same data order). 'Paired wins' "
+             f"counts, per language, the seeds on which the idea's perplexity is at least {100 * ADOPT_MARGIN:.0f}% "
+             "below the default's; an idea is adopted only with every seed on every language (at least 3 seeds).", "",
+             "| idea | seeds | " + " | ".join(domains) + " | mean | change of the mean (paired) | paired wins "
+             + " / ".join(domains) + " | no domain named: mean | adopt |",
+             "|---|---|" + "---:|" * (len(domains) + 2) + "---|---:|---|"]
+    if default:
+        dd = sorted(default, key=lambda c: c["seed"])
+        lines.append("| default | " + ",".join(str(c["seed"]) for c in dd) + " | "
+                     + " | ".join(_fmt(_mean_std([cell_ppl(c, d) for c in dd])) for d in domains)
+                     + f" | {_fmt(_mean_std([cell_mean_ppl(c, domains) for c in dd]))} | | | "
+                     + f"{_fmt(_mean_std([cell_mean_ppl(c, domains, 'no-domain') for c in dd]))} | |")
+    for r in rows:
+        wins = " / ".join(f"{r['wins'][d]}/{r['paired']}" for d in domains)
+        lines.append(f"| `{r['setting']}` | {','.join(map(str, r['seeds']))} | " + " | ".join(_fmt(r[d]) for d in domains)
+                     + f" | {_fmt(r['mean'])} | {_fmt(r['change'], 1, pct=True) if r['change'] else '–'} | {wins} | "
+                     + f"{_fmt(r['no_domain'])} | {'**yes**' if r['adopt'] else 'no'} |")
+    return lines
+
+
+def to_markdown(cells: list[dict], figures: list[str], extra: list[str] | None = None,
+                head: list[str] | None = None) -> str:
+    """The report: `head` (sections that open it), the main table, the issue's comparisons, the
+    sweeps, `extra` (sections after them), the figures."""
     domains, tasks = _domains(cells), _tasks(cells)
     rows = main_table(cells)
-    lines = ["# koff results", "", _caption(cells), "",
+    lines = ["# koff results", "", *(head or []), "", _caption(cells), "",
              "## Main table (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
              "Perplexity with the method's own memory where it has one, else of the backbone alone; "
              "mean ± std over seeds (one number: a single seed or a deterministic method). Lower is better; "
@@ -302,6 +365,7 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
         lines.append(f"- **{c['verdict']}**: {c['claim']}")
         lines += [f"  - {t}" for t in c["lines"]]
     lines += languages_section(cells)
+    lines += ideas_section(cells)
     groups = sorted({c["group"] for c in cells} - {"main", "languages"})
     for g in groups:
         lines += ["", f"## Sweep: {g}", "", _caption(cells, g) + " (one seed per cell unless listed). Each method's "
@@ -320,6 +384,7 @@ def to_markdown(cells: list[dict], figures: list[str]) -> str:
                          + " | ".join(_fmt(vals[d]) for d in domains)
                          + f" | {_fmt(mean)} | {_fmt(bb)} | " + " | ".join(task_cells)
                          + f" | {group[0]['sparsity'].get('global', 0):.3f} |")
+    lines += extra or []
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -548,12 +613,14 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
 
     # 5. sparsity controllers side by side: the path of expected sparsity, and where each mask prunes
     by_ctrl = controller_runs(cells)
+    main_koff = [c for c in cells if c["group"] == "main" and c["method"] == "koff"]
+    default_ctrl = _controller(main_koff[0]) if main_koff else TrainConfig.controller
     if by_ctrl:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         target = None
         for i, ((method, ctrl), runs) in enumerate(by_ctrl.items()):
             color = f"C{i}"
-            label = f"{method}, {ctrl}" + (" (default)" if ctrl == TrainConfig.controller else "")
+            label = f"{method}, {ctrl}" + (" (default)" if ctrl == default_ctrl else "")
             for j, c in enumerate(runs):
                 cv = c.get("curves", {})
                 if cv.get("expected_sparsity"):
@@ -581,14 +648,60 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
     return written
 
 
+PREVIOUS = "projection"
+"""RESULTS/projection/: the grid of the previous default recipe (configs/grid-projection.yaml)."""
+GAP = "gap"
+"""RESULTS/gap/: the training-length grid (configs/gap.yaml)."""
+
+
+def previous_section(results: Path) -> list[str]:
+    """The previous default's main table (its own report is RESULTS/projection/report.md)."""
+    folder = results / PREVIOUS
+    if not (folder / "cells").is_dir():
+        return []
+    old = load_cells(folder)
+    domains, tasks = _domains(old), _tasks(old)
+    koff = next((c for c in old if c["group"] == "main" and c["method"] == "koff"), None)
+    t = koff["config"].get("train", {}) if koff else {}
+    lines = ["", f"## The previous default recipe (controller {t.get('controller')}, reg_memory {t.get('reg_memory')})",
+             "", _caption(old) + f". The full report of that grid, with its sweeps: [{PREVIOUS}/report.md]"
+             f"({PREVIOUS}/report.md).", "",
+             "| method (previous default) | seeds | " + " | ".join(domains) + " | mean | backbone alone "
+             + "/".join(domains) + " | " + " | ".join(tasks) + " |",
+             "|---|---|" + "---:|" * (len(domains) + 2 + len(tasks))]
+    for r in sorted(main_table(old), key=lambda r: _order(r["method"])):
+        seeds = "det." if r["deterministic"] else ",".join(map(str, r["seeds"]))
+        lines.append(f"| {r['method']} | {seeds} | " + " | ".join(_fmt(r[d]) for d in domains) + f" | {_fmt(r['mean'])} | "
+                     + " / ".join(_fmt(r[f"{d}/backbone"]) for d in domains) + " | "
+                     + " | ".join(_fmt_task(x, r[f"task/{x}"]) for x in tasks) + " |")
+    return lines
+
+
 def report(results: Path) -> Path:
-    """Write RESULTS/report.md and its figures from RESULTS/cells/*.json."""
+    """Write RESULTS/report.md and its figures from RESULTS/cells/*.json, opening with the
+    training-length table of RESULTS/gap/ and closing with the previous default's main table of
+    RESULTS/projection/ where those grids have cells."""
     from .outputs import lock
 
     results = Path(results)
     cells = load_cells(results)
     path = results / "report.md"
+    head: list[str] = []
+    figs: list[Path] = []
     with lock(path):  # figures first, the report that shows them last
-        figs = plots(cells, results)
-        atomic_write_text(path, to_markdown(cells, [str(f) for f in figs]))
+        gap_dir = results / GAP
+        if (gap_dir / "cells").is_dir() and any((gap_dir / "cells").glob("*.json")):
+            from . import gap
+
+            gap_cells = load_cells(gap_dir)
+            command = gap_cells[0]["command"]
+            head, numbers = gap.section(gap_cells, command)
+            fig = gap.plot(gap_cells, gap_dir, _caption(gap_cells))
+            if fig is not None:
+                figs.append(fig)
+                head += ["", f"![gap_vs_tokens]({GAP}/{fig.name})"]
+            atomic_write_text(gap_dir / "gap.json", json.dumps(numbers, indent=1, sort_keys=True))
+        figs += plots(cells, results)
+        atomic_write_text(path, to_markdown(cells, [str(f) for f in figs if f.parent == results],
+                                            extra=previous_section(results), head=head))
     return path

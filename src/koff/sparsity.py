@@ -70,13 +70,25 @@ def make_controller(name: str, train_cfg) -> Controller:
     return CONTROLLERS[name](train_cfg)
 
 
-def target_at(step: int, total_steps: int, target: float, warmup_frac: float) -> float:
-    """Target sparsity at `step`: linear warm-up from 0 to `target` over the first
-    `warmup_frac` of training, then constant."""
+def target_at(step: int, total_steps: int, target: float, warmup_frac: float, schedule: str = "linear",
+              peak: float | None = None, regrow_frac: float = 0.0) -> float:
+    """Target sparsity at `step`.
+
+    "linear": a linear warm-up from 0 to `target` over the first `warmup_frac` of training, then
+    constant. "overshoot": a linear warm-up to `peak` (> target) over the same steps, a linear way
+    back down to `target` over the next `regrow_frac` of training, then constant: the gates prune
+    past s* and neurons the memories turn out to need can grow back before the mask is fixed.
+    """
     warm = round(warmup_frac * total_steps)
-    if warm <= 0 or step >= warm:
+    top = peak if schedule == "overshoot" and peak is not None else target
+    if warm > 0 and step < warm:
+        return top * (step + 1) / warm
+    if top == target:
         return target
-    return target * (step + 1) / warm
+    back = round(regrow_frac * total_steps)
+    if back <= 0 or step >= warm + back:
+        return target
+    return top + (target - top) * (step - warm + 1) / back
 
 
 @register_controller("lagrangian")

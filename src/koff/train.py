@@ -85,6 +85,8 @@ def check_kv_init(kv_init: dict[str, torch.Tensor], names: list[str], cfg: Memor
 def check_finite(km: KoffModel, names: list[str], what: str) -> None:
     """Refuse to store a diverged model: every gate and memory tensor must be finite."""
     tensors = [(f"memory {n!r}", p) for n in names for p in km.memory_parameters(n)]
+    if km.backbone_lora is not None:
+        tensors += [("the backbone LoRA", p) for p in km.backbone_lora.parameters()]
     if km.gates is not None:
         tensors += [("the gates", a) for a in km.gates.log_alpha]
     for label, t in tensors:
@@ -190,6 +192,13 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     names = memory_names(cfg)
     if not cfg.memory.empty:
         add_memories(km, names, streams.kv_init, cfg.memory, cfg.train.seed)
+    if prune and cfg.train.backbone_lora_rank:
+        from .backbone_lora import BackboneLora
+        from .memory import LoraSpec
+
+        torch.manual_seed(cfg.train.seed + 101)  # after the memories: their initialisation is unchanged
+        km.set_backbone_lora(BackboneLora.fresh(base, LoraSpec(cfg.train.backbone_lora_rank, None,
+                                                               tuple(cfg.memory.lora_targets))).to(runtime.device))
     metrics_path = out / "metrics.jsonl" if writes else None
     checkpoint = out / "checkpoint" if cfg.train.checkpoint_every and out is not None else None
     if learned or not cfg.memory.empty:
@@ -224,7 +233,8 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     records = [memory_record(km, n, {"domain": n if n != GENERAL_MEMORY else None, "trained_steps": cfg.train.steps})
                for n in km.memory_names]
     write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg),
-              bias=gates.bias if prune else None)
+              bias=gates.bias if prune else None,
+              backbone_lora=km.backbone_lora.state() if km.backbone_lora is not None else None)
     faults.point("run.written")
     if checkpoint is not None:  # kept until koff.json is written, so a crash before resumes from it
         remove_tree(checkpoint)
@@ -257,8 +267,9 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
     runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
     check_no_test_leak(cfg.domains, cfg.general)
     reference = cfg.reference and cfg.prune and not cfg.memory.empty
-    if cfg.train.distill > 0 and not reference:
-        raise ConfigError("train.distill needs the dense + memories reference (reference: true, prune, memories)")
+    if cfg.train.distill > 0 and cfg.train.distill_from == "reference" and not reference:
+        raise ConfigError("train.distill from the reference needs the dense + memories reference (reference: true, "
+                          "prune, memories); train.distill_from: dense distils from the dense model instead")
     output = Path(cfg.output)
     partial = output.with_name(output.name + ".partial")
     if not runtime.is_main:  # train alongside the main process; it alone checks folders and writes
@@ -319,10 +330,11 @@ def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, 
     from .artifact import build_model, load_run
 
     teacher = None
+    distil_reference = cfg.train.distill > 0 and cfg.train.distill_from == "reference"
     if reference:
         ref = folder / "reference" if folder is not None else None
         if ref is not None and (ref / "koff.json").is_file():
-            if cfg.train.distill > 0:
+            if distil_reference:
                 teacher, _ = build_model(load_run(ref), runtime=runtime)
         else:
             if ref is not None and runtime.is_main:
@@ -331,7 +343,7 @@ def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, 
                                 runtime=runtime)
         if teacher is not None:
             teacher.requires_grad_(False)
-        if cfg.train.distill <= 0:
+        if not distil_reference:
             teacher = None
     if folder is None or not (folder / "koff.json").is_file():
         train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher, runtime=runtime,

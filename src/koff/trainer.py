@@ -29,6 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +39,10 @@ from .errors import ConfigError
 from .model import KoffModel, lm_loss
 from .runtime import Runtime, barrier
 from .sparsity import make_controller, target_at
+
+DBL_SMOOTHING = 1e-4
+"""Dynamic domain sampling mixes this much of the uniform distribution into the weights (as
+Sheared-LLaMA does), so no domain's weight ever reaches 0."""
 
 GENERAL_MEMORY = "general"
 """Name of the memory `train.reg_memory: general` trains on general batches only (the memory a
@@ -61,6 +66,15 @@ class LoopState:
     """Batches taken from each data stream (domain names, and "__general__")."""
     rng: list | None = None
     """State of the Python RNG that picks the regularization memory."""
+    domain_weights: dict[str, float] = field(default_factory=dict)
+    """Dynamic domain sampling: each domain's current sampling weight."""
+    domain_losses: dict[str, list[float]] = field(default_factory=dict)
+    """Dynamic domain sampling: [loss sum, steps] per domain since the last weight update."""
+    domain_rng: list | None = None
+    """Dynamic domain sampling: state of the Python RNG that draws each domain step's domain."""
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("domain_weights", "domain_losses", "domain_rng")
+    """Fields a checkpoint written before they existed lacks (their defaults are what it meant)."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,7 +82,7 @@ class LoopState:
     @classmethod
     def from_state_dict(cls, state: dict) -> LoopState:
         known = {f.name for f in dataclasses.fields(cls)}
-        if set(state) != known:
+        if not set(state) <= known or not known - set(state) <= set(cls.ADDED_LATER):
             raise ValueError(f"loop state has fields {sorted(state)}, expected {sorted(known)}")
         return cls(**state)
 
@@ -100,8 +114,12 @@ class Trainer:
         for d in self.domain_names:
             if self.names and d not in self.names and d in self.km.memory_names:
                 raise ConfigError(f"domain {d!r} has a memory that is not being trained")
-        if cfg.reg_memory == GENERAL_MEMORY and cfg.reg_every and GENERAL_MEMORY not in self.names:
+        if cfg.reg_memory == GENERAL_MEMORY and cfg.reg_every and self.names and GENERAL_MEMORY not in self.names:
             raise ConfigError("train.reg_memory 'general' needs a memory named 'general' among those trained")
+        if cfg.domain_sampling == "dynamic":
+            missing = [d for d in self.domain_names if d not in (cfg.dbl_reference or {})]
+            if missing:
+                raise ConfigError(f"train.dbl_reference has no reference loss for domain(s) {missing}")
         parts = cfg.grad_accum * rt.world_size
         if cfg.batch_size % parts:
             raise ConfigError(f"train.batch_size {cfg.batch_size} (the global batch) must be divisible by "
@@ -119,12 +137,19 @@ class Trainer:
         if self.gates is not None:
             groups.append({"params": list(self.gates.parameters()), "lr": cfg.lr_gates, "name": "gates"})
         groups += self.km.param_groups(self.names, cfg)
+        backbone = self.km.backbone_lora
+        self.backbone_params = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
+        if self.backbone_params:
+            groups.append({"params": self.backbone_params, "lr": cfg.lr_lora, "name": "backbone_lora"})
         if not groups:
             raise ConfigError("nothing to train: no gates and no memories")
         self.trains_memories = any(g["name"] != "gates" for g in groups)
         self.optimizer = torch.optim.Adam(groups)
 
         self.rng = random.Random(cfg.seed)
+        self.domain_rng = random.Random(cfg.seed * 7919 + 13)  # its own stream: round-robin runs are unchanged
+        if cfg.domain_sampling == "dynamic":
+            self.loop.domain_weights = {d: 1 / len(self.domain_names) for d in self.domain_names}
         self.noise = torch.Generator().manual_seed(cfg.seed + 17)  # CPU: the same stream on every device and rank
         self.consolidate_from = (cfg.steps - round(cfg.consolidate_frac * cfg.steps) if self.gates is not None
                                  else cfg.steps)
@@ -187,7 +212,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         loop = dataclasses.replace(self.loop, rng=list(self.rng.getstate()),
-                                   positions=self._positions())
+                                   domain_rng=list(self.domain_rng.getstate()), positions=self._positions())
         state = {
             "trainable": {n: p for n, p in self.km.named_parameters() if p.requires_grad},
             "optimizer": self.optimizer.state_dict(),
@@ -218,6 +243,9 @@ class Trainer:
         self.loop = LoopState.from_state_dict(state["loop"])
         r = self.loop.rng
         self.rng.setstate((r[0], tuple(r[1]), r[2]))
+        if self.loop.domain_rng is not None:
+            r = self.loop.domain_rng
+            self.domain_rng.setstate((r[0], tuple(r[1]), r[2]))
         for name, taken in self.loop.positions.items():
             (self.streams.general if name == "__general__" else self.streams.domains[name]).taken = taken
 
@@ -282,18 +310,23 @@ class Trainer:
             if cfg.reg_memory == "domain":
                 memory = self.rng.choice(self.names) if self.names else None
             elif cfg.reg_memory == GENERAL_MEMORY:
-                memory = GENERAL_MEMORY
+                memory = GENERAL_MEMORY if GENERAL_MEMORY in self.names else None  # no memories: the bare backbone
             else:
                 memory = None
             return batch, domain, memory, True
-        domain = self.domain_names[loop.domain_turn % len(self.domain_names)]
+        if cfg.domain_sampling == "dynamic":
+            weights = loop.domain_weights
+            domain = self.domain_rng.choices(self.domain_names, weights=[weights[d] for d in self.domain_names])[0]
+        else:
+            domain = self.domain_names[loop.domain_turn % len(self.domain_names)]
         loop.domain_turn += 1
         return self.streams.domains[domain].next(), domain, (domain if domain in self.names else None), False
 
     def train_step(self, step: int) -> dict | None:
         """One optimizer step; returns its metrics record (None: the loop is over)."""
         cfg, loop, gates = self.cfg, self.loop, self.gates
-        target = target_at(step, cfg.steps, self.target_sparsity, cfg.warmup_frac)
+        target = target_at(step, cfg.steps, self.target_sparsity, cfg.warmup_frac, cfg.target_schedule,
+                           cfg.target_peak, cfg.regrow_frac)
         consolidating = gates is not None and step >= self.consolidate_from
         if consolidating and not loop.fixed:
             gates.set_mask(gates.final_mask(self.target_sparsity, scope=cfg.mask_scope))
@@ -304,8 +337,9 @@ class Trainer:
         learning_gates = gates is not None and not consolidating
         if learning_gates:
             gates.resample(self.noise)
-        trainable = learning_gates or (memory is not None and memory in self.names)
-        loss = self._forward_backward(batch, memory, target if learning_gates else None, trainable)
+        trainable = learning_gates or (memory is not None and memory in self.names) or bool(self.backbone_params)
+        loss = self._forward_backward(batch, memory, target if learning_gates else None, trainable,
+                                      distill_dense=not regularize)
         if trainable:
             if self._reduce_grads:
                 self._sync_gradients()
@@ -320,7 +354,11 @@ class Trainer:
         loop.step = step + 1
         key = domain or "general"
         loop.last_loss.setdefault(key, []).append(loss)
-        phase = "consolidate" if consolidating else ("warmup" if target < self.target_sparsity else "main")
+        if cfg.domain_sampling == "dynamic":
+            self._update_domain_weights(domain, loss, step)
+        warm = round(cfg.warmup_frac * cfg.steps)
+        phase = ("consolidate" if consolidating else "warmup" if target < self.target_sparsity and step < warm
+                 else "regrow" if target > self.target_sparsity else "main")
         record = {"step": step, "phase": phase, "kind": "general" if regularize else "domain", "domain": key,
                   "memory": memory, "loss": loss, "target": target if gates is not None else None,
                   "expected_sparsity": (gates.expected_sparsity().item() if learning_gates
@@ -328,12 +366,40 @@ class Trainer:
                   "global_batch": cfg.batch_size, "seconds": round(time.time() - self._t0, 3)}
         if self.controller is not None:
             record.update(self.controller.log())
+        if cfg.domain_sampling == "dynamic":
+            record["domain_weights"] = dict(loop.domain_weights)
         return record
 
+    def _update_domain_weights(self, domain: str | None, loss: float, step: int) -> None:
+        """Sheared-LLaMA's dynamic batch loading: accumulate each domain's loss; every `dbl_every`
+        steps, log w_d += eta * max(mean loss_d - reference_d, 0), renormalise, and mix in a little
+        of the uniform distribution. A domain not drawn since the last update keeps its excess at 0."""
+        cfg, loop = self.cfg, self.loop
+        if domain is not None:
+            acc = loop.domain_losses.setdefault(domain, [0.0, 0])
+            acc[0] += loss
+            acc[1] += 1
+        if (step + 1) % cfg.dbl_every:
+            return
+        logits = {}
+        for d in self.domain_names:
+            total, n = loop.domain_losses.get(d, (0.0, 0))
+            excess = max(total / n - cfg.dbl_reference[d], 0.0) if n else 0.0
+            logits[d] = math.log(loop.domain_weights[d]) + cfg.dbl_eta * excess
+        top = max(logits.values())
+        z = sum(math.exp(v - top) for v in logits.values())
+        k = len(self.domain_names)
+        loop.domain_weights = {d: (1 - DBL_SMOOTHING) * math.exp(v - top) / z + DBL_SMOOTHING / k
+                               for d, v in logits.items()}
+        loop.domain_losses = {}
+
     def _forward_backward(self, batch: torch.Tensor, memory: str | None, target: float | None,
-                          trainable: bool) -> float:
+                          trainable: bool, distill_dense: bool = False) -> float:
         """Loss of the global batch (this process' micro-batches, accumulated), gradients in place.
-        `target` is set on steps that learn the gates (the controller's penalty joins the loss)."""
+        `target` is set on steps that learn the gates (the controller's penalty joins the loss).
+        With `train.distill` > 0 the loss is mixed with the KL to the teacher: the reference model
+        (same memory) on every step, or, with `distill_from: dense`, the frozen dense base model (no
+        memory) on the steps `distill_dense` marks (domain steps)."""
         cfg, rt = self.cfg, self.runtime
         accum = cfg.grad_accum
         shards = batch.view(accum, rt.world_size, self.micro_batch, batch.shape[-1])[:, rt.rank]
@@ -349,9 +415,15 @@ class Trainer:
                 logits = self.model(x, memory=memory)
                 loss = lm_loss(logits, x)
                 total = loss
-                if self.teacher is not None and cfg.distill > 0:
+                teacher_logits = None
+                if cfg.distill > 0 and cfg.distill_from == "dense" and distill_dense and self.gates is not None:
+                    with torch.no_grad():  # the same frozen weights with gates and memories off
+                        teacher_logits = self.km(x, memory=None, use_gates=False)
+                elif cfg.distill > 0 and cfg.distill_from == "reference" and self.teacher is not None:
                     with torch.no_grad():
-                        target_logp = torch.log_softmax(self.teacher(x, memory=memory).float(), dim=-1)
+                        teacher_logits = self.teacher(x, memory=memory)
+                if teacher_logits is not None:
+                    target_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
                     kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), dim=-1), target_logp,
                                                     log_target=True, reduction="none").sum(-1).mean()
                     total = (1 - cfg.distill) * loss + cfg.distill * kl

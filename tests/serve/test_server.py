@@ -31,7 +31,7 @@ def _koff_generate(run, memory: str, prompt: str, tokens: int, chat: bool = Fals
 def test_models_list_every_memory_the_backbone_and_auto(server):
     models = server.client().models.list()
     ids = [m.id for m in models.data]
-    assert ids == ["en", "es", "fr", "none", "auto"]
+    assert ids == ["en", "es", "fr", "general", "none", "auto"]  # general: what a request naming no domain gets
     en = next(m for m in models.data if m.id == "en")
     assert en.koff["kind"] == "memory" and en.koff["lora_rank"] == 4 and en.koff["kv_tokens"] == 4
     assert en.koff["router_text"] and en.koff["router_text"][0].endswith("en/train.txt")
@@ -275,7 +275,7 @@ def test_bad_requests_get_4xx_in_openai_shape_and_the_server_keeps_serving(serve
             assert resp_headers.get("www-authenticate") == "Bearer"
     # the unknown model's message lists what there is
     status, _, text = server.raw("POST", "/v1/completions", {"model": "xx", "prompt": "a"})
-    assert json.loads(text)["error"]["message"].endswith("available: en, es, fr, none, auto")
+    assert json.loads(text)["error"]["message"].endswith("available: en, es, fr, general, none, auto")
     # ... and the server still serves
     r = server.client().completions.create(model="en", prompt="the cat", max_tokens=3, temperature=0)
     assert r.choices[0].text
@@ -287,7 +287,7 @@ def test_an_exported_backbone_serves_what_the_run_serves_and_the_queue_is_bounde
     exported = Server(tiny_run.export, "--max-batch", "1", "--max-queue", "1", "--memory-dir", str(tiny_run.with_de))
     try:
         c = exported.client()
-        assert [m.id for m in c.models.list().data] == ["en", "es", "fr", "none", "auto"]
+        assert [m.id for m in c.models.list().data] == ["en", "es", "fr", "general", "none", "auto"]
         for memory in ("en", "fr", "none"):
             a = exported.client().completions.create(model=memory, prompt="the cat", max_tokens=10, temperature=0)
             b = server.client().completions.create(model=memory, prompt="the cat", max_tokens=10, temperature=0)

@@ -173,6 +173,11 @@ def pruned_backbone(run_dir: Path, model: str | None = None, dtype: torch.dtype 
     base, tok, source = load_base(model or run.manifest["base_model"]["source"], dtype=dtype)
     check_base(run, source, fingerprint(source))
     dense = parameter_counts(base)["total"]
+    if run.backbone_lora is not None:  # before deleting neurons: a pruned neuron's delta goes with it
+        from ..backbone_lora import fold_into
+
+        run.backbone_lora.check(base, Path(run.path) / "backbone")
+        fold_into(base, run.backbone_lora)
     kept = prune_model(base, run.keep)
     if run.bias is not None:
         add_down_bias(base, run.bias)

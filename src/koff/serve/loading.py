@@ -155,7 +155,11 @@ def _load_run(path: Path, runtime) -> Served:
 
 def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ...], str]:
     """The training files of memory `name`: from its memory.json (a memory added later) or its
-    run's koff.json (a memory of the decomposition)."""
+    run's koff.json (a memory of the decomposition; the run's default memory trained on the general
+    data)."""
+    general = (manifest.get("data") or {}).get("general")
+    if name == manifest.get("default_memory") and isinstance(general, list) and not isinstance(info.get("data"), dict):
+        return tuple(str(f) for f in general if isinstance(f, str)), "text"
     data = info.get("data") if isinstance(info.get("data"), dict) else (manifest.get("data") or {}).get(name)
     if not isinstance(data, dict):
         return (), "text"
