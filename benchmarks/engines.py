@@ -44,8 +44,8 @@ def matmul_weights(gguf_path: Path) -> int:
 
 def oneshot_run(root: Path, model: str | None) -> Path:
     """A run with a one-shot Wanda-sp mask (s* = 0.2, global) and 2-step LoRA + KV memories."""
-    from koff.config import config_from_dict
-    from koff.train import decompose
+    from koff.config.recipe import config_from_dict
+    from koff.training.pipeline import decompose
 
     cfg = config_from_dict({
         "model": model or "smollm2-135m", "domains": ["en", "fr", "es"], "general": "bundled",
@@ -108,8 +108,8 @@ def main() -> None:
     import llama_cpp
     import torch
 
-    from koff.artifact import load_run
-    from koff.base import load_base
+    from koff.storage.run_dir import load_run
+    from koff.model.base_model import load_base
     from koff.export import export_run
     from koff.export.gguf import write_gguf_model
 
@@ -129,7 +129,7 @@ def main() -> None:
             write_gguf_model(dense, tok, dense_gguf[ot], ot, name="dense base")
         del dense
 
-        from koff.data import bundled_domain
+        from koff.data.text import bundled_domain
 
         ids = tok(bundled_domain("en").test[0].read_text(encoding="utf-8")[:20000])["input_ids"]
         need = max(args.prompt_tokens, 8 + args.gen_tokens)
@@ -198,9 +198,9 @@ def quality(run_dir: Path, args, gguf_exports: dict[str, Path]) -> None:
 
     import llama_cpp
 
-    from koff.artifact import attach_memory, build_model, load_run
-    from koff.data import Domain
-    from koff.evaluate import EvalSettings, block_nll, test_set
+    from koff.storage.run_dir import attach_memory, build_model, load_run
+    from koff.data.text import Domain
+    from koff.evaluation.perplexity import EvalSettings, block_nll, test_set
 
     run = load_run(run_dir)
     full, tok = build_model(run, args.model)

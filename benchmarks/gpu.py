@@ -38,8 +38,8 @@ SMOKE_SHAPE = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "int
 def synthetic_streams(vocab: int, batch: int, seq: int, domains: tuple[str, ...], seed: int = 0):
     """koff data streams of synthetic text: each domain repeats its own two 32-token patterns (at
     random offsets), so a memory can learn its domain within a few dozen steps."""
-    from koff.data import BlockStream
-    from koff.train import Streams
+    from koff.data.text import BlockStream
+    from koff.training.pipeline import Streams
 
     g = torch.Generator().manual_seed(seed)
 
@@ -73,12 +73,12 @@ def sync(device) -> None:
 
 def koff_run(config, device, dtype, args) -> dict:
     """A short koff decomposition (the real Trainer) on synthetic domains: loss, ŝ, time, memory."""
-    from koff.config import MemoryConfig, TrainConfig
-    from koff.gates import NeuronGates
-    from koff.model import KoffModel
-    from koff.runtime import Runtime
-    from koff.train import add_memories
-    from koff.trainer import Trainer
+    from koff.config.recipe import MemoryConfig, TrainConfig
+    from koff.model.gates import NeuronGates
+    from koff.model.koff_model import KoffModel
+    from koff.core.runtime import Runtime
+    from koff.training.pipeline import add_memories
+    from koff.training.loop import Trainer
 
     base = build(config, device, dtype)
     km = KoffModel(base, NeuronGates.for_model(base).to(device))
@@ -115,8 +115,8 @@ def peft_step_time(config, device, dtype, args) -> float:
     """Median step time of plain peft LoRA (r=8, same projections) with transformers' checkpointing."""
     from peft import get_peft_model
 
-    from koff.memory import lora_config
-    from koff.model import lm_loss
+    from koff.model.memory import lora_config
+    from koff.model.koff_model import lm_loss
 
     base = build(config, device, dtype)
     pm = get_peft_model(base, lora_config(8).peft_config_object())
@@ -152,9 +152,9 @@ def main() -> int:
 
     import transformers
 
-    from koff.config import MemoryConfig
-    from koff.plan import make_plan
-    from koff.shapes import shape_config
+    from koff.config.recipe import MemoryConfig
+    from koff.training.plan import make_plan
+    from koff.model.shapes import shape_config
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32

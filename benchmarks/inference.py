@@ -44,9 +44,9 @@ def timed_pair(first, second, repeats: int) -> tuple[float, float]:
 
 
 def wanda_masks(base, tok, sparsities):
-    from koff.data import bundled_domain, pack, tokenize_files
-    from koff.gates import topk_keep_mask
-    from koff.scores import activation_stats, wanda_sp_scores
+    from koff.data.text import bundled_domain, pack, tokenize_files
+    from koff.model.gates import topk_keep_mask
+    from koff.model.importance import activation_stats, wanda_sp_scores
 
     batches = []
     for lang in ("en", "fr", "es"):
@@ -58,7 +58,7 @@ def wanda_masks(base, tok, sparsities):
 
 
 def add_random_memories(km, names, kv_tokens=16, rank=8):
-    from koff.memory import KVMemory, lora_config
+    from koff.model.memory import KVMemory, lora_config
 
     for i, name in enumerate(names):
         k, v = km.capture_kv(torch.randint(100, 20000, (kv_tokens,)))
@@ -84,11 +84,11 @@ def main() -> None:
     ap.add_argument("--memories", type=int, default=3, help="N for the bytes-on-disk comparison")
     args = ap.parse_args()
 
-    from koff.base import load_base
+    from koff.model.base_model import load_base
     from koff.export import prune_model
-    from koff.gates import NeuronGates
-    from koff.generate import generate
-    from koff.model import KoffModel
+    from koff.model.gates import NeuronGates
+    from koff.evaluation.generation import generate
+    from koff.model.koff_model import KoffModel
 
     torch.manual_seed(0)
     dense, tok, source = load_base(args.model)
@@ -97,7 +97,7 @@ def main() -> None:
     # (a) latency of physically pruned backbones
     masks = {}
     if args.run:
-        from koff.artifact import load_run
+        from koff.storage.run_dir import load_run
 
         run = load_run(args.run)
         masks[run.target_sparsity] = run.keep
@@ -164,7 +164,7 @@ def main() -> None:
             state = {k: v.contiguous() for k, v in small.state_dict().items() if k != "lm_head.weight"}
             save_file(state, str(tmp / "backbone.safetensors"))
             backbone = (tmp / "backbone.safetensors").stat().st_size
-            from koff.artifact import memory_record, write_memory
+            from koff.storage.run_dir import memory_record, write_memory
 
             (tmp / "m").mkdir()
             write_memory(tmp / "m", memory_record(km, "en"))

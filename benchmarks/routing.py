@@ -44,8 +44,8 @@ def main() -> None:
 
     import torch
 
-    from koff.data import BUNDLED_LANGUAGES, data_root
-    from koff.runtime import Runtime
+    from koff.data.text import BUNDLED_LANGUAGES, data_root
+    from koff.core.runtime import Runtime
     from koff.serve.loading import fit_router, load_served
     from koff.serve.router import TokenClassifier, choose, token_losses
 

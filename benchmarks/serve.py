@@ -118,7 +118,7 @@ def load(port: int, bodies: list[bytes], clients: int) -> dict:
 def prompts_by_language(run: Path, langs: list[str], per_language: int, words: int = 12) -> dict[str, list[str]]:
     """The first `words` words of documents of each memory's valid split (else its test split), as
     the run recorded them (bundled languages: the shared data folder)."""
-    from koff.data import data_root, read_documents
+    from koff.data.text import data_root, read_documents
 
     manifest = json.loads((run / "koff.json").read_text()) if (run / "koff.json").is_file() else {}
     out = {}
@@ -156,7 +156,7 @@ def main() -> None:
 
     rng = random.Random(0)
     run = args.run
-    from koff.artifact import load_run
+    from koff.storage.run_dir import load_run
 
     memories = sorted(load_run(run).memories) if (run / "koff.json").is_file() else \
         sorted(d.name for d in (run / "memories").iterdir() if d.is_dir())

@@ -23,8 +23,8 @@ import time
 def run_side(side: str, model: str | None, batch: int, seq: int, steps: int, warmup: int, dtype: str) -> dict:
     import torch
 
-    from koff.base import load_base
-    from koff.runtime import resolve_dtype
+    from koff.model.base_model import load_base
+    from koff.core.runtime import resolve_dtype
 
     torch.manual_seed(0)
     base, tok, _ = load_base(model, dtype=resolve_dtype(dtype))
@@ -32,7 +32,7 @@ def run_side(side: str, model: str | None, batch: int, seq: int, steps: int, war
     if side == "peft":
         from peft import get_peft_model
 
-        from koff.memory import lora_config
+        from koff.model.memory import lora_config
 
         pm = get_peft_model(base, lora_config(8).peft_config_object())
         opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
@@ -43,10 +43,10 @@ def run_side(side: str, model: str | None, batch: int, seq: int, steps: int, war
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        from koff.gates import NeuronGates
-        from koff.memory import KVMemory, lora_config
-        from koff.model import KoffModel, lm_loss
-        from koff.sparsity import Projection
+        from koff.model.gates import NeuronGates
+        from koff.model.memory import KVMemory, lora_config
+        from koff.model.koff_model import KoffModel, lm_loss
+        from koff.model.controllers import Projection
 
         km = KoffModel(base, NeuronGates.for_model(base))
         k, v = km.capture_kv(x[0, :16])
@@ -109,8 +109,8 @@ def main() -> None:
     print(f"{'step time (median, s)':24}{step['peft']:>12.3f}{step['koff']:>12.3f}{step['koff'] / step['peft']:>14.3f}")
     print(f"{'peak RSS (MB)':24}{rss['peft']:>12.0f}{rss['koff']:>12.0f}{rss['koff'] / rss['peft']:>14.3f}")
     print(f"target: step-time ratio <= 1.3 -> {'met' if step['koff'] / step['peft'] <= 1.3 else 'MISSED'}")
-    from koff.config import MemoryConfig
-    from koff.plan import make_plan
+    from koff.config.recipe import MemoryConfig
+    from koff.training.plan import make_plan
 
     est = make_plan(args.model, MemoryConfig(lora_rank=8, kv_tokens=16), batch_size=args.batch_size,
                     seq_len=args.seq_len, memories=1, dtypes=(args.dtype,)).estimates[args.dtype]["total"] / 2**20

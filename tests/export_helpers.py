@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from koff.artifact import attach_memory, build_model, load_run
-from koff.config import config_from_dict
-from koff.train import decompose
+from koff.storage.run_dir import attach_memory, build_model, load_run
+from koff.config.recipe import config_from_dict
+from koff.training.pipeline import decompose
 
 from conftest import WORDS, corpus, tiny_config_dict, tiny_model
 

@@ -2,12 +2,12 @@ import hashlib
 
 import pytest
 
-from koff.artifact import load_run
+from koff.storage.run_dir import load_run
 from koff.cli import main
-from koff.config import ConfigError, config_from_dict
-from koff.data import Domain
-from koff.evaluate import EvalSettings, evaluate_run
-from koff.train import add_domain, decompose
+from koff.config.recipe import ConfigError, config_from_dict
+from koff.data.text import Domain
+from koff.evaluation.perplexity import EvalSettings, evaluate_run
+from koff.training.pipeline import add_domain, decompose
 
 from conftest import tiny_config_dict, write_domain_files
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from koff.analysis import LapeSettings, activation_probability, enrichment, lape
-from koff.base import gated_mlps
+from koff.experiments.analysis import LapeSettings, activation_probability, enrichment, lape
+from koff.model.base_model import gated_mlps
 
 from conftest import tiny_model
 
@@ -100,8 +100,8 @@ def test_analyze_run_writes_tables_and_plots(llama_folder, data_files, tmp_path)
     import json
 
     from koff.cli import main
-    from koff.config import config_from_dict
-    from koff.train import decompose
+    from koff.config.recipe import config_from_dict
+    from koff.training.pipeline import decompose
 
     from conftest import tiny_config_dict
 

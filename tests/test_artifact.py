@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from koff.artifact import ArtifactError, atomic_directory, build_model, load_run
-from koff.base import sha256_file
-from koff.config import config_from_dict
-from koff.train import decompose, train_run
+from koff.storage.run_dir import ArtifactError, atomic_directory, build_model, load_run
+from koff.model.base_model import sha256_file
+from koff.config.recipe import config_from_dict
+from koff.training.pipeline import decompose, train_run
 
 from conftest import tiny_config_dict
 

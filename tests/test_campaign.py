@@ -29,12 +29,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from koff.base import sha256_file
+from koff.model.base_model import sha256_file
 from koff.cli import main
-from koff.config import config_from_dict
-from koff.data import Domain
-from koff.outputs import lock
-from koff.train import add_domain, decompose
+from koff.config.recipe import config_from_dict
+from koff.data.text import Domain
+from koff.core.atomic import lock
+from koff.training.pipeline import add_domain, decompose
 
 from conftest import tiny_config_dict, write_domain_files
 

@@ -3,10 +3,10 @@
 import pytest
 import yaml
 
-import koff.trainer as trainer
-from koff.artifact import ArtifactError
-from koff.config import config_from_dict
-from koff.train import decompose
+import koff.training.loop as trainer
+from koff.storage.run_dir import ArtifactError
+from koff.config.recipe import config_from_dict
+from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict
 

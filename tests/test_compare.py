@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from koff.cli import main
-from koff.compare import expand, load_grid
-from koff.config import ConfigError
+from koff.experiments.compare import expand, load_grid
+from koff.config.recipe import ConfigError
 
 from conftest import tiny_config_dict
 
@@ -87,7 +87,7 @@ def test_claims_let_workers_share_a_grid(tmp_path):
     import subprocess
     import sys
 
-    from koff.compare import claim
+    from koff.experiments.compare import claim
 
     lock = tmp_path / "cells" / "x.lock"
     with claim(lock) as mine:
@@ -106,8 +106,8 @@ def test_a_finished_run_counts_when_its_config_predates_a_new_default_field(tmp_
     written before fields with defaults were added; a changed value is not reused."""
     import yaml
 
-    from koff.compare import finished_run
-    from koff.config import config_from_dict, dump_config
+    from koff.experiments.compare import finished_run
+    from koff.config.recipe import config_from_dict, dump_config
 
     run = tmp_path / "cell"
     run.mkdir()
@@ -156,8 +156,8 @@ def test_a_mapping_valued_setting_gets_a_readable_cell_id(grid):
 def test_a_cell_with_a_default_memory_scores_it_and_gives_it_the_tasks(grid):
     """With train.reg_memory: general the cell scores the default memory on every language, and the
     task columns hold what a request naming no domain gets: the default memory, not the bare backbone."""
-    from koff.artifact import build_model, load_run
-    from koff.tasks import score_task
+    from koff.storage.run_dir import build_model, load_run
+    from koff.evaluation.tasks import score_task
 
     path, tmp = grid
     spec = yaml.safe_load(path.read_text())

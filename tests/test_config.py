@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from koff.config import ConfigError, config_from_dict, dump_config, load_config
+from koff.config.recipe import ConfigError, config_from_dict, dump_config, load_config
 
 from conftest import tiny_config_dict
 
@@ -45,9 +45,9 @@ def test_bad_yaml_file(tmp_path):
 def test_data_paths_are_stored_absolute(llama_folder, data_files, tmp_path, monkeypatch):
     """Relative data paths (a relative KOFF_DATA, relative files in a config) are recorded
     absolute, so the run keeps working from any working directory."""
-    from koff.data import bundled_domain, data_root
-    from koff.evaluate import EvalSettings, evaluate_run
-    from koff.train import decompose
+    from koff.data.text import bundled_domain, data_root
+    from koff.evaluation.perplexity import EvalSettings, evaluate_run
+    from koff.training.pipeline import decompose
 
     shared = tmp_path / "shared"
     (shared / "text" / "en").mkdir(parents=True)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from koff.data import (BlockStream, DataError, Domain, bundled_domain, check_no_test_leak, pack, read_documents,
+from koff.data.text import (BlockStream, DataError, Domain, bundled_domain, check_no_test_leak, pack, read_documents,
                        tokenize_documents)
 
 from conftest import tiny_tokenizer

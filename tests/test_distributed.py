@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from koff.config import config_from_dict
-from koff.train import decompose
+from koff.config.recipe import config_from_dict
+from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict
 

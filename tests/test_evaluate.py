@@ -6,9 +6,9 @@ import json
 import pytest
 
 from koff.cli import main
-from koff.config import config_from_dict
-from koff.evaluate import EvalSettings, evaluate_run
-from koff.train import decompose
+from koff.config.recipe import config_from_dict
+from koff.evaluation.perplexity import EvalSettings, evaluate_run
+from koff.training.pipeline import decompose
 
 from conftest import corpus, tiny_config_dict
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from koff.artifact import ArtifactError, build_model, load_run
-from koff.config import config_from_dict
+from koff.storage.run_dir import ArtifactError, build_model, load_run
+from koff.config.recipe import config_from_dict
 from koff.export import export_run, load_backbone
-from koff.memory import KVMemory
-from koff.model import KoffModel
-from koff.train import decompose
+from koff.model.memory import KVMemory
+from koff.model.koff_model import KoffModel
+from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict
 
@@ -54,8 +54,8 @@ def test_plain_peft_loads_the_sliced_lora(exported):
     model with that memory."""
     from peft import PeftModel
 
-    from koff.compat import cache_kwarg
-    from koff.memory import prefix_cache
+    from koff.core.compat import cache_kwarg
+    from koff.model.memory import prefix_cache
 
     run_dir, out = exported
     km, _ = build_model(load_run(run_dir))
@@ -95,8 +95,8 @@ def test_layer_with_every_neuron_pruned(tmp_path, llama_folder, data_files):
     cfg.reference = False
     decompose(cfg, progress=False)
     # rewrite the mask: layer 0 loses every neuron
-    from koff.artifact import save_mask
-    from koff.base import sha256_file
+    from koff.storage.run_dir import save_mask
+    from koff.model.base_model import sha256_file
 
     run = load_run(tmp_path / "run")
     keep = [k.clone() for k in run.keep]

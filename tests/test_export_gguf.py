@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from koff.artifact import ArtifactError, MemoryRecord, build_model, load_run
+from koff.storage.run_dir import ArtifactError, MemoryRecord, build_model, load_run
 from koff.export import export_run, read_backbone_manifest
 from koff.export.memories import check_lora_for_engine
-from koff.generate import generate
+from koff.evaluation.generation import generate
 
 from conftest import write_model_folder
 from export_helpers import import_llama_cpp, koff_lora_only, make_run, max_abs, write_byte_level_model
@@ -151,8 +151,8 @@ def test_layer_with_every_neuron_pruned_gets_zero_neurons(tmp_path, data_files, 
     """llama.cpp will not load a layer of FFN width 0 (zero-size tensors), so such a layer is
     stored with exact-zero neurons (16 of them: f32 widths are padded to multiples of 16), which
     change nothing."""
-    from koff.artifact import save_mask
-    from koff.base import sha256_file
+    from koff.storage.run_dir import save_mask
+    from koff.model.base_model import sha256_file
 
     folder = write_byte_level_model(tmp_path / "model")
     run_dir = make_run(tmp_path, folder, data_files, steps=2)
@@ -252,7 +252,7 @@ def test_kv_only_memory_is_left_out_and_said_so(tmp_path, data_files):
 
 
 def test_outtype_needs_gguf(tmp_path, llama_folder, data_files):
-    from koff.errors import ConfigError
+    from koff.core.errors import ConfigError
 
     run_dir = make_run(tmp_path, llama_folder, data_files, steps=2)
     with pytest.raises(ConfigError, match="--outtype applies to --format gguf only"):

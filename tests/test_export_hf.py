@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from koff.artifact import build_model, load_run
+from koff.storage.run_dir import build_model, load_run
 from koff.export import export_run, load_backbone
 
 from conftest import ARCHS, write_model_folder

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from koff.artifact import build_model, load_run
-from koff.config import config_from_dict
+from koff.storage.run_dir import build_model, load_run
+from koff.config.recipe import config_from_dict
 from koff.export import export_run
-from koff.generate import generate
-from koff.train import decompose
+from koff.evaluation.generation import generate
+from koff.training.pipeline import decompose
 
 from export_helpers import import_llama_cpp, koff_lora_only, max_abs
 

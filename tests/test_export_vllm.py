@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from koff.artifact import ArtifactError, build_model, load_run
+from koff.storage.run_dir import ArtifactError, build_model, load_run
 from koff.export import export_run, read_backbone_manifest
 
 from conftest import write_model_folder
@@ -116,8 +116,8 @@ def test_flap_bias_comes_with_zero_gate_and_up_biases(tmp_path, llama_folder, da
 
 
 def test_layer_with_every_neuron_pruned(tmp_path, llama_folder, data_files):
-    from koff.artifact import save_mask
-    from koff.base import sha256_file
+    from koff.storage.run_dir import save_mask
+    from koff.model.base_model import sha256_file
 
     run_dir = make_run(tmp_path, llama_folder, data_files, steps=2)
     run = load_run(run_dir)
@@ -151,7 +151,7 @@ def test_refuses_architectures_without_a_mapping(arch, tmp_path, data_files):
 
 
 def test_refuses_a_lora_target_vllm_lacks(tmp_path, llama_folder, data_files):
-    from koff.artifact import MemoryRecord
+    from koff.storage.run_dir import MemoryRecord
     from koff.export.memories import check_lora_for_engine
 
     rec = MemoryRecord.of(name="m", lora_config={"r": 4, "lora_alpha": 8},

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from koff.base import gated_mlps
-from koff.gates import (NeuronGates, keep_probability, sample_hard_concrete, sparsity_report,
+from koff.model.base_model import gated_mlps
+from koff.model.gates import (NeuronGates, keep_probability, sample_hard_concrete, sparsity_report,
                         topk_keep_mask)
 
 from conftest import ARCHS, tiny_model

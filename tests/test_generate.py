@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from koff.gates import NeuronGates
-from koff.generate import generate
-from koff.memory import KVMemory, lora_config
-from koff.model import KoffModel
+from koff.model.gates import NeuronGates
+from koff.evaluation.generation import generate
+from koff.model.memory import KVMemory, lora_config
+from koff.model.koff_model import KoffModel
 
 from conftest import tiny_model, tiny_tokenizer
 

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from koff.artifact import build_model, load_run
-from koff.config import config_from_dict
-from koff.evaluate import EvalSettings, evaluate_run
-from koff.train import decompose
+from koff.storage.run_dir import build_model, load_run
+from koff.config.recipe import config_from_dict
+from koff.evaluation.perplexity import EvalSettings, evaluate_run
+from koff.training.pipeline import decompose
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from koff.artifact import load_run
+from koff.storage.run_dir import load_run
 from koff.cli import main
-from koff.config import config_from_dict
+from koff.config.recipe import config_from_dict
 from koff.export import read_backbone_manifest
-from koff.train import decompose
+from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict, write_domain_files
 from test_campaign import tree_hashes

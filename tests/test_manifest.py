@@ -10,10 +10,10 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from koff.config import _section, MemoryConfig, TrainConfig, config_from_dict, read_yaml
-from koff.errors import ArtifactError, KoffError
-from koff.manifest import CellRecord, CheckpointManifest, MemoryManifest, RunManifest
-from koff.train import decompose
+from koff.config.recipe import _section, MemoryConfig, TrainConfig, config_from_dict, read_yaml
+from koff.core.errors import ArtifactError, KoffError
+from koff.storage.manifests import CellRecord, CheckpointManifest, MemoryManifest, RunManifest
+from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict
 
@@ -30,8 +30,8 @@ json_values = st.recursive(
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory, llama_folder, data_files):
     """A real koff.json and memory.json (and a metrics-carrying memory.json) from a tiny run."""
-    from koff.data import Domain
-    from koff.train import add_domain
+    from koff.data.text import Domain
+    from koff.training.pipeline import add_domain
 
     root = tmp_path_factory.mktemp("manifests")
     run = root / "run"

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from koff.gates import NeuronGates
-from koff.memory import KVMemory, lora_config
-from koff.model import KoffModel, lm_loss
+from koff.model.gates import NeuronGates
+from koff.model.memory import KVMemory, lora_config
+from koff.model.koff_model import KoffModel, lm_loss
 
 from conftest import ARCHS, tiny_model
 

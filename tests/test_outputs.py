@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from koff import outputs
-from koff.errors import ArtifactError
-from koff.outputs import (atomic_output, atomic_write_text, check_output, clean_leftovers, kind_of, lock, swap_in,
+from koff.core import atomic as outputs
+from koff.core.errors import ArtifactError
+from koff.core.atomic import (atomic_output, atomic_write_text, check_output, clean_leftovers, kind_of, lock, swap_in,
                           temp_name)
 
 
@@ -187,7 +187,7 @@ def test_kinds_are_recognised_by_what_koff_writes(tmp_path):
 def test_an_updated_folder_keeps_what_the_command_did_not_write(tmp_path):
     """RUN/eval/ collects tables (one per --tag): a new table and its Markdown replace the old
     pair in one swap; every other file stays; a failure changes nothing."""
-    from koff.outputs import updated_folder
+    from koff.core.atomic import updated_folder
 
     folder = tmp_path / "eval"
     folder.mkdir()

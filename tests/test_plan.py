@@ -2,16 +2,16 @@
 
 import pytest
 
-from koff.base import parameter_counts
-from koff.config import MemoryConfig
-from koff.plan import format_plan, make_plan, measure_peak
+from koff.model.base_model import parameter_counts
+from koff.config.recipe import MemoryConfig
+from koff.training.plan import format_plan, make_plan, measure_peak
 
 from conftest import tiny_model
 
 
 def test_counts_match_the_real_model(llama_folder):
     plan = make_plan(str(llama_folder), MemoryConfig(lora_rank=4, kv_tokens=4), batch_size=2, seq_len=16, memories=2)
-    from koff.base import load_base
+    from koff.model.base_model import load_base
 
     base, _, _ = load_base(str(llama_folder))
     assert {k: plan.parameters[k] for k in ("total", "embeddings", "ffn")} == parameter_counts(base)

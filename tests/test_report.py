@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from koff.artifact import ArtifactError
-from koff.report import _fmt, claims, controller_runs, main_table, report, sweep_rows, to_markdown
+from koff.storage.run_dir import ArtifactError
+from koff.experiments.report import _fmt, claims, controller_runs, main_table, report, sweep_rows, to_markdown
 
 
 def _cell(method, seed, ppl_own, ppl_bb, group="main", setting=None, sparsity=0.118, tasks=None, det=False,
@@ -184,7 +184,7 @@ def test_claims_count_paired_seeds(cells):
 
 
 def test_languages_section_tables_every_language_and_the_swap_matrix():
-    from koff.report import languages_section
+    from koff.experiments.report import languages_section
 
     def cell(cid, group, langs, steps, setting, swap=None):
         return {"id": cid, "method": "koff", "group": group, "seed": 0, "kind": "decompose", "setting": setting,
@@ -219,7 +219,7 @@ def test_a_sweep_row_reports_the_default_memory_as_what_a_request_naming_no_doma
 
 
 def test_ideas_table_pairs_seeds_and_applies_the_adoption_rule(cells):
-    from koff.report import ideas_rows
+    from koff.experiments.report import ideas_rows
 
     good = {"train": {"backbone_lora_rank": 8}}
     mixed = {"train": {"distill": 0.5, "distill_from": "dense"}}
@@ -248,7 +248,7 @@ def _gap_cell(method, seed, steps, own):
 
 
 def test_gap_table_and_trend_from_paired_cells():
-    from koff import gap
+    from koff.experiments import gap
 
     # koff's gap halves every 4x tokens (b = 0.5): 1.4 at 300 steps, 1.2 at 1,200, 1.141 at 2,400
     cells = [_gap_cell("dense+memories", s, n, [30.0, 20.0]) for s in (0, 1, 2) for n in (300,)]
@@ -268,7 +268,7 @@ def test_gap_table_and_trend_from_paired_cells():
 
 
 def test_gap_trend_says_when_it_may_be_flat():
-    from koff.gap import fit_trend
+    from koff.experiments.gap import fit_trend
 
     tr = fit_trend("en", [(1e5, 1.30), (1e5, 1.25), (4e5, 1.31), (8e5, 1.24)])
     assert tr.b_low <= 0  # no decrease the data can tell apart from noise

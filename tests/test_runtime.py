@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from koff.config import config_from_dict
-from koff.errors import ConfigError
-from koff.evaluate import EvalSettings, evaluate_run
-from koff.runtime import Runtime, resolve_device, resolve_dtype
-from koff.train import decompose
+from koff.config.recipe import config_from_dict
+from koff.core.errors import ConfigError
+from koff.evaluation.perplexity import EvalSettings, evaluate_run
+from koff.core.runtime import Runtime, resolve_device, resolve_dtype
+from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict
 
@@ -70,8 +70,8 @@ def test_every_command_takes_device_and_dtype(command):
 
 
 def test_demo_trains_and_evaluates_in_the_dtype_it_is_given(monkeypatch, tmp_path):
-    import koff.evaluate
-    import koff.train
+    import koff.evaluation.perplexity
+    import koff.training.pipeline
     from koff.cli import main
 
     seen = {}

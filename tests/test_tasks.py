@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from koff.data import DataError
-from koff.model import KoffModel
-from koff.tasks import continuation_logprobs, load_task, score_task
+from koff.data.text import DataError
+from koff.model.koff_model import KoffModel
+from koff.evaluation.tasks import continuation_logprobs, load_task, score_task
 
 from conftest import tiny_model, tiny_tokenizer
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from koff.config import config_from_dict
-from koff.train import decompose
+from koff.config.recipe import config_from_dict
+from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict, write_domain_files, write_model_folder
 
@@ -67,7 +67,7 @@ def test_dynamic_domain_sampling_follows_the_excess_loss(pin_inputs, tmp_path):
 
 
 def test_dynamic_sampling_needs_a_reference_per_domain(pin_inputs, tmp_path):
-    from koff.errors import ConfigError
+    from koff.core.errors import ConfigError
 
     model, data, _ = pin_inputs
     d = tiny_config_dict(model, data, tmp_path / "x", langs=("en", "fr"), domain_sampling="dynamic",
@@ -101,7 +101,7 @@ def test_overshoot_schedule_prunes_past_the_target_and_returns(pin_inputs, tmp_p
 
 
 def test_overshoot_peak_must_exceed_the_target(pin_inputs, tmp_path):
-    from koff.errors import ConfigError
+    from koff.core.errors import ConfigError
 
     model, data, _ = pin_inputs
     d = tiny_config_dict(model, data, tmp_path / "x", target_schedule="overshoot", target_peak=0.2)
@@ -112,7 +112,7 @@ def test_overshoot_peak_must_exceed_the_target(pin_inputs, tmp_path):
 def test_distillation_from_the_dense_model_needs_no_reference(pin_inputs, tmp_path, monkeypatch):
     """`distill_from: dense`: the teacher is the same frozen weights with gates and memories off, on
     domain steps only; no dense + memories reference is trained."""
-    import koff.model as model_mod
+    import koff.model.koff_model as model_mod
 
     model, data, _ = pin_inputs
     dense_calls = []

@@ -16,17 +16,17 @@ The Python API mirrors the command line:
     koff.build_model(run)                   the backbone + memories as a KoffModel, ready to run
 """
 
-__version__ = "0.1.0"
+from koff.core.version import __version__  # noqa: E402
 
-from .artifact import ArtifactError, Run, build_model, load_run  # noqa: E402
-from .config import (ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, config_from_dict,  # noqa: E402
+from koff.storage.run_dir import ArtifactError, Run, build_model, load_run  # noqa: E402
+from koff.config.recipe import (ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, config_from_dict,  # noqa: E402
                      load_config)
-from .data import Domain, bundled_domain  # noqa: E402
-from .evaluate import EvalSettings, evaluate_run  # noqa: E402
-from .model import KoffModel  # noqa: E402
-from .train import add_domain, decompose  # noqa: E402
-from .export import export_run, load_backbone  # noqa: E402
-from .analysis import analyze_run  # noqa: E402
+from koff.data.text import Domain, bundled_domain  # noqa: E402
+from koff.evaluation.perplexity import EvalSettings, evaluate_run  # noqa: E402
+from koff.model.koff_model import KoffModel  # noqa: E402
+from koff.training.pipeline import add_domain, decompose  # noqa: E402
+from koff.export import export_run, load_backbone  # noqa: E402
+from koff.experiments.analysis import analyze_run  # noqa: E402
 
 __all__ = ["__version__", "decompose", "evaluate_run", "export_run", "load_backbone", "add_domain", "analyze_run",
            "EvalSettings", "load_run", "build_model", "Run",

@@ -40,11 +40,11 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from koff.base import sha256_file
-    from koff.config import config_from_dict
-    from koff.data import Domain
+    from koff.model.base_model import sha256_file
+    from koff.config.recipe import config_from_dict
+    from koff.data.text import Domain
     from koff.export import export_run
-    from koff.train import add_domain, decompose
+    from koff.training.pipeline import add_domain, decompose
 
     root = tmp_path_factory.mktemp("serve")
     model = root / "model"

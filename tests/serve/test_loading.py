@@ -2,7 +2,7 @@
 
 import torch
 
-from koff.memory import LoraState
+from koff.model.memory import LoraState
 from koff.serve.loading import mask_digest, refit_lora
 
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from koff.memory import KVMemory, lora_config
-from koff.model import KoffModel, lm_loss
+from koff.model.memory import KVMemory, lora_config
+from koff.model.koff_model import KoffModel, lm_loss
 from koff.serve.router import choose, token_losses
 
 from conftest import tiny_model

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from koff.gates import NeuronGates
-from koff.generate import generate
-from koff.memory import KVMemory, lora_config
-from koff.model import KoffModel
+from koff.model.gates import NeuronGates
+from koff.evaluation.generation import generate
+from koff.model.memory import KVMemory, lora_config
+from koff.model.koff_model import KoffModel
 from koff.serve.scheduler import AUTO, Engine, EngineConfig, Job, QueueFull, Sampling, UnknownMemory
 
 from conftest import tiny_model, tiny_tokenizer
@@ -195,7 +195,7 @@ def test_unload_waits_for_running_jobs_and_queue_is_bounded():
 
 
 def test_auto_picks_the_memory_with_the_lowest_loss():
-    from koff.model import lm_loss
+    from koff.model.koff_model import lm_loss
 
     km, tok = _model()
     ids = tok("le chien court au parc avec une balle rouge", add_special_tokens=False)["input_ids"]

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..artifact import ArtifactError, atomic_directory
-from .gguf_vocab import add_vocab, gguf_vocab
-from .llama_block import MODEL_TYPES, check_llama_block
-from .manifest import write_manifest
-from .memories import split_for_engine, write_lora_halves
-from .prune import PrunedBackbone, pad_ffn_state, padded_widths, state_for_saving
+from koff.storage.run_dir import ArtifactError, atomic_directory
+from koff.export.gguf_vocab import add_vocab, gguf_vocab
+from koff.export.llama_block import MODEL_TYPES, check_llama_block
+from koff.export.manifest import write_manifest
+from koff.export.memories import split_for_engine, write_lora_halves
+from koff.export.prune import PrunedBackbone, pad_ffn_state, padded_widths, state_for_saving
 
 ARCH = "deci"
 OUTTYPES = ("f32", "f16", "q8_0")

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifact import ArtifactError, MemoryRecord, atomic_directory
-from ..base import gated_mlps, sha256_file
-from .manifest import read_backbone_manifest, write_manifest
-from .prune import PrunedBackbone, resize_ffn, slice_lora_state, state_for_saving
+from koff.storage.run_dir import ArtifactError, MemoryRecord, atomic_directory
+from koff.model.base_model import gated_mlps, sha256_file
+from koff.export.manifest import read_backbone_manifest, write_manifest
+from koff.export.prune import PrunedBackbone, resize_ffn, slice_lora_state, state_for_saving
 
 REMOTE_FILES = ("configuration_koff.py", "modeling_koff.py")
 BASE_LINE = 'BASE_MODEL_TYPE = "llama"  # set by koff export: the base model\'s model_type'

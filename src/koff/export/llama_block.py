@@ -4,7 +4,7 @@ exports to them only when it is one."""
 
 from __future__ import annotations
 
-from ..errors import ArtifactError
+from koff.core.errors import ArtifactError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 """transformers model types whose decoder layer is a Llama block (Qwen2 adds q/k/v biases, which both engines take)."""

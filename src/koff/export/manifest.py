@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import __version__
-from ..artifact import ArtifactError
-from ..base import sha256_file
-from .prune import PrunedBackbone
+from koff.core.version import __version__
+from koff.storage.run_dir import ArtifactError
+from koff.model.base_model import sha256_file
+from koff.export.prune import PrunedBackbone
 
 BACKBONE_FORMAT = "koff.backbone"
 BACKBONE_FORMAT_VERSION = 2

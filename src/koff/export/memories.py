@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import ArtifactError, MemoryRecord
-from ..base import sha256_file
-from .prune import PrunedBackbone, pad_ffn_state, slice_lora_state
+from koff.storage.run_dir import ArtifactError, MemoryRecord
+from koff.model.base_model import sha256_file
+from koff.export.prune import PrunedBackbone, pad_ffn_state, slice_lora_state
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..artifact import ArtifactError, atomic_directory
-from .hf import remote_source, write_lora_adapter
-from .llama_block import MODEL_TYPES, check_llama_block
-from .manifest import write_manifest
-from .memories import split_for_engine, write_lora_halves
-from .prune import PrunedBackbone, pad_ffn_state, padded_widths, state_for_saving
+from koff.storage.run_dir import ArtifactError, atomic_directory
+from koff.export.hf import remote_source, write_lora_adapter
+from koff.export.llama_block import MODEL_TYPES, check_llama_block
+from koff.export.manifest import write_manifest
+from koff.export.memories import split_for_engine, write_lora_halves
+from koff.export.prune import PrunedBackbone, pad_ffn_state, padded_widths, state_for_saving
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES
 REMOTE_FILES = ("configuration_decilm.py", "modeling_decilm.py")

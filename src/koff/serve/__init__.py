@@ -10,6 +10,6 @@
   - `server`: binding the socket and running uvicorn
 """
 
-from .scheduler import AUTO, Engine, EngineConfig, Job, Sampling
+from koff.serve.scheduler import AUTO, Engine, EngineConfig, Job, Sampling
 
 __all__ = ["AUTO", "Engine", "EngineConfig", "Job", "Sampling"]

@@ -32,12 +32,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import KoffError
-from . import api
-from .api import APIError, bad
-from .loading import Served, fit_router, read_memory_folder
-from .metrics import Metrics
-from .scheduler import AUTO, Engine, Event, Job, MemoryConflict, QueueFull, Sampling, UnknownMemory
+from koff.core.errors import KoffError
+from koff.serve import api
+from koff.serve.api import APIError, bad
+from koff.serve.loading import Served, fit_router, read_memory_folder
+from koff.serve.metrics import Metrics
+from koff.serve.scheduler import AUTO, Engine, Event, Job, MemoryConflict, QueueFull, Sampling, UnknownMemory
 
 BACKBONE = "none"
 """The model name of the bare backbone (no memory)."""

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import geometry_from_manifest, load_memory, load_tensors, read_json, require
-from ..base import sha256_file
-from ..errors import ArtifactError, ServeError
-from ..memory import KVState, LoraState
-from ..memory.kv import KVSection
-from ..memory.lora import LoraSection
-from ..model import KoffModel, check_memory_name
+from koff.storage.run_dir import geometry_from_manifest, load_memory, load_tensors, read_json, require
+from koff.model.base_model import sha256_file
+from koff.core.errors import ArtifactError, ServeError
+from koff.model.memory import KVState, LoraState
+from koff.model.memory.kv import KVSection
+from koff.model.memory.lora import LoraSection
+from koff.model.koff_model import KoffModel, check_memory_name
 
 RUN_MANIFEST = "koff.json"
 EXPORT_MANIFEST = "koff_backbone.json"
@@ -140,7 +140,7 @@ def _context(km: KoffModel) -> int:
 
 
 def _load_run(path: Path, runtime) -> Served:
-    from ..artifact import build_model, load_run
+    from koff.storage.run_dir import build_model, load_run
 
     run = load_run(path)
     km, tok = build_model(run, runtime=runtime, memories=[])
@@ -170,8 +170,8 @@ def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ..
 
 def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
     """Count the tokens of the memory's training text for the auto router (if it can be read)."""
-    from ..errors import DataError
-    from .router import token_counts
+    from koff.core.errors import DataError
+    from koff.serve.router import token_counts
 
     if not stored.train_files:
         return
@@ -182,7 +182,7 @@ def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
 
 
 def _load_export(path: Path, runtime) -> Served:
-    from ..export import load_backbone
+    from koff.export import load_backbone
 
     model, tok = load_backbone(path, dtype=runtime.dtype)
     km = KoffModel(model)

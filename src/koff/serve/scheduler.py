@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compat import cache_kwarg
-from ..errors import ServeError
-from ..memory import Call, routed
-from ..model import KoffModel
-from . import router
-from .loading import StoredMemory
-from .metrics import Metrics
-from .text import TextStream
+from koff.core.compat import cache_kwarg
+from koff.core.errors import ServeError
+from koff.model.memory import Call, routed
+from koff.model.koff_model import KoffModel
+from koff.serve import router
+from koff.serve.loading import StoredMemory
+from koff.serve.metrics import Metrics
+from koff.serve.text import TextStream
 
 AUTO = "auto"
 """The model name that asks the router to pick a memory."""

@@ -8,10 +8,10 @@ import socket
 import sys
 from pathlib import Path
 
-from .app import AppSettings, create_app
-from .loading import fit_router, load_served
-from .metrics import server_metrics
-from .scheduler import Engine, EngineConfig
+from koff.serve.app import AppSettings, create_app
+from koff.serve.loading import fit_router, load_served
+from koff.serve.metrics import server_metrics
+from koff.serve.scheduler import Engine, EngineConfig
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -23,7 +23,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        from ..errors import ServeError
+        from koff.core.errors import ServeError
 
         raise ServeError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     sock.listen(2048)  # accept queues from here on, before uvicorn starts serving

@@ -1,0 +1,2 @@
+"""Evaluation: perplexity and the swap matrix, general-ability tasks, lm-evaluation-harness,
+generation."""

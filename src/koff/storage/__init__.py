@@ -1,0 +1,1 @@
+"""What koff keeps on disk: typed manifests, the run directory, training checkpoints."""

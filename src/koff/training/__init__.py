@@ -1,0 +1,1 @@
+"""Training: the decompose / add-domain pipeline, the offloading loop, memory planning."""

@@ -1,0 +1,472 @@
+"""`decompose` (base model -> a run directory: sparse backbone + per-domain memories) and
+`add_domain` (a new memory on a run's frozen backbone): data streams, gate initialisation, memory
+creation and the run's manifest around the offloading loop, which lives in `trainer.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from koff.core import faults
+from koff.config.recipe import ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, dump_config, same_config
+from koff.data.text import BlockStream, DataError, Domain, check_no_test_leak, pack, tokenize_files
+from koff.storage.manifests import DomainRecord
+from koff.core.atomic import remove_tree
+from koff.model.gates import NeuronGates, sparsity_report
+from koff.model.koff_model import KoffModel
+from koff.core.runtime import Runtime, barrier, resolve_dtype
+from koff.training.loop import GENERAL_MEMORY, Trainer
+
+
+@dataclass
+class Streams:
+    """Training data of one run: a block stream per domain plus the general stream."""
+
+    domains: dict[str, BlockStream]
+    general: BlockStream | None
+    kv_init: dict[str, torch.Tensor]
+    """Per domain, the leading train tokens its KV memory is initialised from."""
+
+
+def _packed(tokens: torch.Tensor, seq_len: int, what: str, files) -> torch.Tensor:
+    try:
+        return pack(tokens, seq_len)
+    except DataError:
+        raise DataError(f"{what}: its files ({', '.join(str(f) for f in files)}) hold {tokens.numel()} tokens, "
+                        f"fewer than one training block of train.seq_len = {seq_len}") from None
+
+
+def build_streams(domains: list[Domain], general: list[Path], tokenizer, cfg: TrainConfig,
+                  kv_tokens: int = 0) -> Streams:
+    """Tokenise and pack every domain's train files (and the general files) deterministically."""
+    streams, kv_init = {}, {}
+    for i, d in enumerate(domains):
+        tokens = tokenize_files(d.train, tokenizer, d.text_field)
+        streams[d.name] = BlockStream(_packed(tokens, cfg.seq_len, f"domain {d.name!r}", d.train), cfg.batch_size,
+                                      seed=cfg.seed * 1000 + i)
+        kv_init[d.name] = tokens[:kv_tokens]
+    gen = None
+    if general:
+        tokens = tokenize_files(general, tokenizer)
+        gen = BlockStream(_packed(tokens, cfg.seq_len, "the general data", general), cfg.batch_size,
+                          seed=cfg.seed * 1000 + 999)
+        kv_init[GENERAL_MEMORY] = tokens[:kv_tokens]
+    return Streams(streams, gen, kv_init)
+
+
+def add_memories(km: KoffModel, names: list[str], kv_init: dict[str, torch.Tensor], cfg: MemoryConfig,
+                 seed: int) -> None:
+    """Create one fresh memory per name: LoRA (B = 0, so it starts as a no-op) and a KV memory
+    initialised from the base model's own cache of the domain's first tokens."""
+    check_kv_init(kv_init, names, cfg)
+    torch.manual_seed(seed)  # LoRA A init draws from the global RNG: same memories in every run
+    for name in names:
+        init = {}
+        if cfg.kv_tokens:
+            init["kv"] = km.capture_kv(kv_init[name])
+        km.create_memory(name, cfg, init)
+
+
+def check_kv_init(kv_init: dict[str, torch.Tensor], names: list[str], cfg: MemoryConfig) -> None:
+    """Each memory's training text must hold the memory.kv_tokens its KV memory starts from."""
+    if not cfg.kv_tokens:
+        return
+    for name in names:
+        ids = kv_init[name]
+        if ids.numel() < cfg.kv_tokens:
+            raise DataError(f"memory.kv_tokens (--kv-tokens) = {cfg.kv_tokens}, but the training text of {name!r} "
+                            f"holds only {ids.numel()} tokens to initialise its KV memory from")
+
+
+def check_finite(km: KoffModel, names: list[str], what: str) -> None:
+    """Refuse to store a diverged model: every gate and memory tensor must be finite."""
+    tensors = [(f"memory {n!r}", p) for n in names for p in km.memory_parameters(n)]
+    if km.backbone_lora is not None:
+        tensors += [("the backbone LoRA", p) for p in km.backbone_lora.parameters()]
+    if km.gates is not None:
+        tensors += [("the gates", a) for a in km.gates.log_alpha]
+    for label, t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"{what}: training diverged, {label} holds NaN or Inf values; nothing was written "
+                              "(lower the learning rates: train.lr_gates, lr_lora, lr_kv)")
+
+
+def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) -> list[torch.Tensor]:
+    """The first `tokens_per_domain` tokens (whole blocks) of each domain's packed train text."""
+    out = []
+    for s in streams.domains.values():
+        n = max(1, tokens_per_domain // seq_len)
+        blocks = s.blocks[:n]
+        out.extend(blocks[i: i + 8] for i in range(0, blocks.shape[0], 8))
+    return out
+
+
+def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
+            learn_gates: bool = True, memories: list[str] | None = None, desc: str = "offload",
+            progress: bool = True, teacher: KoffModel | None = None, checkpoint: Path | None = None,
+            runtime: Runtime | None = None) -> dict:
+    """Run the offloading loop on `km` in place (see `trainer.Trainer`); returns its summary.
+
+    `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
+    the memories. `memories` restricts which memories train (default: all of `km`). With a
+    `teacher` (the dense model + memories of the same names) and `cfg.distill` > 0, the loss is
+    (1 - w) * LM loss + w * KL(teacher || student) on every step. With `checkpoint` (a folder) and
+    `cfg.checkpoint_every` > 0 the state is saved every that many steps, and a checkpoint found
+    there at the start is resumed from exactly.
+    """
+    trainer = Trainer(km, streams, cfg, target_sparsity, learn_gates=learn_gates, memories=memories, teacher=teacher,
+                      runtime=runtime, metrics_path=metrics_path, checkpoint=checkpoint, desc=desc, progress=progress)
+    return trainer.setup().train()
+
+
+def _oneshot_gates(base, streams: Streams, kind: str, sparsity: float, cfg: TrainConfig) -> NeuronGates:
+    """A fixed one-shot mask at `sparsity` from a neuron score (FLAP adds its bias compensation)."""
+    from koff.model.gates import topk_keep_mask
+    from koff.model.importance import activation_stats, flap_compensation, log_alpha_from_scores, neuron_scores
+
+    stats = None
+    if kind != "magnitude":
+        stats = activation_stats(base, calibration_batches(streams, cfg.calibration_tokens, cfg.seq_len))
+    scores = neuron_scores(kind, base, stats)
+    keep = topk_keep_mask(scores, sparsity, scope=cfg.mask_scope)
+    gates = NeuronGates.for_model(base, init=log_alpha_from_scores(scores, cfg.gate_init_center, cfg.gate_init_scale),
+                                  log_alpha_range=(-cfg.log_alpha_limit, cfg.log_alpha_limit))
+    gates.set_mask(keep)
+    gates.requires_grad_(False)
+    if kind == "flap":
+        gates.set_bias(flap_compensation(base, stats, keep))
+    return gates
+
+
+def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
+    from koff.model.importance import activation_stats, log_alpha_from_scores, neuron_scores
+
+    limits = (-cfg.log_alpha_limit, cfg.log_alpha_limit)
+    if cfg.gate_init == "constant":
+        return NeuronGates.for_model(base, init=cfg.gate_init_center, log_alpha_range=limits)
+    stats = None
+    if cfg.gate_init != "magnitude":
+        stats = activation_stats(base, calibration_batches(streams, cfg.calibration_tokens, cfg.seq_len))
+    scores = neuron_scores(cfg.gate_init, base, stats)
+    return NeuronGates.for_model(base, init=log_alpha_from_scores(scores, cfg.gate_init_center, cfg.gate_init_scale),
+                                 log_alpha_range=limits)
+
+
+def memory_names(cfg: DecomposeConfig) -> list[str]:
+    """The memories a run trains: one per domain, plus the general memory with reg_memory general."""
+    names = [d.name for d in cfg.domains]
+    if cfg.train.reg_memory == GENERAL_MEMORY and cfg.train.reg_every and cfg.general:
+        names.append(GENERAL_MEMORY)
+    return names
+
+
+def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progress: bool = True,
+              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None) -> KoffModel:
+    """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
+    `out` (None, or a process other than the main one: write nothing); returns the trained model.
+    `teacher` is used when `cfg.train.distill` > 0."""
+    from koff.storage.run_dir import memory_record, write_run
+    from koff.model.base_model import fingerprint, inspect_model, load_base
+    from koff.model.memory import target_modules
+
+    runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
+    writes = out is not None and runtime.is_main
+    base, tok, source = load_base(cfg.model, dtype=resolve_dtype(cfg.train.dtype), device=runtime.device)
+    if cfg.memory.lora_rank:
+        target_modules(base, cfg.memory.lora_targets)  # fail now, not after minutes of calibration
+    streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, cfg.memory.kv_tokens)
+    check_kv_init(streams.kv_init, memory_names(cfg) if not cfg.memory.empty else [], cfg.memory)
+    learned = prune and cfg.mask == "learned"
+    gates = None
+    if learned:
+        gates = _init_gates(base, streams, cfg.train)
+    elif prune:
+        gates = _oneshot_gates(base, streams, cfg.mask, cfg.target_sparsity, cfg.train)
+    if gates is not None:
+        gates.to(runtime.device)
+    km = KoffModel(base, gates)
+    names = memory_names(cfg)
+    if not cfg.memory.empty:
+        add_memories(km, names, streams.kv_init, cfg.memory, cfg.train.seed)
+    if prune and cfg.train.backbone_lora_rank:
+        from koff.model.backbone_lora import BackboneLora
+        from koff.model.memory import LoraSpec
+
+        torch.manual_seed(cfg.train.seed + 101)  # after the memories: their initialisation is unchanged
+        km.set_backbone_lora(BackboneLora.fresh(base, LoraSpec(cfg.train.backbone_lora_rank, None,
+                                                               tuple(cfg.memory.lora_targets))).to(runtime.device))
+    metrics_path = out / "metrics.jsonl" if writes else None
+    checkpoint = out / "checkpoint" if cfg.train.checkpoint_every and out is not None else None
+    if learned or not cfg.memory.empty:
+        summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
+                          learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint,
+                          runtime=runtime)
+    else:  # a one-shot mask and no memories: nothing to train
+        if metrics_path is not None:
+            metrics_path.write_text("")
+        summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
+    if not writes:
+        return km
+    keep = gates.mask if prune else None
+    geo = inspect_model(base)
+    report = sparsity_report(base, keep, cfg.target_sparsity if prune else 0.0)
+    manifest = {
+        "base_model": {"source": source, "fingerprint": fingerprint(source), "architecture": geo.architecture,
+                       "model_type": geo.model_type, "num_layers": geo.num_layers, "hidden_size": geo.hidden_size,
+                       "intermediate_sizes": list(geo.intermediate_sizes), "num_kv_heads": geo.num_kv_heads,
+                       "head_dim": geo.head_dim},
+        "target_sparsity": cfg.target_sparsity if prune else 0.0,
+        "pruned": prune,
+        "sparsity": report,
+        "domains": [d.name for d in cfg.domains],
+        "default_memory": GENERAL_MEMORY if GENERAL_MEMORY in names and not cfg.memory.empty else None,
+        "data": {d.name: DomainRecord.of(d).to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]},
+        "training": cfg.to_dict() | {"prune": prune},
+        "runtime": runtime.describe(),
+        "metrics": summary,
+    }
+    check_finite(km, km.memory_names, f"{out}")
+    records = [memory_record(km, n, {"domain": n if n != GENERAL_MEMORY else None, "trained_steps": cfg.train.steps})
+               for n in km.memory_names]
+    write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg),
+              bias=gates.bias if prune else None,
+              backbone_lora=km.backbone_lora.state() if km.backbone_lora is not None else None)
+    faults.point("run.written")
+    if checkpoint is not None:  # kept until koff.json is written, so a crash before resumes from it
+        remove_tree(checkpoint)
+    return km
+
+
+def _inputs(cfg: DecomposeConfig) -> list[Path]:
+    """What a decompose reads: the base model's folder (when local) and every data file."""
+    paths = [Path(cfg.model)] if cfg.model and Path(cfg.model).exists() else []
+    for d in cfg.domains:
+        paths += [*d.train, *d.test, *d.valid]
+    return paths + list(cfg.general)
+
+
+def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool = False,
+              runtime: Runtime | None = None) -> Path:
+    """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
+
+    With `cfg.reference`, dense + memories is trained the same way (same data, steps, seeds,
+    memory initialisation; no gates) into OUTPUT/reference, the upper bound `evaluate` compares
+    against. The run appears at `cfg.output` only when everything has been written, in one atomic
+    swap; `overwrite` replaces only an earlier run. With `cfg.train.checkpoint_every`, the run is
+    built in OUTPUT.partial/ and `resume` continues it. In a multi-process launch every process
+    trains its shard; only the main one writes.
+    """
+    from koff.storage.run_dir import ArtifactError
+    from koff.core.atomic import atomic_output, check_output, clean_leftovers, lock, swap_in, temp_name
+
+    cfg.validate()
+    runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
+    check_no_test_leak(cfg.domains, cfg.general)
+    reference = cfg.reference and cfg.prune and not cfg.memory.empty
+    if cfg.train.distill > 0 and cfg.train.distill_from == "reference" and not reference:
+        raise ConfigError("train.distill from the reference needs the dense + memories reference (reference: true, "
+                          "prune, memories); train.distill_from: dense distils from the dense model instead")
+    output = Path(cfg.output)
+    partial = output.with_name(output.name + ".partial")
+    if not runtime.is_main:  # train alongside the main process; it alone checks folders and writes
+        _decompose_into(cfg, partial if cfg.train.checkpoint_every else None, reference, progress, runtime)
+        barrier(runtime)
+        return output
+    inputs = _inputs(cfg)
+    if not cfg.train.checkpoint_every:
+        if resume:
+            raise ArtifactError("--resume needs a run trained with train.checkpoint_every > 0")
+        with atomic_output(output, kind="run", inputs=inputs, overwrite=overwrite) as tmp:
+            _decompose_into(cfg, tmp, reference, progress, runtime)
+        barrier(runtime)
+        return output
+    check_output(output, "run", inputs, overwrite)
+    with lock(output):
+        clean_leftovers(output)
+        clean_leftovers(partial)
+        marker = partial / ".koff-partial.yaml"
+        if partial.exists():
+            if not marker.is_file():
+                raise ArtifactError(f"{partial} is not a resumable partial run (it has no .koff-partial.yaml; an "
+                                    "interrupted --overwrite leaves the run it replaced there): delete it")
+            if not resume:
+                raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+            if not same_config(marker, cfg):
+                raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
+            clean_leftovers(marker)
+        else:  # created with its marker in one rename, so a partial folder always says what it is
+            from koff.core.atomic import atomic_write_text, make_temp_dir
+
+            fresh = make_temp_dir(partial)
+            atomic_write_text(fresh / ".koff-partial.yaml", dump_config(cfg))
+            os.rename(fresh, partial)
+        _decompose_into(cfg, partial, reference, progress, runtime)
+        for folder in (partial, partial / "reference"):  # a finished run holds no training state
+            remove_tree(folder / "checkpoint")
+            clean_leftovers(folder / "checkpoint")
+        faults.point("decompose.publish")
+        check_output(output, "run", (), overwrite)
+        old = swap_in(partial, output)
+        if old == partial:  # the replaced run is now at OUTPUT.partial: move it out of --resume's way
+            trash = temp_name(output, "old")
+            os.rename(partial, trash)
+            old = trash
+        faults.point("decompose.published")
+        if old is not None:
+            remove_tree(old)
+        (output / ".koff-partial.yaml").unlink(missing_ok=True)
+    barrier(runtime)
+    return output
+
+
+def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, progress: bool,
+                    runtime: Runtime) -> None:
+    """Train the reference (first: it is the teacher when distilling), then the run, in `folder`.
+    A reference already finished there (its koff.json written) is reused."""
+    from koff.storage.run_dir import build_model, load_run
+
+    teacher = None
+    distil_reference = cfg.train.distill > 0 and cfg.train.distill_from == "reference"
+    if reference:
+        ref = folder / "reference" if folder is not None else None
+        if ref is not None and (ref / "koff.json").is_file():
+            if distil_reference:
+                teacher, _ = build_model(load_run(ref), runtime=runtime)
+        else:
+            if ref is not None and runtime.is_main:
+                ref.mkdir(exist_ok=True)
+            teacher = train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories",
+                                runtime=runtime)
+        if teacher is not None:
+            teacher.requires_grad_(False)
+        if not distil_reference:
+            teacher = None
+    if folder is None or not (folder / "koff.json").is_file():
+        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher, runtime=runtime,
+                  desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
+
+
+def _known_tests(run, where: str) -> list[tuple[str, str, str]]:
+    """(domain, file, sha256) of every test file a run's manifests record, its own domains' and
+    those of memories added later: what a new memory must not train on."""
+    records = [(rec, where) for rec in run.meta.data.values()]
+    records += [(m.meta.data, f"{run.path / 'memories' / n / 'memory.json'}") for n, m in run.memories.items()
+                if m.meta is not None and m.meta.data is not None]
+    out = []
+    for rec, src in records:
+        if rec.test_sha256 is not None:
+            out += [(rec.name, p, h) for p, h in zip(rec.test, rec.test_sha256)]
+            continue
+        for p in rec.test:  # recorded before koff kept test hashes: the files must still be there
+            if not Path(p).is_file():
+                raise DataError(f"test file {p} of domain {rec.name!r} (recorded in {src}) is missing, so koff cannot "
+                                "check that the new training data does not contain it; restore it first")
+            from koff.data.text import file_sha256
+
+            out.append((rec.name, p, file_sha256(p)))
+    return out
+
+
+def _absolute(domain: Domain) -> Domain:
+    import dataclasses
+
+    return dataclasses.replace(domain, **{k: [Path(os.path.abspath(p)) for p in getattr(domain, k)]
+                                          for k in ("train", "test", "valid")})
+
+
+def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
+               reference: bool = True, overwrite: bool = False, progress: bool = True, model: str | None = None,
+               runtime: Runtime | None = None) -> Path:
+    """Train one new memory on a run's frozen backbone (mask fixed) and add it to the run.
+
+    Uses the run's memory and training configuration (`steps` overrides the step count). Its
+    general steps train the new memory (`reg_memory: domain`): the run's other memories stay
+    frozen. No existing file of the run changes: the memory lands in RUN/memories/NAME with its own
+    manifest and metrics. With `reference`, and when the run has a dense + memories reference, the
+    same memory is trained on the dense model too, so `evaluate` can show its upper bound.
+
+    Both memories are trained and written under temporary names first, then swapped in, the
+    reference's first: the run's own memory, last, is what makes the memory part of the run. The
+    run is locked meanwhile; `model` is the base model's folder if it moved.
+    """
+    import dataclasses
+
+    from koff.storage.run_dir import build_model, load_run, memory_record, write_memory
+    from koff.model.koff_model import check_memory_name
+    from koff.core.atomic import check_output, clean_leftovers, lock, make_temp_dir, notice, swap_in
+
+    run_dir = Path(run_dir)
+    check_memory_name(domain.name, "--name")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"--steps must be a whole number >= 1, got {steps!r}")
+    domain = _absolute(domain)
+    if not domain.train:
+        raise ConfigError(f"--train: the new domain {domain.name!r} has no training files")
+    with lock(run_dir):
+        run = load_run(run_dir)
+        name = domain.name
+        ref = run.reference if reference else None
+        ref_dir = run_dir / "reference"
+        for folder in (run_dir, ref_dir):
+            clean_leftovers(folder / "memories" / name)
+        if name in run.memories and not overwrite:
+            raise ConfigError(f"{run_dir}: a memory named {name!r} exists already (pass --overwrite to replace it)")
+        orphan = ref_dir / "memories" / name
+        if name not in run.memories and orphan.is_dir():
+            notice(f"{orphan} was left by an interrupted add-domain (the run has no memory {name!r}); "
+                   + ("replacing it" if ref is not None else "removing it"))
+            if ref is None:
+                remove_tree(orphan)
+        meta = run.meta
+        mem_cfg = meta.training.memory
+        if mem_cfg.empty:
+            raise ConfigError(f"{run_dir}: the run was trained without memories; there is nothing to add")
+        train_cfg = dataclasses.replace(meta.training.train, reg_memory="domain")
+        if steps is not None:
+            train_cfg = dataclasses.replace(train_cfg, steps=steps)
+        if general is None:
+            general = [Path(p) for p in meta.general]
+            for p in general:
+                if not p.is_file():
+                    raise DataError(f"the run's general data {p} (recorded in {run_dir / 'koff.json'}) is missing; "
+                                    "pass --general FILES, or --general none")
+        general = [Path(os.path.abspath(p)) for p in general]
+        if not general:
+            train_cfg = dataclasses.replace(train_cfg, reg_every=0)
+        runtime = runtime or Runtime.from_env(dtype=train_cfg.dtype)
+        check_no_test_leak([domain], general, _known_tests(run, str(run_dir / "koff.json")))
+
+        targets = [(run, run_dir)] + ([(ref, ref_dir)] if ref is not None else [])
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for target, folder in targets:
+                final = folder / "memories" / name
+                tmp = make_temp_dir(final)
+                staged.append((tmp, final))
+                km, tok = build_model(target, model=model, memories=[], runtime=runtime)
+                streams = build_streams([domain], general, tok, train_cfg, mem_cfg.kv_tokens)
+                add_memories(km, [name], streams.kv_init, mem_cfg, train_cfg.seed)
+                metrics = tmp / "metrics.jsonl"
+                summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
+                                  memories=[name], progress=progress, runtime=runtime,
+                                  desc=f"add-domain {name}" + (" (reference)" if target is ref else ""))
+                check_finite(km, [name], f"add-domain {name}")
+                rec = memory_record(km, name, {"domain": name, "data": DomainRecord.of(domain).to_dict(),
+                                               "added_after": True, "trained_steps": train_cfg.steps,
+                                               "metrics": summary, "general": [str(p) for p in general]})
+                write_memory(tmp, rec, target.meta.base_model.source, extra={"metrics.jsonl": metrics.read_bytes()})
+            faults.point("add_domain.staged")
+            for tmp, final in reversed(staged):  # the reference's first; the run's own memory commits the add
+                check_output(final, "memory", overwrite=True)
+                old = swap_in(tmp, final)
+                if old is not None:
+                    remove_tree(old)
+                faults.point("add_domain.swapped")
+        finally:
+            for tmp, _ in staged:
+                remove_tree(tmp)
+    return run_dir / "memories" / name
