@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koff.storage.run_dir import ArtifactError, atomic_directory, build_model, load_run
-from koff.model.base_model import sha256_file
+from koff.core.files import sha256_file
 from koff.config.recipe import config_from_dict
 from koff.training.pipeline import decompose, train_run
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from koff.model.base_model import sha256_file
+from koff.core.files import sha256_file
 from koff.cli import main
 from koff.config.recipe import config_from_dict
 from koff.data.text import Domain

@@ -96,7 +96,7 @@ def test_layer_with_every_neuron_pruned(tmp_path, llama_folder, data_files):
     decompose(cfg, progress=False)
     # rewrite the mask: layer 0 loses every neuron
     from koff.storage.run_dir import save_mask
-    from koff.model.base_model import sha256_file
+    from koff.core.files import sha256_file
 
     run = load_run(tmp_path / "run")
     keep = [k.clone() for k in run.keep]

@@ -152,7 +152,7 @@ def test_layer_with_every_neuron_pruned_gets_zero_neurons(tmp_path, data_files, 
     stored with exact-zero neurons (16 of them: f32 widths are padded to multiples of 16), which
     change nothing."""
     from koff.storage.run_dir import save_mask
-    from koff.model.base_model import sha256_file
+    from koff.core.files import sha256_file
 
     folder = write_byte_level_model(tmp_path / "model")
     run_dir = make_run(tmp_path, folder, data_files, steps=2)

@@ -117,7 +117,7 @@ def test_flap_bias_comes_with_zero_gate_and_up_biases(tmp_path, llama_folder, da
 
 def test_layer_with_every_neuron_pruned(tmp_path, llama_folder, data_files):
     from koff.storage.run_dir import save_mask
-    from koff.model.base_model import sha256_file
+    from koff.core.files import sha256_file
 
     run_dir = make_run(tmp_path, llama_folder, data_files, steps=2)
     run = load_run(run_dir)

@@ -40,7 +40,7 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from koff.model.base_model import sha256_file
+    from koff.core.files import sha256_file
     from koff.config.recipe import config_from_dict
     from koff.data.text import Domain
     from koff.export import export_run

@@ -312,7 +312,7 @@ def cmd_generate(args) -> int:
 
 def cmd_add_domain(args) -> int:
     from koff.data.text import Domain, bundled_domain
-    from koff.model.koff_model import check_memory_name
+    from koff.core.names import check_memory_name
     from koff.training.pipeline import add_domain
 
     check_memory_name(args.name, "--name")
@@ -362,17 +362,18 @@ def cmd_plan(args) -> int:
     import dataclasses
     import json
 
-    from koff.config.recipe import ConfigError, MemoryConfig, TrainConfig, _section, read_yaml
+    from koff.config.recipe import ConfigError, MemoryConfig, TrainConfig, read_yaml
+    from koff.core.fields import from_mapping
     from koff.training.plan import format_plan, make_plan, measure_peak
 
     raw = read_yaml(args.config) if args.config else {}
     where = str(args.config or "command line")
-    memory = _section(MemoryConfig, raw.get("memory"), f"{where}: memory")
+    memory = from_mapping(MemoryConfig, raw.get("memory"), f"{where}: memory")
     for key in ("lora_rank", "kv_tokens"):
         if getattr(args, key) is not None:
             memory = dataclasses.replace(memory, **{key: getattr(args, key)})
     memory.validate(f"{where}: memory")
-    train = _section(TrainConfig, raw.get("train"), f"{where}: train")
+    train = from_mapping(TrainConfig, raw.get("train"), f"{where}: train")
     domains = raw.get("domains", ["en", "fr", "es"])
     memories = args.memories if args.memories is not None else (len(domains) if isinstance(domains, (list, dict)) else 1)
     batch = args.batch_size or train.batch_size

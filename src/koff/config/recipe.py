@@ -15,6 +15,7 @@ from koff.model.memory import LORA_TARGETS
 from koff.core.runtime import DTYPES
 from koff.model.controllers import CONTROLLERS
 from koff.core.errors import ConfigError  # noqa: F401  (re-exported)
+from koff.core.fields import from_mapping
 
 
 MASKS = ("learned", "magnitude", "wanda-sp", "flap")
@@ -248,7 +249,7 @@ class DecomposeConfig:
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate domain names: {names}")
-        from koff.model.koff_model import check_memory_name
+        from koff.core.names import check_memory_name
 
         for d in self.domains:
             check_memory_name(d.name, f"domains.{d.name}")
@@ -294,32 +295,6 @@ class DecomposeConfig:
         }
 
 
-def _section(cls, raw, where: str):
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(raw) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    out = cls()
-    for k, v in raw.items():
-        default = getattr(out, k)
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise ConfigError(f"{where}.{k}: expected true/false, got {v!r}")
-        if isinstance(default, str) and not isinstance(v, str):
-            raise ConfigError(f"{where}.{k}: expected a string, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ConfigError(f"{where}.{k}: expected a number, got {v!r}")
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and not v.is_integer():
-                raise ConfigError(f"{where}.{k}: expected an integer, got {v!r}")
-            v = type(default)(v)
-        setattr(out, k, v)
-    return out
-
-
 def _flag(raw: dict, key: str, default: bool, source: str) -> bool:
     v = raw.get(key, default)
     if not isinstance(v, bool):
@@ -342,7 +317,7 @@ def _existing_file(value, where: str) -> Path:
 def parse_domains(raw, root: Path | None = None) -> list[Domain]:
     """Domains from config: a list of bundled names, or a mapping name -> {train, test, valid,
     text_field}, where a value may also be the string "bundled"."""
-    from koff.model.koff_model import check_memory_name
+    from koff.core.names import check_memory_name
 
     if isinstance(raw, str):
         raw = [raw]
@@ -425,8 +400,8 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
         model=raw.get("model"),
         general=general,
         target_sparsity=float(sparsity),
-        memory=_section(MemoryConfig, raw.get("memory"), f"{source}: memory"),
-        train=_section(TrainConfig, raw.get("train"), f"{source}: train"),
+        memory=from_mapping(MemoryConfig, raw.get("memory"), f"{source}: memory"),
+        train=from_mapping(TrainConfig, raw.get("train"), f"{source}: train"),
         reference=_flag(raw, "reference", True, source),
         prune=_flag(raw, "prune", True, source),
         mask=raw.get("mask") or "learned",

@@ -136,7 +136,7 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
 
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a data file's bytes; errors name the file."""
-    from koff.model.base_model import sha256_file
+    from koff.core.files import sha256_file
 
     path = Path(path)
     if path.is_dir():

@@ -182,7 +182,7 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from koff.experiments.report import _savefig
+    from koff.experiments.figures import save_figure
 
     tokens = {_steps(c): _tokens(c) for c in cells}
     domains = [d for d in ("en", "fr", "es", "de", "it", "pt") if any(d in v for v in rs.values())]
@@ -213,6 +213,6 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
     fig.text(0.01, 0.005, caption.replace("`", ""), fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = out / "gap_vs_tokens.png"
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -10,6 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from koff.experiments.figures import save_figure
 from koff.storage.run_dir import ArtifactError, atomic_write_text
 from koff.config.recipe import TrainConfig
 
@@ -19,7 +20,7 @@ def load_cells(results: Path) -> list[dict]:
     folder = Path(results) / "cells"
     if not folder.is_dir():
         raise ArtifactError(f"{results}: no cells/ folder (run `koff compare CONFIG` first)")
-    from koff.storage.run_dir import read_json
+    from koff.core.files import read_json
     from koff.storage.manifests import CellRecord
 
     cells = [CellRecord.from_dict(read_json(p), str(p)).to_dict() for p in sorted(folder.glob("*.json"))]
@@ -448,21 +449,6 @@ def languages_section(cells: list[dict]) -> list[str]:
     return lines
 
 
-def _savefig(fig, path: Path) -> None:
-    import os
-
-    from koff.core.atomic import clean_leftovers, temp_name
-
-    clean_leftovers(path, only_dead=True)
-    tmp = temp_name(path)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def controller_runs(cells: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """Cells per (method, sparsity controller), for methods trained with more than one controller.
 
@@ -529,7 +515,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         written.append(out / "ppl_vs_sparsity.png")
-        _savefig(fig, written[-1])
+        save_figure(fig, written[-1])
         plt.close(fig)
 
     # 2. swap matrix heatmap
@@ -552,7 +538,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         written.append(out / "swap_matrix.png")
-        _savefig(fig, written[-1])
+        save_figure(fig, written[-1])
         plt.close(fig)
 
     # 3. kept-neuron fraction per layer
@@ -577,7 +563,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.06, 1, 1))
         written.append(out / "kept_per_layer.png")
-        _savefig(fig, written[-1])
+        save_figure(fig, written[-1])
         plt.close(fig)
 
     # 4. training curves of the main koff cells
@@ -608,7 +594,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.07, 1, 1))
         written.append(out / "training_curves.png")
-        _savefig(fig, written[-1])
+        save_figure(fig, written[-1])
         plt.close(fig)
 
     # 5. sparsity controllers side by side: the path of expected sparsity, and where each mask prunes
@@ -643,7 +629,7 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         footer(fig, _caption(cells, "controller"))
         fig.tight_layout(rect=(0, 0.07, 1, 1))
         written.append(out / "controllers.png")
-        _savefig(fig, written[-1])
+        save_figure(fig, written[-1])
         plt.close(fig)
     return written
 

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koff.storage.run_dir import ArtifactError, MemoryRecord, atomic_directory
-from koff.model.base_model import gated_mlps, sha256_file
+from koff.model.base_model import gated_mlps
+from koff.core.files import sha256_file
 from koff.export.manifest import read_backbone_manifest, write_manifest
 from koff.export.prune import PrunedBackbone, resize_ffn, slice_lora_state, state_for_saving
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from koff.core.version import __version__
 from koff.storage.run_dir import ArtifactError
-from koff.model.base_model import sha256_file
+from koff.core.files import sha256_file
 from koff.export.prune import PrunedBackbone
 
 BACKBONE_FORMAT = "koff.backbone"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from koff.storage.run_dir import ArtifactError, MemoryRecord
-from koff.model.base_model import sha256_file
+from koff.core.files import sha256_file
 from koff.export.prune import PrunedBackbone, pad_ffn_state, slice_lora_state
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

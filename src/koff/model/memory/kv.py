@@ -67,7 +67,7 @@ class KVSection:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> KVSection:
-        from koff.storage.manifests import optional, require
+        from koff.core.fields import optional, require
 
         tokens = require(d, "tokens", int, where)
         frozen = require(d, "num_frozen_tokens", int, where)
@@ -118,7 +118,7 @@ class KVState:
     @classmethod
     def load(cls, folder: Path, section: KVSection, where: str, geometry=None,
              against: str = "the base model") -> KVState:
-        from koff.storage.run_dir import load_tensors
+        from koff.core.files import load_tensors
 
         tokens = section.tokens
         path = folder / KV_FILE

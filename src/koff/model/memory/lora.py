@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -98,7 +98,7 @@ class LoraSection:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> LoraSection:
-        from koff.storage.manifests import require
+        from koff.core.fields import require
 
         rank = require(d, "rank", int, where)
         if rank < 1:
@@ -173,7 +173,7 @@ class LoraState:
 
     @classmethod
     def load(cls, folder: Path, section: LoraSection, where: str) -> LoraState:
-        from koff.storage.run_dir import load_tensors, read_json
+        from koff.core.files import load_tensors, read_json
 
         rank = section.rank
         path = folder / ADAPTER_CONFIG
