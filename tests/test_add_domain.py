@@ -4,7 +4,8 @@ import pytest
 
 from koff.storage.run_dir import load_run
 from koff.cli import main
-from koff.config.recipe import ConfigError, config_from_dict
+from koff.core.errors import ConfigError
+from koff.config.recipe import config_from_dict
 from koff.data.text import Domain
 from koff.evaluation.perplexity import EvalSettings, evaluate_run
 from koff.training.pipeline import add_domain, decompose

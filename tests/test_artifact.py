@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from koff.storage.run_dir import ArtifactError, atomic_directory, build_model, load_run
+from koff.core.atomic import atomic_output
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import build_model, load_run
 from koff.core.files import sha256_file
 from koff.config.recipe import config_from_dict
 from koff.training.pipeline import decompose, train_run
@@ -183,12 +185,12 @@ def test_failed_write_keeps_existing_artifact(tmp_path):
     old, new = '{"format": "koff.run", "v": "old"}', '{"format": "koff.run", "v": "new"}'
     (final / "koff.json").write_text(old)
     with pytest.raises(RuntimeError):
-        with atomic_directory(final, overwrite=True) as tmp:
+        with atomic_output(final, overwrite=True) as tmp:
             (tmp / "koff.json").write_text(new)
             raise RuntimeError("crash mid-write")
     assert (final / "koff.json").read_text() == old
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    with atomic_directory(final, overwrite=True) as tmp:
+    with atomic_output(final, overwrite=True) as tmp:
         (tmp / "koff.json").write_text(new)
     assert (final / "koff.json").read_text() == new
     assert [p.name for p in tmp_path.iterdir()] == ["run"]

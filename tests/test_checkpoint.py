@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 import koff.training.loop as trainer
-from koff.storage.run_dir import ArtifactError
+from koff.core.errors import ArtifactError
 from koff.config.recipe import config_from_dict
 from koff.training.pipeline import decompose
 

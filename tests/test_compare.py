@@ -5,7 +5,7 @@ import yaml
 
 from koff.cli import main
 from koff.experiments.compare import expand, load_grid
-from koff.config.recipe import ConfigError
+from koff.core.errors import ConfigError
 
 from conftest import tiny_config_dict
 

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from koff.config.recipe import ConfigError, config_from_dict, dump_config, load_config
+from koff.core.errors import ConfigError
+from koff.config.recipe import config_from_dict, dump_config, load_config
 
 from conftest import tiny_config_dict
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from koff.data.text import (BlockStream, DataError, Domain, bundled_domain, check_no_test_leak, pack, read_documents,
-                       tokenize_documents)
+from koff.data.text import BlockStream, Domain, bundled_domain, check_no_test_leak, pack, read_documents, tokenize_documents
+from koff.core.errors import DataError
 
 from conftest import tiny_tokenizer
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from koff.storage.run_dir import ArtifactError, build_model, load_run
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import build_model, load_run
 from koff.config.recipe import config_from_dict
 from koff.export import export_run, load_backbone
 from koff.model.memory import KVMemory
-from koff.model.koff_model import KoffModel
 from koff.training.pipeline import decompose
 
 from conftest import tiny_config_dict

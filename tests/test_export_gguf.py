@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from koff.storage.run_dir import ArtifactError, MemoryRecord, build_model, load_run
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import MemoryRecord, build_model, load_run
 from koff.export import export_run, read_backbone_manifest
 from koff.export.memories import check_lora_for_engine
 from koff.evaluation.generation import generate

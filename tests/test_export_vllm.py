@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from koff.storage.run_dir import ArtifactError, build_model, load_run
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import build_model, load_run
 from koff.export import export_run, read_backbone_manifest
 
 from conftest import write_model_folder

@@ -10,7 +10,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from koff.config.recipe import _section, MemoryConfig, TrainConfig, config_from_dict, read_yaml
+from koff.core.fields import from_mapping
+from koff.config.recipe import MemoryConfig, TrainConfig, config_from_dict, read_yaml
 from koff.core.errors import ArtifactError, KoffError
 from koff.storage.manifests import CellRecord, CheckpointManifest, MemoryManifest, RunManifest
 from koff.training.pipeline import decompose
@@ -182,7 +183,7 @@ def test_config_sections(values):
     for cls, name in ((TrainConfig, "train"), (MemoryConfig, "memory")):
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__ or k == "nonsense"}
         try:
-            section = _section(cls, known, f"c.yaml: {name}")
+            section = from_mapping(cls, known, f"c.yaml: {name}")
             section.validate(name)
         except KoffError as e:
             assert name in str(e)

@@ -6,7 +6,6 @@ from koff.model.base_model import parameter_counts
 from koff.config.recipe import MemoryConfig
 from koff.training.plan import format_plan, make_plan, measure_peak
 
-from conftest import tiny_model
 
 
 def test_counts_match_the_real_model(llama_folder):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from koff.storage.run_dir import ArtifactError
+from koff.core.errors import ArtifactError
 from koff.experiments.report import _fmt, claims, controller_runs, main_table, report, sweep_rows, to_markdown
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from koff.data.text import DataError
+from koff.core.errors import DataError
 from koff.model.koff_model import KoffModel
 from koff.evaluation.tasks import continuation_logprobs, load_task, score_task
 

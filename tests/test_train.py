@@ -84,7 +84,7 @@ def test_decompose_writes_reference_and_refuses_existing_output(llama_folder, da
     ref = json.loads((tmp_path / "r" / "reference" / "koff.json").read_text())
     assert ref["pruned"] is False and ref["target_sparsity"] == 0.0
     before = (tmp_path / "r" / "koff.json").read_bytes()
-    from koff.storage.run_dir import ArtifactError
+    from koff.core.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="already exists"):
         decompose(cfg, progress=False)
@@ -124,7 +124,7 @@ def test_distillation_from_the_reference(llama_folder, data_files, tmp_path):
 def test_a_diverged_run_is_refused_not_written(llama_folder, data_files, tmp_path):
     """Huge learning rates blow the memories up: koff stops with an error naming the learning
     rates, and no run (nor a temporary folder) is left."""
-    from koff.config.recipe import ConfigError
+    from koff.core.errors import ConfigError
 
     cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "r", steps=6, lr_lora=1e30,
                                             lr_kv=1e30, lr_gates=1e30))

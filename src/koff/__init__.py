@@ -18,9 +18,10 @@ The Python API mirrors the command line:
 
 from koff.core.version import __version__  # noqa: E402
 
-from koff.storage.run_dir import ArtifactError, Run, build_model, load_run  # noqa: E402
-from koff.config.recipe import (ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, config_from_dict,  # noqa: E402
-                     load_config)
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import Run, build_model, load_run
+from koff.core.errors import ConfigError
+from koff.config.recipe import DecomposeConfig, MemoryConfig, TrainConfig, config_from_dict, load_config
 from koff.data.text import Domain, bundled_domain  # noqa: E402
 from koff.evaluation.perplexity import EvalSettings, evaluate_run  # noqa: E402
 from koff.model.koff_model import KoffModel  # noqa: E402

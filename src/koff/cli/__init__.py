@@ -149,7 +149,8 @@ def _add_decompose_args(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """Merge a YAML config (if any) with command-line flags."""
-    from koff.config.recipe import ConfigError, config_from_dict, read_yaml
+    from koff.core.errors import ConfigError
+    from koff.config.recipe import config_from_dict, read_yaml
 
     raw: dict = read_yaml(args.config) if args.config else {}
     domains = raw.get("domains")
@@ -292,7 +293,7 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from koff.storage.run_dir import build_model, load_run
-    from koff.config.recipe import ConfigError
+    from koff.core.errors import ConfigError
     from koff.evaluation.generation import generate
 
     run = load_run(args.run)
@@ -317,7 +318,7 @@ def cmd_add_domain(args) -> int:
 
     check_memory_name(args.name, "--name")
     if args.test and not args.train:
-        from koff.config.recipe import ConfigError
+        from koff.core.errors import ConfigError
 
         raise ConfigError("--test needs --train: a bundled domain brings its own test files")
     if args.train:
@@ -362,7 +363,8 @@ def cmd_plan(args) -> int:
     import dataclasses
     import json
 
-    from koff.config.recipe import ConfigError, MemoryConfig, TrainConfig, read_yaml
+    from koff.core.errors import ConfigError
+    from koff.config.recipe import MemoryConfig, TrainConfig, read_yaml
     from koff.core.fields import from_mapping
     from koff.training.plan import format_plan, make_plan, measure_peak
 

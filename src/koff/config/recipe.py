@@ -10,11 +10,12 @@ from pathlib import Path
 
 import yaml
 
-from koff.data.text import BUNDLED_LANGUAGES, DataError, Domain, bundled_domain, general_files
+from koff.data.text import BUNDLED_LANGUAGES, Domain, bundled_domain, general_files
+from koff.core.errors import DataError
 from koff.model.memory import LORA_TARGETS
 from koff.core.runtime import DTYPES
 from koff.model.controllers import CONTROLLERS
-from koff.core.errors import ConfigError  # noqa: F401  (re-exported)
+from koff.core.errors import ConfigError
 from koff.core.fields import from_mapping
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from koff.core.errors import DataError  # noqa: F401  (re-exported)
+from koff.core.errors import DataError
 
 BUNDLED_LANGUAGES = ("en", "fr", "es", "de", "it", "pt")
 GENERAL_TRAIN_FILES = ("gsm8k_train.jsonl", "arc_easy.jsonl", "english_news.txt")

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from koff.storage.run_dir import Run, atomic_write_text, build_model, load_run
-from koff.data.text import DataError, Domain, pack, read_documents, tokenize_documents, tokenize_files
+from koff.storage.run_dir import Run, build_model, load_run
+from koff.core.atomic import atomic_write_text
+from koff.core.errors import DataError
+from koff.data.text import Domain, pack, read_documents, tokenize_documents, tokenize_files
 from koff.model.koff_model import KoffModel, lm_loss
 from koff.core.errors import ArtifactError
 from koff.core.atomic import check_folder, check_not_locked, lock, updated_folder

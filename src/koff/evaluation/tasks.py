@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from koff.data.text import DataError, data_root, read_jsonl
+from koff.core.errors import DataError
+from koff.data.text import data_root, read_jsonl
 
 TASK_FILES = {
     "arc_challenge": "arc_challenge.jsonl",

@@ -177,8 +177,10 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     (koff.runtime.Runtime) sets device and dtype."""
     from tqdm.auto import tqdm
 
-    from koff.storage.run_dir import ArtifactError, build_model, load_run
-    from koff.data.text import DataError, pack, tokenize_files
+    from koff.core.errors import ArtifactError
+    from koff.storage.run_dir import build_model, load_run
+    from koff.core.errors import DataError
+    from koff.data.text import pack, tokenize_files
     from koff.model.gates import topk_keep_mask
     from koff.model.importance import activation_stats, neuron_scores
 
@@ -236,7 +238,7 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
         "masks": {name: mask_report(m, result) for name, m in masks.items()},
     }
     if write:  # the tables and plots appear together, in one swap of analysis/
-        from koff.storage.run_dir import atomic_write_text
+        from koff.core.atomic import atomic_write_text
         from koff.core.atomic import lock, updated_folder
 
         with lock(run_dir, shared=True), updated_folder(Path(run_dir) / "analysis") as folder:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from koff.core.version import __version__
-from koff.config.recipe import ConfigError, config_from_dict, read_yaml
+from koff.core.errors import ConfigError
+from koff.config.recipe import config_from_dict, read_yaml
 
 
 @dataclass
@@ -297,7 +298,7 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkp
     """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically.
     With `checkpoint_every`, training saves a resumable state that often, and a cell interrupted
     earlier resumes from its last one."""
-    from koff.storage.run_dir import atomic_write_text
+    from koff.core.atomic import atomic_write_text
     from koff.training.pipeline import decompose
 
     results = Path(spec.get("results", "results")) / "cells"

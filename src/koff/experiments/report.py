@@ -11,7 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from koff.experiments.figures import save_figure
-from koff.storage.run_dir import ArtifactError, atomic_write_text
+from koff.core.errors import ArtifactError
+from koff.core.atomic import atomic_write_text
 from koff.config.recipe import TrainConfig
 
 

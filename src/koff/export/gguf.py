@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from koff.storage.run_dir import ArtifactError, atomic_directory
+from koff.core.atomic import atomic_output
+from koff.core.errors import ArtifactError
 from koff.export.gguf_vocab import add_vocab, gguf_vocab
 from koff.export.llama_block import MODEL_TYPES, check_llama_block
 from koff.export.manifest import write_manifest
@@ -243,7 +244,7 @@ def write_gguf_export(pb: PrunedBackbone, out: Path, outtype: str = "f16", overw
     check_architecture(pb.model.config, where)
     names, left_out = split_for_engine(pb.run.memories, "gguf", pb.run.path)
     widths = stored_widths(pb.widths, outtype)
-    with atomic_directory(out, overwrite=overwrite, kind="backbone", inputs=pb.inputs) as tmp:
+    with atomic_output(out, kind="backbone", inputs=pb.inputs, overwrite=overwrite) as tmp:
         counts = write_gguf_model(pb.model, pb.tokenizer, tmp / "model.gguf", outtype, widths,
                                   where=f"{pb.source}/tokenizer.json")
         save_file({f"layers.{i}": k for i, k in enumerate(pb.kept)}, str(tmp / "kept_neurons.safetensors"),

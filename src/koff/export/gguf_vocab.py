@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from koff.storage.run_dir import ArtifactError
+from koff.core.errors import ArtifactError
 
 # The Split regexes of the Llama-3 and Qwen2 tokenizer.json files; llama.cpp's `llama-bpe` and
 # `qwen2` pre-tokenizers implement exactly these splits.

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from koff.storage.run_dir import ArtifactError, MemoryRecord, atomic_directory
+from koff.core.atomic import atomic_output
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import MemoryRecord
 from koff.model.base_model import gated_mlps
 from koff.core.files import sha256_file
 from koff.export.manifest import read_backbone_manifest, write_manifest
@@ -94,7 +96,7 @@ def hf_config_dict(pb: PrunedBackbone) -> dict:
 def write_hf(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
     """Write the hf export of a pruned backbone and all its memories to `out`."""
     model_type = pb.model.config.model_type
-    with atomic_directory(out, overwrite=overwrite, kind="backbone", inputs=pb.inputs) as tmp:
+    with atomic_output(out, kind="backbone", inputs=pb.inputs, overwrite=overwrite) as tmp:
         save_file(state_for_saving(pb.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(pb), indent=2, sort_keys=True))
         if getattr(pb.model, "generation_config", None) is not None:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from koff.core.version import __version__
-from koff.storage.run_dir import ArtifactError
+from koff.core.errors import ArtifactError
 from koff.core.files import sha256_file
 from koff.export.prune import PrunedBackbone
 

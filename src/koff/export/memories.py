@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from koff.storage.run_dir import ArtifactError, MemoryRecord
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import MemoryRecord
 from koff.core.files import sha256_file
 from koff.export.prune import PrunedBackbone, pad_ffn_state, slice_lora_state
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from koff.storage.run_dir import ArtifactError, Run, check_base, load_run
+from koff.core.errors import ArtifactError
+from koff.storage.run_dir import Run, check_base, load_run
 from koff.model.base_model import fingerprint, gated_mlps, load_base, parameter_counts
 
 FFN_ROWS = ("gate_proj", "up_proj")  # neuron j is row j of these ...

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from koff.storage.run_dir import ArtifactError, atomic_directory
+from koff.core.atomic import atomic_output
+from koff.core.errors import ArtifactError
 from koff.export.hf import remote_source, write_lora_adapter
 from koff.export.llama_block import MODEL_TYPES, check_llama_block
 from koff.export.manifest import write_manifest
@@ -100,7 +101,7 @@ def write_vllm(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
     check_architecture(pb.model.config, f"{pb.source}/config.json")
     names, left_out = split_for_engine(pb.run.memories, "vllm", pb.run.path)
     widths = padded_widths(pb.widths, 1, minimum=1)
-    with atomic_directory(out, overwrite=overwrite, kind="backbone", inputs=pb.inputs) as tmp:
+    with atomic_output(out, kind="backbone", inputs=pb.inputs, overwrite=overwrite) as tmp:
         save_file(vllm_state(pb, widths), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(deci_config(pb, widths), indent=2, sort_keys=True))
         if getattr(pb.model, "generation_config", None) is not None:

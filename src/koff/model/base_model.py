@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from koff.core.errors import ModelError  # noqa: F401  (re-exported)
+from koff.core.errors import ModelError
 from koff.core.files import sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -194,9 +194,6 @@ class NeuronGates(nn.Module):
         return None if self._mask is None else [m.bool() for m in self._mask]
 
     # -- statistics ------------------------------------------------------------------------------
-    def keep_probabilities(self) -> list[torch.Tensor]:
-        return [keep_probability(la) for la in self.log_alpha]
-
     def expected_sparsity(self, shift: float = 0.0) -> torch.Tensor:
         """Expected fraction of prunable parameters removed (differentiable)."""
         kept = torch.zeros((), dtype=torch.float64, device=self.log_alpha[0].device)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from koff.storage.run_dir import geometry_from_manifest, load_memory, require
+from koff.storage.run_dir import geometry_from_manifest, load_memory
+from koff.core.fields import require
 from koff.core.files import load_tensors, read_json
 from koff.core.files import sha256_file
 from koff.core.errors import ArtifactError, ServeError

@@ -24,8 +24,6 @@ from safetensors.torch import save_file
 
 from koff.core import faults
 from koff.core.errors import ArtifactError
-from koff.storage.manifests import CHECKPOINT_FORMAT as FORMAT  # noqa: F401  (re-exported)
-from koff.storage.manifests import CHECKPOINT_VERSION as FORMAT_VERSION  # noqa: F401  (re-exported)
 from koff.storage.manifests import CheckpointManifest
 
 

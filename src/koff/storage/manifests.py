@@ -118,13 +118,6 @@ class BaseModelInfo:
         d["intermediate_sizes"] = list(self.intermediate_sizes)
         return d
 
-    @classmethod
-    def from_geometry(cls, source: str, fingerprint: str, geo) -> BaseModelInfo:
-        return cls(source=source, fingerprint=fingerprint, architecture=geo.architecture, model_type=geo.model_type,
-                   num_layers=geo.num_layers, hidden_size=geo.hidden_size,
-                   intermediate_sizes=tuple(geo.intermediate_sizes), num_kv_heads=geo.num_kv_heads,
-                   head_dim=geo.head_dim)
-
     def geometry(self):
         from koff.model.base_model import Geometry
 

@@ -37,21 +37,12 @@ from safetensors.torch import save_file
 
 from koff.core.version import __version__
 from koff.model.base_model import Geometry
-from koff.core.files import inside, load_tensors, read_json, sha256_file  # noqa: F401  (re-exported)
+from koff.core.files import inside, load_tensors, read_json, sha256_file
 from koff.core.errors import ArtifactError, ModelError
-from koff.storage.manifests import (FORMAT_VERSION, MEMORY_FORMAT, RUN_FORMAT, MemoryManifest, RunManifest, optional,  # noqa: F401
-                       require)
-from koff.core.atomic import atomic_output, atomic_write_text  # noqa: F401  (re-exported)
+from koff.storage.manifests import FORMAT_VERSION, RUN_FORMAT, MemoryManifest, RunManifest
+from koff.core.atomic import atomic_output, atomic_write_text
 
 FORMAT = RUN_FORMAT
-
-
-# -- atomic writing ------------------------------------------------------------------------------
-def atomic_directory(final: Path, overwrite: bool = False, kind: str | None = None, inputs=()):
-    """Yield a temporary directory that becomes `final` only if the block succeeds
-    (`koff.outputs.atomic_output`: an existing `final` is replaced only with `overwrite`, only when
-    it is an earlier koff output of the same kind, and atomically)."""
-    return atomic_output(final, kind=kind, inputs=inputs, overwrite=overwrite)
 
 
 # -- in-memory records ---------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from koff.core import faults
-from koff.config.recipe import ConfigError, DecomposeConfig, MemoryConfig, TrainConfig, dump_config, same_config
-from koff.data.text import BlockStream, DataError, Domain, check_no_test_leak, pack, tokenize_files
+from koff.core.errors import ConfigError
+from koff.config.recipe import DecomposeConfig, MemoryConfig, TrainConfig, dump_config, same_config
+from koff.data.text import BlockStream, Domain, check_no_test_leak, pack, tokenize_files
+from koff.core.errors import DataError
 from koff.storage.manifests import DomainRecord
 from koff.core.atomic import remove_tree
 from koff.model.gates import NeuronGates, sparsity_report
@@ -260,7 +262,7 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
     built in OUTPUT.partial/ and `resume` continues it. In a multi-process launch every process
     trains its shard; only the main one writes.
     """
-    from koff.storage.run_dir import ArtifactError
+    from koff.core.errors import ArtifactError
     from koff.core.atomic import atomic_output, check_output, clean_leftovers, lock, swap_in, temp_name
 
     cfg.validate()
