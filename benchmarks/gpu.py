@@ -84,7 +84,7 @@ def koff_run(config, device, dtype, args) -> dict:
     km = KoffModel(base, NeuronGates.for_model(base).to(device))
     mem = MemoryConfig(lora_rank=8, kv_tokens=16)
     streams = synthetic_streams(config.vocab_size, args.batch_size, args.seq_len, ("a", "b"))
-    add_memories(km, ["a", "b", "general"], streams.kv_init, mem, seed=0)  # the default recipe's general memory
+    add_memories(km, ["a", "b", "general"], streams.leading, mem, seed=0)  # the default recipe's general memory
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, reg_every=4,
                       warmup_frac=0.3, consolidate_frac=0.2, gradient_checkpointing=True,
                       dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype])

@@ -62,7 +62,8 @@ def test_plain_peft_loads_the_sliced_lora(exported):
     small, _ = load_backbone(out)
     peft_model = PeftModel.from_pretrained(small, out / "memories" / "fr")
     x = _x()
-    kv = KVMemory(*[t for t in (load_run(run_dir).memories["fr"].kv_keys, load_run(run_dir).memories["fr"].kv_values)])
+    stored = load_run(run_dir).memories["fr"].parts["kv"]
+    kv = KVMemory(stored.keys, stored.values)
     cache, _, lens = prefix_cache([kv, kv], small.config)
     pos = torch.arange(x.shape[1])[None] + lens[:, None]
     with torch.no_grad():
@@ -80,7 +81,8 @@ def test_kv_half_as_peft_cartridge(exported):
     run = load_run(run_dir)
     km, _ = build_model(run, memories=[])
     rec = run.memories["en"]
-    km.add_memory("en", kv=KVMemory(rec.kv_keys, rec.kv_values, rec.kv_frozen))
+    kv = rec.parts["kv"]
+    km.add_memory("en", kv=KVMemory(kv.keys, kv.values, kv.num_frozen))
     small, _ = load_backbone(out)
     cart = PeftModel.from_pretrained(small, out / "memories" / "en" / "kv")
     x = _x()

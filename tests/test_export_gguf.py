@@ -230,15 +230,17 @@ def test_refuses_a_tokenizer_llama_cpp_cannot_split_like(tmp_path, llama_folder,
 
 
 def test_refuses_lora_targets_and_features_llama_cpp_lacks(tmp_path):
-    rec = MemoryRecord.of(name="m", lora_config={"r": 4, "lora_alpha": 8, "bias": "none"},
-                       lora_state={"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32),
-                                   "base_model.model.lm_head.lora_B.weight": torch.zeros(160, 4)})
+    from koff.model.memory import LoraState
+
+    rec = MemoryRecord("m", {"lora": LoraState({"r": 4, "lora_alpha": 8, "bias": "none"},
+                                               {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32),
+                                                "base_model.model.lm_head.lora_B.weight": torch.zeros(160, 4)})})
     with pytest.raises(ArtifactError, match=r"LoRA targets \['lm_head'\] have no llama.cpp counterpart"):
         check_lora_for_engine(rec, "gguf", tmp_path)
     ok = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)}
     for field, value, message in (("use_dora", True, "use_dora"), ("bias", "all", "'bias' is 'all'"),
                                   ("alpha_pattern", {"q_proj": 4}, "alpha_pattern")):
-        bad = MemoryRecord.of(name="m", lora_config={"r": 4, "lora_alpha": 8, field: value}, lora_state=ok)
+        bad = MemoryRecord("m", {"lora": LoraState({"r": 4, "lora_alpha": 8, field: value}, ok)})
         with pytest.raises(ArtifactError, match=message):
             check_lora_for_engine(bad, "gguf", tmp_path)
 

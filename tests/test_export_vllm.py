@@ -155,7 +155,9 @@ def test_refuses_a_lora_target_vllm_lacks(tmp_path, llama_folder, data_files):
     from koff.storage.run_dir import MemoryRecord
     from koff.export.memories import check_lora_for_engine
 
-    rec = MemoryRecord.of(name="m", lora_config={"r": 4, "lora_alpha": 8},
-                       lora_state={"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 160)})
+    from koff.model.memory import LoraState
+
+    rec = MemoryRecord("m", {"lora": LoraState({"r": 4, "lora_alpha": 8},
+                                               {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 160)})})
     with pytest.raises(ArtifactError, match=r"LoRA targets \['embed_tokens'\] have no vLLM counterpart"):
         check_lora_for_engine(rec, "vllm", tmp_path)

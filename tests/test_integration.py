@@ -44,7 +44,7 @@ def test_real_decompose_artifact(real_run):
     for layer, neuron in MASSIVE:
         assert bool(run.keep[layer][neuron]), f"massive-activation neuron {layer}/{neuron} was pruned"
     assert sorted(run.memories) == ["en", "fr"]
-    assert list(run.memories["fr"].kv_keys.shape) == [30, 3, 8, 64]
+    assert list(run.memories["fr"].parts["kv"].keys.shape) == [30, 3, 8, 64]
     rows = [json.loads(x) for x in (real_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(abs(r["expected_sparsity"] - r["target"]) < 1e-3 for r in rows[:3])
 

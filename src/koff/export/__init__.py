@@ -20,7 +20,7 @@ from pathlib import Path
 from koff.core.errors import ConfigError
 from koff.export.hf import cartridge_files, load_backbone
 from koff.export.manifest import BACKBONE_FORMAT, BACKBONE_FORMAT_VERSION, EXPORT_FORMATS, read_backbone_manifest
-from koff.export.prune import add_down_bias, prune_model, pruned_backbone, slice_lora_state
+from koff.export.prune import add_down_bias, prune_model, pruned_backbone
 
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -62,5 +62,5 @@ def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bo
 
 
 __all__ = ["export_run", "load_backbone", "read_backbone_manifest", "prune_model", "add_down_bias",
-           "slice_lora_state", "cartridge_files", "BACKBONE_FORMAT", "BACKBONE_FORMAT_VERSION", "EXPORT_FORMATS",
+           "cartridge_files", "BACKBONE_FORMAT", "BACKBONE_FORMAT_VERSION", "EXPORT_FORMATS",
            "GGUF_OUTTYPES"]

@@ -250,11 +250,11 @@ def write_gguf_export(pb: PrunedBackbone, out: Path, outtype: str = "f16", overw
         save_file({f"layers.{i}": k for i, k in enumerate(pb.kept)}, str(tmp / "kept_neurons.safetensors"),
                   metadata={"format": "pt"})
         def write(d, rec, state):
-            write_gguf_lora(state, rec.lora_config, pb.model.config, d / "lora.gguf", outtype,
+            write_gguf_lora(state, rec.parts["lora"].config, pb.model.config, d / "lora.gguf", outtype,
                             where=str(pb.run.path / "memories" / d.name))
             return ["lora.gguf"]
 
-        memories = write_lora_halves(pb, tmp, names, widths, write)
+        memories = write_lora_halves(pb, tmp, names, widths, write, "gguf")
         write_manifest(tmp, out, pb, "gguf", ["model.gguf", "kept_neurons.safetensors"], memories, left_out,
                        stored_widths=widths, outtype=outtype, gguf_arch=ARCH, tensor_types=counts)
     return Path(out)

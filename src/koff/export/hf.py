@@ -37,7 +37,9 @@ from koff.storage.run_dir import MemoryRecord
 from koff.model.base_model import gated_mlps
 from koff.core.files import sha256_file
 from koff.export.manifest import read_backbone_manifest, write_manifest
-from koff.export.prune import PrunedBackbone, resize_ffn, slice_lora_state, state_for_saving
+from koff.export.memories import dropped_parts
+from koff.export.prune import PrunedBackbone, resize_ffn, state_for_saving
+from koff.model.memory.kv import KVState
 
 REMOTE_FILES = ("configuration_koff.py", "modeling_koff.py")
 BASE_LINE = 'BASE_MODEL_TYPE = "llama"  # set by koff export: the base model\'s model_type'
@@ -52,7 +54,7 @@ def remote_source(name: str, base_model_type: str | None = None) -> str:
     return text
 
 
-def cartridge_files(rec: MemoryRecord, model_config) -> tuple[dict, dict[str, torch.Tensor]]:
+def cartridge_files(kv: KVState, model_config) -> tuple[dict, dict[str, torch.Tensor]]:
     """A KV memory as a peft CARTRIDGE adapter: (adapter_config, {"prompt_embeddings": ...}).
 
     peft stores the prefix as [m, layers * 2 * kv_heads * head_dim], keys and values of each
@@ -60,11 +62,11 @@ def cartridge_files(rec: MemoryRecord, model_config) -> tuple[dict, dict[str, to
     """
     from peft import CartridgeConfig
 
-    keys, values = rec.kv_keys, rec.kv_values  # [L, H, m, d]
+    keys, values = kv.keys, kv.values  # [L, H, m, d]
     layers, heads, m, d = keys.shape
     packed = torch.stack([keys, values], dim=1)  # [L, 2, H, m, d]
     packed = packed.permute(3, 0, 1, 2, 4).reshape(m, layers * 2 * heads * d)
-    cfg = CartridgeConfig(num_virtual_tokens=m, num_frozen_tokens=rec.kv_frozen, task_type="CAUSAL_LM",
+    cfg = CartridgeConfig(num_virtual_tokens=m, num_frozen_tokens=kv.num_frozen, task_type="CAUSAL_LM",
                           num_layers=layers, token_dim=heads * d, num_attention_heads=heads,
                           num_transformer_submodules=1)
     return cfg.to_dict(), {"prompt_embeddings": packed.contiguous()}
@@ -76,11 +78,40 @@ def _json_ready(d: dict) -> dict:
 
 def write_lora_adapter(d: Path, rec: MemoryRecord, state: dict[str, torch.Tensor], base_path: Path) -> list[str]:
     """A peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) in `d`."""
-    cfg = dict(rec.lora_config)
+    cfg = dict(rec.parts["lora"].config)
     cfg["base_model_name_or_path"] = str(Path(base_path).resolve())
     (d / "adapter_config.json").write_text(json.dumps(_json_ready(cfg), indent=2, sort_keys=True))
     save_file(state, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
     return ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def _write_kv(d: Path, kv: KVState, pb: PrunedBackbone, out: Path) -> list[str]:
+    """The KV part twice: kv.safetensors (koff's own format, what `koff serve` loads) and kv/ as a
+    peft CARTRIDGE adapter."""
+    save_file({"keys": kv.keys.contiguous(), "values": kv.values.contiguous()}, str(d / "kv.safetensors"),
+              metadata={"format": "pt"})
+    cfg, tensors = cartridge_files(kv, pb.model.config)
+    cfg["base_model_name_or_path"] = str(Path(out).resolve())
+    (d / "kv").mkdir()
+    (d / "kv" / "adapter_config.json").write_text(json.dumps(_json_ready(cfg), indent=2, sort_keys=True))
+    save_file(tensors, str(d / "kv" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return ["kv.safetensors", "kv/adapter_config.json", "kv/adapter_model.safetensors"]
+
+
+def _write_memory(d: Path, rec: MemoryRecord, pb: PrunedBackbone, out: Path) -> dict:
+    """One memory's folder of the export (each part it carries; `CARRIES["hf"]`) and its manifest entry."""
+    d.mkdir(parents=True)
+    files, carries = [], []
+    lora, kv = rec.parts.get("lora"), rec.parts.get("kv")
+    if lora is not None:
+        files += write_lora_adapter(d, rec, lora.fit_ffn(pb.run.keep, to_sliced=True).tensors, out)
+        carries.append("lora")
+    if kv is not None:
+        files += _write_kv(d, kv, pb, out)
+        carries.append("kv")
+    return {"files": {f: sha256_file(d / f) for f in files}, "carries": carries,
+            "lora_rank": None if lora is None else lora.rank, "kv_tokens": 0 if kv is None else kv.tokens,
+            "kv_frozen_tokens": 0 if kv is None else kv.num_frozen, "dropped": dropped_parts(rec, "hf")}
 
 
 def hf_config_dict(pb: PrunedBackbone) -> dict:
@@ -106,27 +137,8 @@ def write_hf(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
         pb.tokenizer.save_pretrained(tmp)
         save_file({f"layers.{i}": k for i, k in enumerate(pb.kept)}, str(tmp / "kept_neurons.safetensors"),
                   metadata={"format": "pt"})
-        memories = {}
-        for name, rec in pb.run.memories.items():
-            d = tmp / "memories" / name
-            d.mkdir(parents=True)
-            files, carries = [], []
-            if rec.lora_state is not None:
-                files += write_lora_adapter(d, rec, slice_lora_state(rec.lora_state, pb.kept), out)
-                carries.append("lora")
-            if rec.kv_keys is not None:
-                save_file({"keys": rec.kv_keys.contiguous(), "values": rec.kv_values.contiguous()},
-                          str(d / "kv.safetensors"), metadata={"format": "pt"})
-                cfg, tensors = cartridge_files(rec, pb.model.config)
-                cfg["base_model_name_or_path"] = str(Path(out).resolve())
-                (d / "kv").mkdir()
-                (d / "kv" / "adapter_config.json").write_text(json.dumps(_json_ready(cfg), indent=2, sort_keys=True))
-                save_file(tensors, str(d / "kv" / "adapter_model.safetensors"), metadata={"format": "pt"})
-                files += ["kv.safetensors", "kv/adapter_config.json", "kv/adapter_model.safetensors"]
-                carries.append("kv")
-            memories[name] = {"files": {f: sha256_file(d / f) for f in files}, "carries": carries,
-                              "lora_rank": None if rec.lora_config is None else rec.lora_config["r"],
-                              "kv_tokens": rec.kv_tokens, "kv_frozen_tokens": rec.kv_frozen}
+        memories = {name: _write_memory(tmp / "memories" / name, rec, pb, out)
+                    for name, rec in pb.run.memories.items()}
         write_manifest(tmp, out, pb, "hf", ["model.safetensors", "config.json", "kept_neurons.safetensors",
                                             *REMOTE_FILES], memories, {})
     return Path(out)

@@ -88,22 +88,6 @@ def _layer_and_module(key: str) -> tuple[int | None, str | None]:
     return layer, module
 
 
-def slice_lora_state(state: dict[str, torch.Tensor], kept: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut a LoRA state dict to the pruned backbone: a LoRA on gate/up_proj loses row j of B, one
-    on down_proj loses column j of A, for every deleted neuron j."""
-    out = {}
-    for key, t in state.items():
-        layer, module = _layer_and_module(key)
-        if layer is not None and module is not None:
-            idx = kept[layer]
-            if module in FFN_ROWS and ".lora_B." in key:
-                t = t[idx]
-            elif module in FFN_COLS and ".lora_A." in key:
-                t = t[:, idx]
-        out[key] = t.contiguous()
-    return out
-
-
 def padded_widths(widths: list[int], multiple: int = 1, minimum: int = 1) -> list[int]:
     """Each width rounded up to a multiple of `multiple`, and at least `minimum`."""
     return [max(minimum, -(-w // multiple) * multiple) for w in widths]

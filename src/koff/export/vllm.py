@@ -112,7 +112,7 @@ def write_vllm(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
         save_file({f"layers.{i}": k for i, k in enumerate(pb.kept)}, str(tmp / "kept_neurons.safetensors"),
                   metadata={"format": "pt"})
         memories = write_lora_halves(pb, tmp, names, widths,
-                                     lambda d, rec, state: write_lora_adapter(d, rec, state, out))
+                                     lambda d, rec, state: write_lora_adapter(d, rec, state, out), "vllm")
         ranks = sorted({m["lora_rank"] for m in memories.values()})
         write_manifest(tmp, out, pb, "vllm", ["model.safetensors", "config.json", "kept_neurons.safetensors",
                                               *REMOTE_FILES], memories, left_out, stored_widths=widths,

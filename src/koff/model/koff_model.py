@@ -21,7 +21,7 @@ from koff.core.compat import cache_kwarg
 from koff.core.errors import ConfigError
 from koff.core.names import check_memory_name
 from koff.model.gates import NeuronGates
-from koff.model.memory import PART_KINDS, Call, KVMemory, LoraSpec, Prefix, capture_kv, current_call, routed
+from koff.model.memory import PART_KINDS, Call, Prefix, capture_kv, current_call, routed
 
 MemorySpec = str | None | Sequence[str | None]
 
@@ -60,21 +60,26 @@ class KoffModel(nn.Module):
         if name in self.memory_names:
             raise ConfigError(f"memory {name!r} already exists")
 
-    def add_memory(self, name: str, lora: LoraSpec | None = None, kv: KVMemory | None = None) -> None:
-        """Add a memory from a LoRA spec (fresh adapter) and / or a ready KVMemory."""
+    def add_memory(self, name: str, **parts) -> None:
+        """Add a memory from each part kind's own in-memory form, by kind: e.g.
+        `add_memory("fr", lora=LoraSpec(8), kv=KVMemory(keys, values))` (a fresh LoRA, a ready KV)."""
         self._new_name(name)
-        if lora is not None:
-            self.parts["lora"].create(name, lora, {})
-        if kv is not None:
-            self.parts["kv"].add(name, kv)
+        unknown = sorted(set(parts) - set(self.parts))
+        if unknown:
+            raise ConfigError(f"memory {name!r}: unknown part kinds {unknown}; known: {sorted(self.parts)}")
+        for kind, value in parts.items():
+            if value is not None:
+                self.parts[kind].add(name, value)
 
-    def create_memory(self, name: str, cfg, init: dict) -> None:
-        """A fresh memory with every part `cfg` (a MemoryConfig) enables; `init` holds what the
-        parts need to start from (for KV: `init["kv"]`, the base model's cache of domain tokens)."""
+    def create_memory(self, name: str, cfg, tokens: torch.Tensor | None = None) -> None:
+        """A fresh memory with every part `cfg` (a MemoryConfig) enables, each started from the
+        first tokens of the memory's training text where it needs them (KV: the base model's own
+        cache of them)."""
         self._new_name(name)
         for part in self.parts.values():
             if part.enabled(cfg):
-                part.create(name, cfg, init)
+                part.create(name, cfg, part.initial(self, tokens if tokens is not None else torch.empty(0, dtype=torch.long),
+                                                    cfg, name))
 
     def install_memory(self, name: str, states: dict) -> None:
         """Add a stored memory: part kind -> its state (validated against the base model)."""

@@ -14,15 +14,15 @@ levels up:
 
 The served backbone has the same two facts (`Backbone.fingerprint`, `Backbone.mask_digest`), and
 both must match. A run's LoRA is shaped for the dense FFN widths and an export's for the pruned
-ones; `refit_lora` converts between the two exactly (a pruned neuron's rows / columns are cut, or
+ones; `PartState.fit_ffn` converts between the two exactly (a pruned neuron's rows / columns are cut, or
 zero-filled, and they never reach the output: its gate is 0 in a run, and it does not exist in an
-export), so either kind of memory folder can be loaded into either kind of server.
+export; `PartState.fit_ffn`), so either kind of memory folder can be loaded into either kind of
+server.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,17 +33,12 @@ from koff.core.fields import require
 from koff.core.files import load_tensors, read_json
 from koff.core.files import sha256_file
 from koff.core.errors import ArtifactError, ServeError
-from koff.model.memory import KVState, LoraState
-from koff.model.memory.kv import KVSection
-from koff.model.memory.lora import LoraSection
+from koff.model.memory import STATE_CLASSES
 from koff.model.koff_model import KoffModel
 from koff.core.names import check_memory_name
 
 RUN_MANIFEST = "koff.json"
 EXPORT_MANIFEST = "koff_backbone.json"
-FFN_ROWS = ("gate_proj", "up_proj")  # neuron j is row j of their output (LoRA B) ...
-FFN_COLS = ("down_proj",)  # ... and column j of this one's input (LoRA A)
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -84,8 +79,7 @@ class StoredMemory:
 
     @property
     def prefix_tokens(self) -> int:
-        kv = self.states.get("kv")
-        return 0 if kv is None else kv.tokens
+        return sum(state.prefix_tokens for state in self.states.values())
 
 
 @dataclass
@@ -113,11 +107,9 @@ def mask_digest(keep, widths) -> str:
 
 
 def _memory_info(states: dict) -> dict:
-    info = {"parts": sorted(states)}
-    if "lora" in states:
-        info["lora_rank"] = states["lora"].rank
-    if "kv" in states:
-        info["kv_tokens"] = states["kv"].tokens
+    info: dict = {"parts": sorted(states)}
+    for state in states.values():
+        info.update(state.describe())
     return info
 
 
@@ -295,9 +287,8 @@ def _run_memory(folder: Path, run_dir: Path, backbone: Backbone) -> tuple[dict, 
             keep.append(t.bool())
     _check_same_backbone(fp, keep, geometry.intermediate_sizes, backbone, where)
     rec = load_memory(folder, geometry)
-    states = dict(rec.parts)
-    if "lora" in states and backbone.sliced:
-        states["lora"] = refit_lora(states["lora"], backbone.keep, to_sliced=True)
+    states = {kind: state.fit_ffn(backbone.keep, to_sliced=True) if backbone.sliced else state
+              for kind, state in rec.parts.items()}
     return states, _training_text(m, rec.info, folder.name)
 
 
@@ -314,23 +305,15 @@ def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, t
     for rel, digest in files.items():
         _check_hash(folder / rel, digest, where)
     geometry = geometry_from_manifest(base, f"{where} base_model")
+    here = f"{where} memories.{folder.name}"
     states: dict = {}
-    if "adapter_model.safetensors" in files:
-        cfg = read_json(folder / "adapter_config.json")
-        here = f"{where} memories.{folder.name}"
-        targets = cfg.get("target_modules")
-        section = LoraSection.from_dict({"rank": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
-                                         "targets": sorted(targets) if isinstance(targets, list) else targets}, here)
-        states["lora"] = LoraState.load(folder, section, here)
-        if not backbone.sliced:
-            states["lora"] = refit_lora(states["lora"], mine.keep, to_sliced=False)
-    if "kv.safetensors" in files:
-        here = f"{where} memories.{folder.name}"
-        section = KVSection.from_dict({"tokens": entry.get("kv_tokens"),
-                                       "num_frozen_tokens": entry.get("kv_frozen_tokens", 0)}, here)
-        states["kv"] = KVState.load(folder, section, here, geometry)
+    for kind, state_cls in STATE_CLASSES.items():  # an export carries a part when it lists all its files
+        if all(f in files for f in state_cls.FILES):
+            state = state_cls.load(folder, state_cls.section_from_files(folder, entry, here), here, geometry)
+            states[kind] = state if backbone.sliced else state.fit_ffn(mine.keep, to_sliced=False)
     if not states:
-        raise ArtifactError(f"{where}: memory {folder.name!r} has neither a LoRA nor a KV part")
+        raise ArtifactError(f"{where}: memory {folder.name!r} lists the files of no memory part "
+                            f"({', '.join(STATE_CLASSES)})")
     return states, _source_run_text(m, folder.name)
 
 
@@ -346,31 +329,3 @@ def _source_run_text(export_manifest: dict, name: str) -> tuple:
     except ArtifactError:
         return (), "text"
     return _training_text(manifest, info, name)
-
-
-def refit_lora(state: LoraState, keep, to_sliced: bool) -> LoraState:
-    """A LoRA for the dense FFN widths cut to the kept neurons (`to_sliced`), or one for the pruned
-    widths zero-filled back to the dense widths. Attention projections are untouched."""
-    out = {}
-    for key, t in state.tensors.items():
-        layer = _LAYER.search(key)
-        module = next((p for p in key.split(".") if p in FFN_ROWS + FFN_COLS), None)
-        if layer is None or module is None or int(layer.group(1)) >= len(keep):
-            out[key] = t
-            continue
-        k = keep[int(layer.group(1))]
-        idx = k.nonzero().squeeze(1)
-        axis = 0 if (module in FFN_ROWS and ".lora_B." in key) else 1 if (module in FFN_COLS and ".lora_A." in key) \
-            else None
-        if axis is not None:
-            have, want = t.shape[axis], (k.numel() if to_sliced else idx.numel())
-            if have != want:
-                raise ArtifactError(f"LoRA tensor {key!r} has {have} neurons on axis {axis}, expected {want}")
-            if to_sliced:
-                t = t.index_select(axis, idx)
-            else:
-                shape = list(t.shape)
-                shape[axis] = k.numel()
-                t = t.new_zeros(shape).index_copy_(axis, idx, t)
-        out[key] = t.contiguous()
-    return LoraState(dict(state.config), out)

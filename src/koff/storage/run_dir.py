@@ -57,56 +57,9 @@ class MemoryRecord:
     meta: MemoryManifest | None = None
     """The typed memory.json (set when the memory was loaded from disk)."""
 
-    @classmethod
-    def of(cls, name: str, lora_config: dict | None = None, lora_state: dict | None = None,
-           kv_keys: torch.Tensor | None = None, kv_values: torch.Tensor | None = None, kv_frozen: int = 0,
-           info: dict | None = None) -> MemoryRecord:
-        """A record from the tensors of the two shipped kinds (LoRA config + state, KV keys/values)."""
-        from koff.model.memory import KVState, LoraState
-
-        parts = {}
-        if lora_state is not None:
-            parts["lora"] = LoraState(dict(lora_config or {}), lora_state)
-        if kv_keys is not None:
-            parts["kv"] = KVState(kv_keys, kv_values, kv_frozen)
-        return cls(name=name, parts=parts, info=dict(info or {}))
-
     def without(self, *kinds: str) -> MemoryRecord:
         """The same memory without the given parts (e.g. `without("kv")`: its LoRA half)."""
         return MemoryRecord(self.name, {k: v for k, v in self.parts.items() if k not in kinds}, dict(self.info))
-
-    # the two shipped kinds, for readers that handle them specifically (export)
-    @property
-    def lora(self):
-        return self.parts.get("lora")
-
-    @property
-    def kv(self):
-        return self.parts.get("kv")
-
-    @property
-    def lora_config(self) -> dict | None:
-        return None if self.lora is None else self.lora.config
-
-    @property
-    def lora_state(self) -> dict[str, torch.Tensor] | None:
-        return None if self.lora is None else self.lora.tensors
-
-    @property
-    def kv_keys(self) -> torch.Tensor | None:
-        return None if self.kv is None else self.kv.keys
-
-    @property
-    def kv_values(self) -> torch.Tensor | None:
-        return None if self.kv is None else self.kv.values
-
-    @property
-    def kv_frozen(self) -> int:
-        return 0 if self.kv is None else self.kv.num_frozen
-
-    @property
-    def kv_tokens(self) -> int:
-        return 0 if self.kv is None else self.kv.tokens
 
 
 @dataclass
@@ -252,10 +205,7 @@ def load_memory(folder: Path, geometry: Geometry, against: str = "the base model
     _check_hashes(folder, meta.files, where)
     rec = MemoryRecord(name=meta.name, info=meta.info, meta=meta)
     for kind, section in meta.parts.items():
-        if kind == "kv":
-            rec.parts[kind] = STATE_CLASSES[kind].load(folder, section, where, geometry, against)
-        else:
-            rec.parts[kind] = STATE_CLASSES[kind].load(folder, section, where)
+        rec.parts[kind] = STATE_CLASSES[kind].load(folder, section, where, geometry, against)
     return rec
 
 
@@ -342,6 +292,8 @@ def _load_backbone_lora(path: Path, meta: RunManifest, where: str):
 
 def _check_memories(meta: RunManifest, memories: dict[str, MemoryRecord], where: str) -> None:
     """Every domain has its memory, and every memory is of the shape the run was trained with."""
+    from koff.model.memory import PART_KINDS
+
     cfg = meta.training.memory
     if not cfg.empty:
         missing = [d for d in meta.domains if d not in memories]
@@ -352,16 +304,14 @@ def _check_memories(meta: RunManifest, memories: dict[str, MemoryRecord], where:
         raise ArtifactError(f"{where}: default_memory {meta.default_memory!r} has no memories/<name> folder")
     for name, rec in memories.items():
         mwhere = f"memories/{name}/memory.json"
-        lora, kv = rec.meta.parts.get("lora"), rec.meta.parts.get("kv")
-        if (lora is not None) != bool(cfg.lora_rank) or (lora is not None and lora.rank != cfg.lora_rank):
-            raise ArtifactError(f"{mwhere}: lora is {lora.rank if lora else None} but {where} training.memory.lora_rank "
-                                f"is {cfg.lora_rank}: every memory of a run has the run's shape")
-        if lora is not None and list(lora.targets) != sorted(cfg.lora_targets):
-            raise ArtifactError(f"{mwhere}: lora.targets {list(lora.targets)} differ from {where} "
-                                f"training.memory.lora_targets {sorted(cfg.lora_targets)}")
-        if (kv is not None) != bool(cfg.kv_tokens) or (kv is not None and kv.tokens != cfg.kv_tokens):
-            raise ArtifactError(f"{mwhere}: kv.tokens is {kv.tokens if kv else None} but {where} "
-                                f"training.memory.kv_tokens is {cfg.kv_tokens}: every memory of a run has the run's shape")
+        for kind, part in PART_KINDS.items():
+            section = rec.meta.parts.get(kind)
+            if (section is not None) != part.enabled(cfg):
+                raise ArtifactError(f"{mwhere}: {'has' if section is not None else 'has no'} {kind} part, but {where} "
+                                    f"training.memory {'does not enable' if section is not None else 'enables'} one: "
+                                    "every memory of a run has the run's shape")
+            if section is not None:
+                part.state_class.check_run_shape(section, cfg, f"{mwhere} ({where})")
 
 
 def check_base(run: Run, source: str, fingerprint: str) -> None:

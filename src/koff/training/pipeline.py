@@ -20,6 +20,7 @@ from koff.storage.manifests import DomainRecord
 from koff.core.atomic import remove_tree
 from koff.model.gates import NeuronGates, sparsity_report
 from koff.model.koff_model import KoffModel
+from koff.model.memory.parts import PART_KINDS
 from koff.core.runtime import Runtime, barrier, resolve_dtype
 from koff.training.loop import GENERAL_MEMORY, Trainer
 
@@ -30,8 +31,9 @@ class Streams:
 
     domains: dict[str, BlockStream]
     general: BlockStream | None
-    kv_init: dict[str, torch.Tensor]
-    """Per domain, the leading train tokens its KV memory is initialised from."""
+    leading: dict[str, torch.Tensor]
+    """Per memory, the first tokens of its training text: what a fresh memory's parts start from
+    (`MemoryPart.tokens_needed`; the KV part caches them)."""
 
 
 def _packed(tokens: torch.Tensor, seq_len: int, what: str, files) -> torch.Tensor:
@@ -43,45 +45,46 @@ def _packed(tokens: torch.Tensor, seq_len: int, what: str, files) -> torch.Tenso
 
 
 def build_streams(domains: list[Domain], general: list[Path], tokenizer, cfg: TrainConfig,
-                  kv_tokens: int = 0) -> Streams:
-    """Tokenise and pack every domain's train files (and the general files) deterministically."""
-    streams, kv_init = {}, {}
+                  leading_tokens: int = 0) -> Streams:
+    """Tokenise and pack every domain's train files (and the general files) deterministically,
+    keeping the first `leading_tokens` of each for the memories to start from."""
+    streams, leading = {}, {}
     for i, d in enumerate(domains):
         tokens = tokenize_files(d.train, tokenizer, d.text_field)
         streams[d.name] = BlockStream(_packed(tokens, cfg.seq_len, f"domain {d.name!r}", d.train), cfg.batch_size,
                                       seed=cfg.seed * 1000 + i)
-        kv_init[d.name] = tokens[:kv_tokens]
+        leading[d.name] = tokens[:leading_tokens]
     gen = None
     if general:
         tokens = tokenize_files(general, tokenizer)
         gen = BlockStream(_packed(tokens, cfg.seq_len, "the general data", general), cfg.batch_size,
                           seed=cfg.seed * 1000 + 999)
-        kv_init[GENERAL_MEMORY] = tokens[:kv_tokens]
-    return Streams(streams, gen, kv_init)
+        leading[GENERAL_MEMORY] = tokens[:leading_tokens]
+    return Streams(streams, gen, leading)
 
 
-def add_memories(km: KoffModel, names: list[str], kv_init: dict[str, torch.Tensor], cfg: MemoryConfig,
+def add_memories(km: KoffModel, names: list[str], leading: dict[str, torch.Tensor], cfg: MemoryConfig,
                  seed: int) -> None:
-    """Create one fresh memory per name: LoRA (B = 0, so it starts as a no-op) and a KV memory
-    initialised from the base model's own cache of the domain's first tokens."""
-    check_kv_init(kv_init, names, cfg)
+    """Create one fresh memory per name with every part `cfg` enables (LoRA: B = 0, so it starts
+    as a no-op; KV: the base model's own cache of the memory's first tokens)."""
+    check_leading_tokens(leading, names, cfg)
     torch.manual_seed(seed)  # LoRA A init draws from the global RNG: same memories in every run
     for name in names:
-        init = {}
-        if cfg.kv_tokens:
-            init["kv"] = km.capture_kv(kv_init[name])
-        km.create_memory(name, cfg, init)
+        km.create_memory(name, cfg, leading[name])
 
 
-def check_kv_init(kv_init: dict[str, torch.Tensor], names: list[str], cfg: MemoryConfig) -> None:
-    """Each memory's training text must hold the memory.kv_tokens its KV memory starts from."""
-    if not cfg.kv_tokens:
-        return
+def leading_tokens(cfg: MemoryConfig) -> int:
+    """Tokens of each memory's training text its parts start from."""
+    return max([kind.tokens_needed(cfg) for kind in PART_KINDS.values() if kind.enabled(cfg)], default=0)
+
+
+def check_leading_tokens(leading: dict[str, torch.Tensor], names: list[str], cfg: MemoryConfig) -> None:
+    """Each memory's training text must hold what its parts start from (checked before minutes of
+    calibration, not after)."""
     for name in names:
-        ids = kv_init[name]
-        if ids.numel() < cfg.kv_tokens:
-            raise DataError(f"memory.kv_tokens (--kv-tokens) = {cfg.kv_tokens}, but the training text of {name!r} "
-                            f"holds only {ids.numel()} tokens to initialise its KV memory from")
+        for kind in PART_KINDS.values():
+            if kind.enabled(cfg):
+                kind.check_tokens(leading[name], cfg, name)
 
 
 def check_finite(km: KoffModel, names: list[str], what: str) -> None:
@@ -180,8 +183,8 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     base, tok, source = load_base(cfg.model, dtype=resolve_dtype(cfg.train.dtype), device=runtime.device)
     if cfg.memory.lora_rank:
         target_modules(base, cfg.memory.lora_targets)  # fail now, not after minutes of calibration
-    streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, cfg.memory.kv_tokens)
-    check_kv_init(streams.kv_init, memory_names(cfg) if not cfg.memory.empty else [], cfg.memory)
+    streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, leading_tokens(cfg.memory))
+    check_leading_tokens(streams.leading, memory_names(cfg) if not cfg.memory.empty else [], cfg.memory)
     learned = prune and cfg.mask == "learned"
     gates = None
     if learned:
@@ -193,7 +196,7 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     km = KoffModel(base, gates)
     names = memory_names(cfg)
     if not cfg.memory.empty:
-        add_memories(km, names, streams.kv_init, cfg.memory, cfg.train.seed)
+        add_memories(km, names, streams.leading, cfg.memory, cfg.train.seed)
     if prune and cfg.train.backbone_lora_rank:
         from koff.model.backbone_lora import BackboneLora
         from koff.model.memory import LoraSpec
@@ -450,8 +453,8 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
                 tmp = make_temp_dir(final)
                 staged.append((tmp, final))
                 km, tok = build_model(target, model=model, memories=[], runtime=runtime)
-                streams = build_streams([domain], general, tok, train_cfg, mem_cfg.kv_tokens)
-                add_memories(km, [name], streams.kv_init, mem_cfg, train_cfg.seed)
+                streams = build_streams([domain], general, tok, train_cfg, leading_tokens(mem_cfg))
+                add_memories(km, [name], streams.leading, mem_cfg, train_cfg.seed)
                 metrics = tmp / "metrics.jsonl"
                 summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
                                   memories=[name], progress=progress, runtime=runtime,

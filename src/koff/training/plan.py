@@ -82,19 +82,12 @@ def _meta_model(config, memory, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     from koff.model.gates import NeuronGates
-    from koff.model.memory import KVMemory, lora_config
     from koff.model.koff_model import KoffModel
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, dtype=dtype)
         km = KoffModel(base, NeuronGates.for_model(base))
-        g = km.geometry
-        kv = None
-        if memory.kv_tokens:
-            zeros = torch.zeros(g.num_layers, g.num_kv_heads, memory.kv_tokens, g.head_dim)
-            kv = KVMemory(zeros, zeros.clone(), num_frozen=memory.kv_frozen_tokens)
-        lora = lora_config(memory.lora_rank, memory.lora_alpha, memory.lora_targets) if memory.lora_rank else None
-        km.add_memory("m", lora=lora, kv=kv)
+        km.create_memory("m", memory, torch.zeros(max(memory.kv_tokens, 1), dtype=torch.long))
     return km
 
 
@@ -145,16 +138,16 @@ def make_plan(model: str | None = None, memory=None, batch_size: int = 4, seq_le
         if plan is None:
             geo = inspect_model(km.model)
             counts = parameter_counts(km.model)
-            lora = sum(p.numel() for p in km.parts["lora"].parameters_of("m"))
-            kv = sum(p.numel() for p in km.parts["kv"].parameters_of("m"))
+            per_part = {kind: sum(p.numel() for p in part.parameters_of("m")) for kind, part in km.parts.items()}
+            per_memory = sum(per_part.values())
             gates = sum(p.numel() for p in km.gates.parameters())
             plan = Plan(model=name, architecture=geo.architecture, num_layers=geo.num_layers,
                         hidden_size=geo.hidden_size, intermediate_sizes=list(geo.intermediate_sizes),
                         vocab_size=config.get_text_config().vocab_size,
                         parameters={**counts, "removed_at_target": round(target_sparsity * counts["ffn"])},
-                        per_memory={"lora": lora, "kv": kv, "total": lora + kv}, memories=memories,
-                        trainable={"gates": gates, "memories": memories * (lora + kv),
-                                   "total": gates + memories * (lora + kv)},
+                        per_memory={**per_part, "total": per_memory}, memories=memories,
+                        trainable={"gates": gates, "memories": memories * per_memory,
+                                   "total": gates + memories * per_memory},
                         micro_batch=micro, seq_len=seq_len, prefix_tokens=memory.kv_tokens, world_size=world_size,
                         fsdp=fsdp)
         size = torch.empty((), dtype=dtype).element_size()
@@ -227,7 +220,6 @@ def _measure_child(model: str | None, memory, micro_batch: int, seq_len: int, dt
                    steps: int, device: str, queue) -> None:
     from koff.model.base_model import load_base
     from koff.model.gates import NeuronGates
-    from koff.model.memory import KVMemory, lora_config
     from koff.model.koff_model import KoffModel, lm_loss
     from koff.core.runtime import resolve_device, resolve_dtype
     from koff.model.controllers import Projection
@@ -236,12 +228,7 @@ def _measure_child(model: str | None, memory, micro_batch: int, seq_len: int, dt
     base, _, _ = load_base(model, dtype=resolve_dtype(dtype), device=dev)
     km = KoffModel(base, NeuronGates.for_model(base).to(dev))
     x = torch.randint(0, base.config.vocab_size, (micro_batch, seq_len), device=dev)
-    kv = None
-    if memory.kv_tokens:
-        k, v = km.capture_kv(x[0, : memory.kv_tokens])
-        kv = KVMemory(k, v, memory.kv_frozen_tokens)
-    km.add_memory("m", lora=lora_config(memory.lora_rank, memory.lora_alpha, memory.lora_targets)
-                  if memory.lora_rank else None, kv=kv)
+    km.create_memory("m", memory, x[0].cpu())
     if checkpointing:
         km.enable_gradient_checkpointing()
     opt = torch.optim.Adam([{"params": list(km.gates.parameters()), "lr": 0.1}, {"params": km.memory_parameters("m")}])

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from koff.core.errors import ArtifactError
-from koff.model.memory.parts import Call, Prefix, register_part
+from koff.model.memory.parts import Call, MemoryPart, PartState, Prefix, register_part
 
 KV_FILE = "kv.safetensors"
 
@@ -89,7 +89,7 @@ class KVSection:
 
 
 @dataclass
-class KVState:
+class KVState(PartState):
     """A stored KV memory."""
 
     kind: ClassVar[str] = "kv"
@@ -143,6 +143,24 @@ class KVState:
             raise ArtifactError(f"{path}: tensors have shape {list(tensors['keys'].shape)}, but {where} records "
                                 f"kv.shape {list(section.shape)}")
         return state
+
+    @classmethod
+    def section_from_files(cls, folder: Path, entry: dict, where: str) -> KVSection:
+        return KVSection.from_dict({"tokens": entry.get("kv_tokens"), "num_frozen_tokens": entry.get("kv_frozen_tokens", 0)},
+                                   where)
+
+    @classmethod
+    def check_run_shape(cls, section: KVSection, memory_cfg, where: str) -> None:
+        if section.tokens != memory_cfg.kv_tokens:
+            raise ArtifactError(f"{where}: kv.tokens is {section.tokens} but the run's training.memory.kv_tokens is "
+                                f"{memory_cfg.kv_tokens}: every memory of a run has the run's shape")
+
+    def describe(self) -> dict:
+        return {"kv_tokens": self.tokens}
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.tokens
 
     def check_geometry(self, geometry, where: Path, against: str = "the base model") -> None:
         want = [geometry.num_layers, geometry.num_kv_heads, self.tokens, geometry.head_dim]
@@ -209,26 +227,43 @@ def build_prefix(memories: Sequence[KVMemory | None], dtype: torch.dtype | None 
 
 
 @register_part
-class KVPart(nn.Module):
+class KVPart(MemoryPart):
     """The KV memories of every memory of a KoffModel; a call's rows get them as a cache prefix."""
 
     kind: ClassVar[str] = "kv"
-    state_class: ClassVar[type] = KVState
+    state_class: ClassVar[type[PartState]] = KVState
 
     def __init__(self, base: nn.Module):
-        super().__init__()
-        self.__dict__["_base"] = base
+        super().__init__(base)
         self.memories = nn.ModuleDict()
 
     def names(self) -> list[str]:
         return list(self.memories)
 
-    def enabled(self, cfg) -> bool:
+    @classmethod
+    def enabled(cls, cfg) -> bool:
         return cfg.kv_tokens > 0
 
-    def create(self, name: str, cfg, init: dict) -> None:
-        """`init["kv"]`: the (keys, values) the base model caches for the domain's first tokens."""
-        keys, values = init["kv"]
+    @classmethod
+    def tokens_needed(cls, cfg) -> int:
+        return cfg.kv_tokens
+
+    @classmethod
+    def check_tokens(cls, tokens: torch.Tensor, cfg, name: str) -> None:
+        from koff.core.errors import DataError
+
+        if tokens.numel() < cfg.kv_tokens:
+            raise DataError(f"memory.kv_tokens (--kv-tokens) = {cfg.kv_tokens}, but the training text of {name!r} "
+                            f"holds only {tokens.numel()} tokens to initialise its KV memory from")
+
+    def initial(self, km, tokens: torch.Tensor, cfg, name: str):
+        """The base model's own cache (dense, no memory) of the memory's first `kv_tokens` tokens."""
+        self.check_tokens(tokens, cfg, name)
+        return km.capture_kv(tokens[: cfg.kv_tokens])
+
+    def create(self, name: str, cfg, init) -> None:
+        """`init`: the (keys, values) the base model caches for the domain's first tokens."""
+        keys, values = init
         self.add(name, KVMemory(keys, values, num_frozen=cfg.kv_frozen_tokens))
 
     def add(self, name: str, kv: KVMemory) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from koff.core.errors import ArtifactError, ConfigError
-from koff.model.memory.parts import Call, current_call, register_part
+from koff.model.memory.parts import Call, MemoryPart, PartState, current_call, register_part
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FFN_ROWS = ("gate_proj", "up_proj")  # FFN neuron j is row j of their output (LoRA B) ...
+FFN_COLS = ("down_proj",)  # ... and column j of this one's input (LoRA A)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False}
 """peft LoRA options koff does not implement, with the only value it accepts."""
 
@@ -116,7 +120,7 @@ class LoraSection:
 
 
 @dataclass
-class LoraState:
+class LoraState(PartState):
     """A stored LoRA: the peft adapter config and its tensors (peft key names)."""
 
     kind: ClassVar[str] = "lora"
@@ -172,7 +176,8 @@ class LoraState:
                            targets=tuple(sorted(self.config["target_modules"])))
 
     @classmethod
-    def load(cls, folder: Path, section: LoraSection, where: str) -> LoraState:
+    def load(cls, folder: Path, section: LoraSection, where: str, geometry=None,
+             against: str = "the base model") -> LoraState:
         from koff.core.files import load_tensors, read_json
 
         rank = section.rank
@@ -209,6 +214,55 @@ class LoraState:
                 raise ArtifactError(f"{folder / ADAPTER_WEIGHTS}: module {p!r} is not one of the targets "
                                     f"{list(section.targets)} ({where}: lora.targets)")
         return state
+
+    @classmethod
+    def section_from_files(cls, folder: Path, entry: dict, where: str) -> LoraSection:
+        from koff.core.files import read_json
+
+        cfg = read_json(folder / ADAPTER_CONFIG)
+        targets = cfg.get("target_modules")
+        return LoraSection.from_dict({"rank": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
+                                      "targets": sorted(targets) if isinstance(targets, list) else targets}, where)
+
+    @classmethod
+    def check_run_shape(cls, section: LoraSection, memory_cfg, where: str) -> None:
+        if section.rank != memory_cfg.lora_rank:
+            raise ArtifactError(f"{where}: lora is {section.rank} but the run's training.memory.lora_rank is "
+                                f"{memory_cfg.lora_rank}: every memory of a run has the run's shape")
+        if list(section.targets) != sorted(memory_cfg.lora_targets):
+            raise ArtifactError(f"{where}: lora.targets {list(section.targets)} differ from the run's "
+                                f"training.memory.lora_targets {sorted(memory_cfg.lora_targets)}")
+
+    def describe(self) -> dict:
+        return {"lora_rank": self.rank}
+
+    def fit_ffn(self, keep, to_sliced: bool) -> LoraState:
+        """Cut to the kept FFN neurons (`to_sliced`): row j of B on gate/up_proj and column j of A
+        on down_proj go with neuron j; or zero-filled back to the dense widths (a pruned neuron
+        never reaches the output either way). Attention projections are untouched."""
+        out = {}
+        for key, t in self.tensors.items():
+            layer = _LAYER.search(key)
+            module = next((p for p in key.split(".") if p in FFN_ROWS + FFN_COLS), None)
+            if layer is None or module is None or int(layer.group(1)) >= len(keep):
+                out[key] = t
+                continue
+            k = keep[int(layer.group(1))]
+            idx = k.nonzero().squeeze(1)
+            axis = (0 if (module in FFN_ROWS and ".lora_B." in key) else 1 if (module in FFN_COLS and ".lora_A." in key)
+                    else None)
+            if axis is not None:
+                have, want = t.shape[axis], (k.numel() if to_sliced else idx.numel())
+                if have != want:
+                    raise ArtifactError(f"LoRA tensor {key!r} has {have} neurons on axis {axis}, expected {want}")
+                if to_sliced:
+                    t = t.index_select(axis, idx)
+                else:
+                    shape = list(t.shape)
+                    shape[axis] = k.numel()
+                    t = t.new_zeros(shape).index_copy_(axis, idx, t)
+            out[key] = t.contiguous()
+        return LoraState(dict(self.config), out)
 
     def check(self, base: nn.Module, where: Path) -> None:
         """Every target linear layer of `base` has its A and B, of the shapes that layer needs."""
@@ -263,15 +317,14 @@ class _Mixed:
 
 
 @register_part
-class LoraPart(nn.Module):
+class LoraPart(MemoryPart):
     """The LoRA adapters of every memory of a KoffModel, and the hooks that apply them."""
 
     kind: ClassVar[str] = "lora"
-    state_class: ClassVar[type] = LoraState
+    state_class: ClassVar[type[PartState]] = LoraState
 
     def __init__(self, base: nn.Module):
-        super().__init__()
-        self.__dict__["_base"] = base  # not a submodule: the base model belongs to the KoffModel
+        super().__init__(base)
         self.adapters = nn.ModuleDict()
         self._hooked: dict[str, object] = {}
 
@@ -279,10 +332,15 @@ class LoraPart(nn.Module):
     def names(self) -> list[str]:
         return list(self.adapters)
 
-    def enabled(self, cfg) -> bool:
+    @classmethod
+    def enabled(cls, cfg) -> bool:
         return cfg.lora_rank > 0
 
-    def create(self, name: str, cfg, init: dict) -> None:
+    def add(self, name: str, value: LoraSpec) -> None:
+        """A fresh adapter from a LoraSpec (B = 0)."""
+        self.create(name, value, None)
+
+    def create(self, name: str, cfg, init=None) -> None:
         spec = cfg if isinstance(cfg, LoraSpec) else LoraSpec(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
         paths = target_modules(self._base, spec.targets)
         a_list, b_list = [], []
