@@ -5,7 +5,7 @@
 For each domain of the run whose name is a bundled language, the valid split's documents are cut
 into sentences; each sentence (its first L tokens, for every L in --lengths; then the whole
 sentence, up to the router's 128 tokens) is routed exactly as the server routes an unlabeled
-prompt (`koff.serve.router`), by both routers: `classifier` (naive Bayes over token ids, fitted
+prompt (`koff.serve.routing`), by both routers: `classifier` (naive Bayes over token ids, fitted
 on the training files the run recorded for each memory) and `loss` (the memory with the lowest
 mean next-token loss). A pick is right when it is the memory of the sentence's language. The columns for L use the same sentences
 (those with at least max(L) tokens); "whole" uses every sentence with at least 2 tokens. The
@@ -47,7 +47,7 @@ def main() -> None:
     from koff.data.text import BUNDLED_LANGUAGES, data_root
     from koff.core.runtime import Runtime
     from koff.serve.loading import fit_router, load_served
-    from koff.serve.router import TokenClassifier, choose, token_losses
+    from koff.serve.routing import TokenClassifier, choose, token_losses
 
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
     served = load_served(args.run, Runtime(torch.device("cpu")))

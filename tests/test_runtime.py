@@ -70,14 +70,12 @@ def test_every_command_takes_device_and_dtype(command):
 
 
 def test_demo_trains_and_evaluates_in_the_dtype_it_is_given(monkeypatch, tmp_path):
-    import koff.evaluation.perplexity
-    import koff.training.pipeline
-    from koff.cli import main
+    from koff.cli import demo, main
 
     seen = {}
-    monkeypatch.setattr(koff.train, "decompose", lambda cfg, overwrite, runtime: seen.update(cfg=cfg, train=runtime))
-    monkeypatch.setattr(koff.evaluate, "evaluate_run", lambda run, settings, runtime: seen.update(eval=runtime) or {})
-    monkeypatch.setattr(koff.evaluate, "print_result", lambda result: None)
+    monkeypatch.setattr(demo, "decompose", lambda cfg, overwrite, runtime: seen.update(cfg=cfg, train=runtime))
+    monkeypatch.setattr(demo, "evaluate_run", lambda run, settings, runtime: seen.update(eval=runtime) or {})
+    monkeypatch.setattr(demo, "print_result", lambda result: None)
     assert main(["demo", "-o", str(tmp_path / "d"), "--device", "cpu", "--dtype", "bfloat16"]) == 0
     assert seen["cfg"].train.dtype == "bfloat16"
     assert seen["train"].dtype is torch.bfloat16 and seen["eval"].dtype is torch.bfloat16

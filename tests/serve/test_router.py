@@ -4,7 +4,7 @@ import torch
 
 from koff.model.memory import KVMemory, lora_config
 from koff.model.koff_model import KoffModel, lm_loss
-from koff.serve.router import choose, token_losses
+from koff.serve.routing import choose, token_losses
 
 from conftest import tiny_model
 
@@ -37,7 +37,7 @@ def test_token_losses_equal_each_prompt_scored_alone():
 
 
 def test_classifier_picks_the_memory_whose_training_text_fits(tmp_path):
-    from koff.serve.router import TokenClassifier, token_counts
+    from koff.serve.routing import TokenClassifier, token_counts
 
     from conftest import corpus, tiny_tokenizer
 

@@ -14,12 +14,13 @@ from koff.data.text import BUNDLED_LANGUAGES, Domain, bundled_domain, general_fi
 from koff.core.errors import DataError
 from koff.model.memory import LORA_TARGETS
 from koff.core.runtime import DTYPES
+from koff.model.importance import SCORES
 from koff.model.controllers import CONTROLLERS
 from koff.core.errors import ConfigError
 from koff.core.fields import from_mapping
 
 
-MASKS = ("learned", "magnitude", "wanda-sp", "flap")
+MASKS = ("learned", *SCORES)
 REG_MEMORIES = ("domain", "none", "general")
 """Values of `train.reg_memory` (see TrainConfig)."""
 DISTILL_TEACHERS = ("reference", "dense")
@@ -28,6 +29,24 @@ DOMAIN_SAMPLING = ("round-robin", "dynamic")
 """Values of `train.domain_sampling` (see TrainConfig)."""
 TARGET_SCHEDULES = ("linear", "overshoot")
 """Values of `train.target_schedule` (see `koff.sparsity.target_at`)."""
+GATE_INITS = (*SCORES, "constant")
+"""Values of `train.gate_init` (see TrainConfig)."""
+MASK_SCOPES = ("global", "layer")
+"""Values of `train.mask_scope` (see TrainConfig)."""
+
+
+def choices(field_name: str) -> tuple[str, ...] | None:
+    """The values a string field of TrainConfig may take (None: any), the one list that config
+    validation and the command line's choices both read."""
+    lists = {"controller": tuple(sorted(CONTROLLERS)), "reg_memory": REG_MEMORIES, "distill_from": DISTILL_TEACHERS,
+             "domain_sampling": DOMAIN_SAMPLING, "target_schedule": TARGET_SCHEDULES, "gate_init": GATE_INITS,
+             "mask_scope": MASK_SCOPES, "dtype": tuple(sorted(DTYPES))}
+    return lists.get(field_name)
+
+
+POSITIVE = ("steps", "batch_size", "seq_len", "grad_accum", "dbl_every", "calibration_tokens")
+"""Whole-number TrainConfig fields that must be at least 1 (the others at least 0)."""
+
 FORMER_DEFAULTS = {"controller": "projection", "reg_memory": "domain"}
 """train fields whose default has changed, with what koff did before the field existed. koff writes
 every field into the configs it stores (config.yaml, koff.json), so a stored config that lacks one
@@ -43,6 +62,7 @@ class MemoryConfig:
     lora_alpha: float | None = None
     """LoRA scaling numerator (default 2 * rank)."""
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """The projections every memory's LoRA adapts (module names of the base model's linear layers)."""
     kv_tokens: int = 16
     """Trainable KV tokens per layer (0: no KV memory)."""
     kv_frozen_tokens: int = 1
@@ -73,14 +93,21 @@ class TrainConfig:
     """The offloading loop's schedule and optimisers."""
 
     steps: int = 400
+    """Optimizer steps (domain and regularization steps together)."""
     batch_size: int = 4
+    """Sequences in one optimizer step's global batch (split over grad_accum and processes)."""
     seq_len: int = 128
+    """Tokens per training sequence."""
     reg_every: int = 4
     """Every reg_every-th step is a general-data regularization step (0: none)."""
     lr_gates: float = 0.1
+    """Adam learning rate of the gates' log alpha."""
     lr_lambda: float = 1.0
+    """Learning rate of the Lagrangian multipliers (gradient ascent; Sheared-LLaMA's 1.0)."""
     lr_lora: float = 1e-3
+    """Adam learning rate of the LoRA adapters (memories and the backbone's own)."""
     lr_kv: float = 1e-2
+    """Adam learning rate of the KV memory tokens."""
     warmup_frac: float = 0.3
     """Fraction of steps over which the target sparsity ramps from 0 to s*."""
     consolidate_frac: float = 0.3
@@ -95,7 +122,9 @@ class TrainConfig:
     gate_init: str = "wanda-sp"
     """"wanda-sp", "flap", "magnitude" (log_alpha from per-layer z-scores of that score) or "constant"."""
     gate_init_center: float = 3.0
+    """log alpha of a neuron of average score (and of every neuron with gate_init: constant)."""
     gate_init_scale: float = 2.0
+    """log alpha per standard deviation of the per-layer z-score of log score."""
     log_alpha_limit: float = 10.0
     """log_alpha is clamped to [-limit, limit]. Sheared-LLaMA's log 1e2 = 4.6 keeps even the
     surest gate noisy (P(z < 1) = 5% at the bound), which cost 4-12% perplexity at 80 steps
@@ -153,6 +182,7 @@ class TrainConfig:
     """Precision of the frozen base weights (float32, bfloat16, float16); gates and memories
     always train in float32."""
     seed: int = 0
+    """Seed of the data order, the gate noise, the memories' initialisation and the regularization memory."""
 
     def validate(self, where: str = "train") -> None:
         """Check every field on its own (raises ConfigError naming `where`.FIELD)."""
@@ -204,9 +234,9 @@ class TrainConfig:
             raise ConfigError(f"{where}.calibration_tokens must be >= 1, got {t.calibration_tokens}")
         if t.seed < 0:
             raise ConfigError(f"{where}.seed must be >= 0, got {t.seed}")
-        if t.gate_init not in ("wanda-sp", "flap", "magnitude", "constant"):
+        if t.gate_init not in GATE_INITS:
             raise ConfigError(f"{where}.gate_init must be wanda-sp, flap, magnitude or constant, got {t.gate_init!r}")
-        if t.mask_scope not in ("global", "layer"):
+        if t.mask_scope not in MASK_SCOPES:
             raise ConfigError(f"{where}.mask_scope must be 'global' or 'layer', got {t.mask_scope!r}")
         if not (0 <= t.warmup_frac <= 1 and 0 <= t.consolidate_frac < 1 and t.warmup_frac + t.consolidate_frac <= 1):
             raise ConfigError(f"{where}.warmup_frac and {where}.consolidate_frac must be in [0, 1] and sum to at most 1")

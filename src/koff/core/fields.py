@@ -12,8 +12,11 @@ Two entry points share the checks:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 from typing import Any, TypeVar
 
 from koff.core.errors import ArtifactError, ConfigError
@@ -115,3 +118,16 @@ def from_mapping(cls: type[T], raw: Any, where: str) -> T:
             v = type(default)(v)
         setattr(out, k, v)
     return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring of each field of a dataclass: the string literal written on the line after
+    the field (how koff documents its config fields), by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs

@@ -166,7 +166,7 @@ def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ..
 def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
     """Count the tokens of the memory's training text for the auto router (if it can be read)."""
     from koff.core.errors import DataError
-    from koff.serve.router import token_counts
+    from koff.serve.routing import token_counts
 
     if not stored.train_files:
         return

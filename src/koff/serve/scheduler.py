@@ -41,7 +41,7 @@ from koff.core.compat import cache_kwarg
 from koff.core.errors import ServeError
 from koff.model.memory import Call, routed
 from koff.model.koff_model import KoffModel
-from koff.serve import router
+from koff.serve import routing as router
 from koff.serve.loading import StoredMemory
 from koff.serve.metrics import Metrics
 from koff.serve.text import TextStream
@@ -133,7 +133,7 @@ class EngineConfig:
     prefill_tokens: int = 4096
     """Padded prompt tokens one prefill may take (a single longer prompt is still admitted alone)."""
     router: str = "classifier"
-    """How AUTO picks a memory (`koff.serve.router`): "classifier", or "loss"."""
+    """How AUTO picks a memory (`koff.serve.routing`): "classifier", or "loss"."""
     router_tokens: int = 128
     """Prompt tokens the router scores."""
 

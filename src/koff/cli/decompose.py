@@ -1,0 +1,95 @@
+"""`koff decompose`: learn a sparse backbone + per-domain memories."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from koff.cli.args import add_config_flags, add_runtime_args, config_overrides, finite, name_files
+from koff.config.recipe import MASKS, config_from_dict, read_yaml
+from koff.core.errors import ConfigError
+from koff.core.runtime import Runtime
+from koff.training.pipeline import decompose
+
+NAME = "decompose"
+HELP = "learn a sparse backbone + per-domain memories"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (flags given here override it)")
+    p.add_argument("--model", help="base model: local transformers folder or hub id (default: bundled SmolLM2-135M)")
+    p.add_argument("--domains", nargs="+", metavar="LANG", help="bundled domains by name (en fr es de it pt)")
+    p.add_argument("--train", type=name_files, action="append", default=[], metavar="NAME=FILES",
+                   help="a domain of your own: its training files (.txt one document per line, or .jsonl)")
+    p.add_argument("--test", type=name_files, action="append", default=[], metavar="NAME=FILES",
+                   help="test files of a domain")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--general", nargs="+", metavar="FILE",
+                   help="general-domain files for regularization steps ('bundled' or 'none'; default bundled)")
+    p.add_argument("--sparsity", type=finite, help="target s*: fraction of FFN parameters to remove (default 0.2)")
+    p.add_argument("--mask", choices=MASKS, help="learned (koff's gates, default) or a one-shot mask from a neuron "
+                                                 "score (a baseline: only the memories train)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="in a multi-process launch, shard the frozen base over the processes (also set by an "
+                        "accelerate FSDP config)")
+    p.add_argument("--no-reference", action="store_true", help="skip training dense + memories for comparison")
+    p.add_argument("-o", "--output", type=Path, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (train.checkpoint_every > 0)")
+    add_config_flags(p, "memory")
+    add_config_flags(p, "train")
+    add_runtime_args(p, "precision of the frozen base weights; gates and memories train in float32")
+
+
+def _domains(args: argparse.Namespace, domains):
+    """The domains section: the config's, replaced by --domains / --train when given."""
+    if args.test and not args.train:
+        raise ConfigError("--test needs --train for the same NAME (a bundled domain brings its own test files)")
+    names = list(args.domains or []) + [n for n, _ in args.train]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--domains / --train: a domain is given twice: {names}")
+    if not (args.domains or args.train):
+        return domains
+    out: dict = {name: "bundled" for name in args.domains or []}
+    tests = dict(args.test)
+    for name, files in args.train:
+        out[name] = {"train": [str(f) for f in files], "test": [str(f) for f in tests.get(name, [])],
+                     "text_field": args.text_field}
+    unknown = sorted(set(tests) - {n for n, _ in args.train})
+    if unknown:
+        raise ConfigError(f"--test given for {unknown}, which have no --train files")
+    return out
+
+
+def build_config(args: argparse.Namespace):
+    """Merge a YAML config (if any) with command-line flags."""
+    raw: dict = read_yaml(args.config) if args.config else {}
+    domains = _domains(args, raw.get("domains"))
+    if domains is not None:
+        raw["domains"] = domains
+    if args.general:
+        raw["general"] = args.general[0] if args.general[0] in ("bundled", "none") else args.general
+    for flag, key in (("model", "model"), ("sparsity", "target_sparsity"), ("output", "output"), ("mask", "mask")):
+        if getattr(args, flag) is not None:
+            raw[key] = str(getattr(args, flag)) if flag in ("model", "output") else getattr(args, flag)
+    where = str(args.config) if args.config else "command line"
+    for section in ("train", "memory"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__}")
+        merged = {**(raw.get(section) or {}), **config_overrides(args, section)}
+        if section == "train" and args.dtype is not None:
+            merged["dtype"] = args.dtype
+        if merged:
+            raw[section] = merged
+    if args.no_reference:
+        raw["reference"] = False
+    return config_from_dict(raw, where)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    runtime = Runtime.from_env(args.device, cfg.train.dtype, fsdp=args.fsdp)
+    out = decompose(cfg, overwrite=args.overwrite, resume=args.resume, runtime=runtime)
+    if runtime.is_main:
+        print(f"wrote {out}")
+    return 0
