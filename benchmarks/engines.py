@@ -108,10 +108,10 @@ def main() -> None:
     import llama_cpp
     import torch
 
-    from koff.storage.run_dir import load_run
-    from koff.model.base_model import load_base
     from koff.export import export_run
     from koff.export.gguf import write_gguf_model
+    from koff.model.base_model import load_base
+    from koff.storage.run_dir import load_run
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -198,9 +198,9 @@ def quality(run_dir: Path, args, gguf_exports: dict[str, Path]) -> None:
 
     import llama_cpp
 
-    from koff.storage.run_dir import attach_memory, build_model, load_run
     from koff.data.text import Domain
     from koff.evaluation.perplexity import EvalSettings, block_nll, test_set
+    from koff.storage.run_dir import attach_memory, build_model, load_run
 
     run = load_run(run_dir)
     full, tok = build_model(run, args.model)

@@ -74,11 +74,11 @@ def sync(device) -> None:
 def koff_run(config, device, dtype, args) -> dict:
     """A short koff decomposition (the real Trainer) on synthetic domains: loss, ŝ, time, memory."""
     from koff.config.recipe import MemoryConfig, TrainConfig
+    from koff.core.runtime import Runtime
     from koff.model.gates import NeuronGates
     from koff.model.koff_model import KoffModel
-    from koff.core.runtime import Runtime
-    from koff.training.pipeline import add_memories
     from koff.training.loop import Trainer
+    from koff.training.pipeline import add_memories
 
     base = build(config, device, dtype)
     km = KoffModel(base, NeuronGates.for_model(base).to(device))
@@ -115,8 +115,8 @@ def peft_step_time(config, device, dtype, args) -> float:
     """Median step time of plain peft LoRA (r=8, same projections) with transformers' checkpointing."""
     from peft import get_peft_model
 
-    from koff.model.memory import lora_config
     from koff.model.koff_model import lm_loss
+    from koff.model.memory import lora_config
 
     base = build(config, device, dtype)
     pm = get_peft_model(base, lora_config(8).peft_config_object())
@@ -153,8 +153,8 @@ def main() -> int:
     import transformers
 
     from koff.config.recipe import MemoryConfig
-    from koff.training.plan import make_plan
     from koff.model.shapes import shape_config
+    from koff.training.plan import make_plan
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32

@@ -84,10 +84,10 @@ def main() -> None:
     ap.add_argument("--memories", type=int, default=3, help="N for the bytes-on-disk comparison")
     args = ap.parse_args()
 
-    from koff.model.base_model import load_base
-    from koff.export import prune_model
-    from koff.model.gates import NeuronGates
     from koff.evaluation.generation import generate
+    from koff.export import prune_model
+    from koff.model.base_model import load_base
+    from koff.model.gates import NeuronGates
     from koff.model.koff_model import KoffModel
 
     torch.manual_seed(0)
@@ -136,8 +136,8 @@ def main() -> None:
                "Los científicos", "Les scientifiques ont", "In the morning, the", "El gobierno anunció"]
     prompts = (prompts * ((args.batch_size + 7) // 8))[: args.batch_size]
     mixed = [names[i % 3] for i in range(args.batch_size)]
-    run_single = lambda: generate(km, tok, prompts, "en", max_new_tokens=args.new_tokens)  # noqa: E731
-    run_mixed = lambda: generate(km, tok, prompts, mixed, max_new_tokens=args.new_tokens)  # noqa: E731
+    run_single = lambda: generate(km, tok, prompts, "en", max_new_tokens=args.new_tokens)
+    run_mixed = lambda: generate(km, tok, prompts, mixed, max_new_tokens=args.new_tokens)
     t_single, t_mixed = timed_pair(run_single, run_mixed, max(3, args.repeats // 2))
     n_tokens = args.batch_size * args.new_tokens
     print(f"(c) greedy generation, batch {args.batch_size}, {args.new_tokens} new tokens per row: single memory "

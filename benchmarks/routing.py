@@ -44,8 +44,8 @@ def main() -> None:
 
     import torch
 
-    from koff.data.text import BUNDLED_LANGUAGES, data_root
     from koff.core.runtime import Runtime
+    from koff.data.text import BUNDLED_LANGUAGES, data_root
     from koff.serve.loading import fit_router, load_served
     from koff.serve.routing import TokenClassifier, choose, token_losses
 
@@ -72,9 +72,9 @@ def main() -> None:
         for lang, ids in data.items():
             if method == "loss":
                 losses = token_losses(km, ids, names, max_tokens=args.router_tokens)
-                pick = lambda i, L=None: choose(losses[i], names, L)  # noqa: E731
+                pick = lambda i, L=None: choose(losses[i], names, L)
             else:
-                pick = lambda i, L=None: clf.choose(ids[i], L or args.router_tokens)  # noqa: E731
+                pick = lambda i, L=None: clf.choose(ids[i], L or args.router_tokens)
             long = [i for i, x in enumerate(ids) if len(x) >= need]
             row = {"n_long": len(long), "n_all": len(ids),
                    "mean_tokens": sum(min(len(x), args.router_tokens) for x in ids) / len(ids)}

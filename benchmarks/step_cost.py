@@ -23,8 +23,8 @@ import time
 def run_side(side: str, model: str | None, batch: int, seq: int, steps: int, warmup: int, dtype: str) -> dict:
     import torch
 
-    from koff.model.base_model import load_base
     from koff.core.runtime import resolve_dtype
+    from koff.model.base_model import load_base
 
     torch.manual_seed(0)
     base, tok, _ = load_base(model, dtype=resolve_dtype(dtype))
@@ -43,10 +43,10 @@ def run_side(side: str, model: str | None, batch: int, seq: int, steps: int, war
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        from koff.model.gates import NeuronGates
-        from koff.model.memory import KVMemory, lora_config
-        from koff.model.koff_model import KoffModel, lm_loss
         from koff.model.controllers import Projection
+        from koff.model.gates import NeuronGates
+        from koff.model.koff_model import KoffModel, lm_loss
+        from koff.model.memory import KVMemory, lora_config
 
         km = KoffModel(base, NeuronGates.for_model(base))
         k, v = km.capture_kv(x[0, :16])

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from koff.storage.run_dir import attach_memory, build_model, load_run
-from koff.config.recipe import config_from_dict
-from koff.training.pipeline import decompose
-
 from conftest import WORDS, corpus, tiny_config_dict, tiny_model
+
+from koff.config.recipe import config_from_dict
+from koff.storage.run_dir import attach_memory, build_model, load_run
+from koff.training.pipeline import decompose
 
 
 def byte_level_tokenizer(vocab: int = 320):

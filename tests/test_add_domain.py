@@ -1,16 +1,15 @@
 import hashlib
 
 import pytest
+from conftest import tiny_config_dict, write_domain_files
 
-from koff.storage.run_dir import load_run
 from koff.cli import main
-from koff.core.errors import ConfigError
 from koff.config.recipe import config_from_dict
+from koff.core.errors import ConfigError
 from koff.data.text import Domain
 from koff.evaluation.perplexity import EvalSettings, evaluate_run
+from koff.storage.run_dir import load_run
 from koff.training.pipeline import add_domain, decompose
-
-from conftest import tiny_config_dict, write_domain_files
 
 
 def _hashes(folder):

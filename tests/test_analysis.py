@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from koff.experiments.analysis import LapeSettings, activation_probability, enrichment, lape
 from koff.model.base_model import gated_mlps
-
-from conftest import tiny_model
 
 A = range(10, 60)   # tokens of synthetic language A
 B = range(60, 110)  # tokens of synthetic language B
@@ -99,11 +98,11 @@ def test_enrichment_without_selected_neurons_has_no_odds_ratio():
 def test_analyze_run_writes_tables_and_plots(llama_folder, data_files, tmp_path):
     import json
 
+    from conftest import tiny_config_dict
+
     from koff.cli import main
     from koff.config.recipe import config_from_dict
     from koff.training.pipeline import decompose
-
-    from conftest import tiny_config_dict
 
     cfg = config_from_dict(tiny_config_dict(llama_folder, data_files, tmp_path / "run", steps=3))
     cfg.reference = False

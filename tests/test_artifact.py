@@ -3,16 +3,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_config_dict
 from safetensors.torch import load_file, save_file
 
+from koff.config.recipe import config_from_dict
 from koff.core.atomic import atomic_output
 from koff.core.errors import ArtifactError
-from koff.storage.run_dir import build_model, load_run
 from koff.core.files import sha256_file
-from koff.config.recipe import config_from_dict
+from koff.storage.run_dir import build_model, load_run
 from koff.training.pipeline import decompose, train_run
-
-from conftest import tiny_config_dict
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +183,9 @@ def test_failed_write_keeps_existing_artifact(tmp_path):
     final.mkdir()
     old, new = '{"format": "koff.run", "v": "old"}', '{"format": "koff.run", "v": "new"}'
     (final / "koff.json").write_text(old)
-    with pytest.raises(RuntimeError):
-        with atomic_output(final, overwrite=True) as tmp:
-            (tmp / "koff.json").write_text(new)
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_output(final, overwrite=True) as tmp:
+        (tmp / "koff.json").write_text(new)
+        raise RuntimeError("crash mid-write")
     assert (final / "koff.json").read_text() == old
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     with atomic_output(final, overwrite=True) as tmp:

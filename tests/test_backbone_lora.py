@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from export_helpers import koff_logits, make_run, max_abs
 
-from koff.storage.run_dir import build_model, load_run
 from koff.core.errors import ArtifactError
 from koff.export import export_run
-
-from export_helpers import koff_logits, make_run, max_abs
+from koff.storage.run_dir import build_model, load_run
 
 
 def _x():

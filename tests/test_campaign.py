@@ -27,16 +27,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config_dict, write_domain_files
 from safetensors.torch import load_file, save_file
 
-from koff.core.files import sha256_file
 from koff.cli import main
 from koff.config.recipe import config_from_dict
-from koff.data.text import Domain
 from koff.core.atomic import lock
+from koff.core.files import sha256_file
+from koff.data.text import Domain
 from koff.training.pipeline import add_domain, decompose
-
-from conftest import tiny_config_dict, write_domain_files
 
 HEX0 = "0" * 64
 
@@ -238,8 +237,8 @@ def grid(change):
     return mutate
 
 
-COMPARE = lambda c: ["compare", str(c.tmp / "files" / "grid.yaml"), "--dry-run"]  # noqa: E731
-REPORT = lambda c: ["report", str(c.tmp / "results")]  # noqa: E731
+COMPARE = lambda c: ["compare", str(c.tmp / "files" / "grid.yaml"), "--dry-run"]
+REPORT = lambda c: ["report", str(c.tmp / "results")]
 
 
 def add(*extra: str, name: str = "xx"):

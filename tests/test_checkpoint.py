@@ -2,13 +2,12 @@
 
 import pytest
 import yaml
+from conftest import tiny_config_dict
 
 import koff.training.loop as trainer
-from koff.core.errors import ArtifactError
 from koff.config.recipe import config_from_dict
+from koff.core.errors import ArtifactError
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict
 
 FILES = ("backbone/gates.safetensors", "backbone/mask.safetensors", "memories/en/adapter_model.safetensors",
          "memories/fr/kv.safetensors", "reference/memories/en/kv.safetensors", "metrics.jsonl")
@@ -61,7 +60,7 @@ def test_interrupted_run_resumes_exactly(controller, llama_folder, data_files, t
         if f == "metrics.jsonl":  # wall-clock seconds differ
             import json
 
-            strip = lambda data: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+            strip = lambda data: [{k: v for k, v in json.loads(x).items() if k != "seconds"}
                                   for x in data.decode().splitlines()]
             assert strip(a) == strip(b)
         else:

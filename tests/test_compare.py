@@ -2,12 +2,11 @@ import json
 
 import pytest
 import yaml
+from conftest import tiny_config_dict
 
 from koff.cli import main
-from koff.experiments.compare import expand, load_grid
 from koff.core.errors import ConfigError
-
-from conftest import tiny_config_dict
+from koff.experiments.compare import expand, load_grid
 
 
 @pytest.fixture
@@ -106,8 +105,8 @@ def test_a_finished_run_counts_when_its_config_predates_a_new_default_field(tmp_
     written before fields with defaults were added; a changed value is not reused."""
     import yaml
 
-    from koff.experiments.compare import finished_run
     from koff.config.recipe import config_from_dict, dump_config
+    from koff.experiments.compare import finished_run
 
     run = tmp_path / "cell"
     run.mkdir()
@@ -156,8 +155,8 @@ def test_a_mapping_valued_setting_gets_a_readable_cell_id(grid):
 def test_a_cell_with_a_default_memory_scores_it_and_gives_it_the_tasks(grid):
     """With train.reg_memory: general the cell scores the default memory on every language, and the
     task columns hold what a request naming no domain gets: the default memory, not the bare backbone."""
-    from koff.storage.run_dir import build_model, load_run
     from koff.evaluation.tasks import score_task
+    from koff.storage.run_dir import build_model, load_run
 
     path, tmp = grid
     spec = yaml.safe_load(path.read_text())

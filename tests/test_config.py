@@ -1,10 +1,9 @@
 import pytest
 import yaml
-
-from koff.core.errors import ConfigError
-from koff.config.recipe import config_from_dict, dump_config, load_config
-
 from conftest import tiny_config_dict
+
+from koff.config.recipe import config_from_dict, dump_config, load_config
+from koff.core.errors import ConfigError
 
 
 def test_round_trip_through_yaml(llama_folder, data_files, tmp_path):

@@ -2,11 +2,18 @@ import json
 
 import pytest
 import torch
-
-from koff.data.text import BlockStream, Domain, bundled_domain, check_no_test_leak, pack, read_documents, tokenize_documents
-from koff.core.errors import DataError
-
 from conftest import tiny_tokenizer
+
+from koff.core.errors import DataError
+from koff.data.text import (
+    BlockStream,
+    Domain,
+    bundled_domain,
+    check_no_test_leak,
+    pack,
+    read_documents,
+    tokenize_documents,
+)
 
 
 def test_read_txt_and_jsonl(tmp_path):

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config_dict
 from safetensors.torch import load_file
 
 from koff.config.recipe import config_from_dict
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict
 
 TENSORS = ("backbone/gates.safetensors", "memories/en/adapter_model.safetensors", "memories/fr/kv.safetensors",
            "memories/fr/adapter_model.safetensors")

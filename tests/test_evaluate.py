@@ -4,13 +4,12 @@ default memory a request naming no domain gets, and general-ability tasks."""
 import json
 
 import pytest
+from conftest import corpus, tiny_config_dict
 
 from koff.cli import main
 from koff.config.recipe import config_from_dict
 from koff.evaluation.perplexity import EvalSettings, evaluate_run
 from koff.training.pipeline import decompose
-
-from conftest import corpus, tiny_config_dict
 
 SMALL = dict(block=32, max_tokens=256)
 

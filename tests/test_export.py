@@ -2,16 +2,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config_dict
 from safetensors.torch import save_file
 
-from koff.core.errors import ArtifactError
-from koff.storage.run_dir import build_model, load_run
 from koff.config.recipe import config_from_dict
+from koff.core.errors import ArtifactError
 from koff.export import export_run, load_backbone
 from koff.model.memory import KVMemory
+from koff.storage.run_dir import build_model, load_run
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -97,8 +96,8 @@ def test_layer_with_every_neuron_pruned(tmp_path, llama_folder, data_files):
     cfg.reference = False
     decompose(cfg, progress=False)
     # rewrite the mask: layer 0 loses every neuron
-    from koff.storage.run_dir import save_mask
     from koff.core.files import sha256_file
+    from koff.storage.run_dir import save_mask
 
     run = load_run(tmp_path / "run")
     keep = [k.clone() for k in run.keep]

@@ -1,8 +1,8 @@
 """`koff export RUN OUT --format ... --outtype ...` on the command line."""
 
-from koff.cli import main
-
 from export_helpers import make_run, write_byte_level_model
+
+from koff.cli import main
 
 
 def test_export_formats_from_the_command_line(tmp_path, data_files, capsys):

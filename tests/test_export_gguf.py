@@ -13,15 +13,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from koff.core.errors import ArtifactError
-from koff.storage.run_dir import MemoryRecord, build_model, load_run
-from koff.export import export_run, read_backbone_manifest
-from koff.export.memories import check_lora_for_engine
-from koff.evaluation.generation import generate
-
 from conftest import write_model_folder
 from export_helpers import import_llama_cpp, koff_lora_only, make_run, max_abs, write_byte_level_model
+
+from koff.core.errors import ArtifactError
+from koff.evaluation.generation import generate
+from koff.export import export_run, read_backbone_manifest
+from koff.export.memories import check_lora_for_engine
+from koff.storage.run_dir import MemoryRecord, build_model, load_run
 
 F32_TOL = 1e-4
 TEXTS = ["le chat est sur le tapis et le chien court au parc",
@@ -152,8 +151,8 @@ def test_layer_with_every_neuron_pruned_gets_zero_neurons(tmp_path, data_files, 
     """llama.cpp will not load a layer of FFN width 0 (zero-size tensors), so such a layer is
     stored with exact-zero neurons (16 of them: f32 widths are padded to multiples of 16), which
     change nothing."""
-    from koff.storage.run_dir import save_mask
     from koff.core.files import sha256_file
+    from koff.storage.run_dir import save_mask
 
     folder = write_byte_level_model(tmp_path / "model")
     run_dir = make_run(tmp_path, folder, data_files, steps=2)
@@ -185,9 +184,9 @@ def test_flap_bias_is_carried(tmp_path, data_files, llama_cpp):
 def test_llama3_rope_scaling_is_carried(tmp_path, llama_cpp):
     """Llama-3 RoPE scaling becomes llama.cpp's rope_freqs tensor (checked on the dense model, at
     positions past original_max_position_embeddings where the scaling matters)."""
+    from export_helpers import byte_level_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from export_helpers import byte_level_tokenizer
     from koff.export.gguf import write_gguf_model
 
     tok = byte_level_tokenizer()

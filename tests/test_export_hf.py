@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from koff.storage.run_dir import build_model, load_run
-from koff.export import export_run, load_backbone
-
 from conftest import ARCHS, write_model_folder
 from export_helpers import koff_logits, koff_lora_only, make_run, max_abs
+
+from koff.export import export_run, load_backbone
+from koff.storage.run_dir import build_model, load_run
 
 TOL = 1e-4  # float32 throughout: the folder holds the same numbers koff multiplies, minus zeros
 

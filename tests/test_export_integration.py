@@ -12,14 +12,13 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from koff.storage.run_dir import build_model, load_run
-from koff.config.recipe import config_from_dict
-from koff.export import export_run
-from koff.evaluation.generation import generate
-from koff.training.pipeline import decompose
-
 from export_helpers import import_llama_cpp, koff_lora_only, max_abs
+
+from koff.config.recipe import config_from_dict
+from koff.evaluation.generation import generate
+from koff.export import export_run
+from koff.storage.run_dir import build_model, load_run
+from koff.training.pipeline import decompose
 
 pytestmark = pytest.mark.integration
 REAL_TOL = 1e-3

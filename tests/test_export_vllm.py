@@ -8,14 +8,13 @@ import re
 
 import pytest
 import torch
+from conftest import write_model_folder
+from export_helpers import koff_logits, koff_lora_only, make_run, max_abs
 from safetensors import safe_open
 
 from koff.core.errors import ArtifactError
-from koff.storage.run_dir import build_model, load_run
 from koff.export import export_run, read_backbone_manifest
-
-from conftest import write_model_folder
-from export_helpers import koff_logits, koff_lora_only, make_run, max_abs
+from koff.storage.run_dir import build_model, load_run
 
 TOL = 1e-4
 VLLM_DECI_TENSOR = re.compile(r"lm_head\.weight|model\.(embed_tokens|norm)\.weight|model\.layers\.\d+\."
@@ -117,8 +116,8 @@ def test_flap_bias_comes_with_zero_gate_and_up_biases(tmp_path, llama_folder, da
 
 
 def test_layer_with_every_neuron_pruned(tmp_path, llama_folder, data_files):
-    from koff.storage.run_dir import save_mask
     from koff.core.files import sha256_file
+    from koff.storage.run_dir import save_mask
 
     run_dir = make_run(tmp_path, llama_folder, data_files, steps=2)
     run = load_run(run_dir)
@@ -152,10 +151,9 @@ def test_refuses_architectures_without_a_mapping(arch, tmp_path, data_files):
 
 
 def test_refuses_a_lora_target_vllm_lacks(tmp_path, llama_folder, data_files):
-    from koff.storage.run_dir import MemoryRecord
     from koff.export.memories import check_lora_for_engine
-
     from koff.model.memory import LoraState
+    from koff.storage.run_dir import MemoryRecord
 
     rec = MemoryRecord("m", {"lora": LoraState({"r": 4, "lora_alpha": 8},
                                                {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 160)})})

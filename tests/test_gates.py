@@ -2,12 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import ARCHS, tiny_model
 
 from koff.model.base_model import gated_mlps
-from koff.model.gates import (NeuronGates, keep_probability, sample_hard_concrete, sparsity_report,
-                        topk_keep_mask)
-
-from conftest import ARCHS, tiny_model
+from koff.model.gates import NeuronGates, keep_probability, sample_hard_concrete, sparsity_report, topk_keep_mask
 
 
 def test_expected_sparsity_matches_monte_carlo():

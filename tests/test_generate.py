@@ -1,12 +1,11 @@
 import pytest
 import torch
-
-from koff.model.gates import NeuronGates
-from koff.evaluation.generation import generate
-from koff.model.memory import KVMemory, lora_config
-from koff.model.koff_model import KoffModel
-
 from conftest import tiny_model, tiny_tokenizer
+
+from koff.evaluation.generation import generate
+from koff.model.gates import NeuronGates
+from koff.model.koff_model import KoffModel
+from koff.model.memory import KVMemory, lora_config
 
 
 def _model(arch):

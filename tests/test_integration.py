@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from koff.storage.run_dir import build_model, load_run
 from koff.config.recipe import config_from_dict
 from koff.evaluation.perplexity import EvalSettings, evaluate_run
+from koff.storage.run_dir import build_model, load_run
 from koff.training.pipeline import decompose
 
 pytestmark = pytest.mark.integration

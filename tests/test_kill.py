@@ -19,16 +19,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config_dict, write_domain_files
 from safetensors.torch import load_file
+from test_campaign import tree_hashes
 
-from koff.storage.run_dir import load_run
 from koff.cli import main
 from koff.config.recipe import config_from_dict
 from koff.export import read_backbone_manifest
+from koff.storage.run_dir import load_run
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict, write_domain_files
-from test_campaign import tree_hashes
 
 _FORKSERVER = None
 

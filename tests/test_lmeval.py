@@ -5,13 +5,13 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from koff.storage.run_dir import build_model, load_run  # noqa: E402
+from conftest import tiny_config_dict  # noqa: E402
+
 from koff.config.recipe import config_from_dict  # noqa: E402
 from koff.evaluation.lmeval import evaluate  # noqa: E402
 from koff.evaluation.tasks import score_task  # noqa: E402
+from koff.storage.run_dir import build_model, load_run  # noqa: E402
 from koff.training.pipeline import decompose  # noqa: E402
-
-from conftest import tiny_config_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,15 @@ import json
 
 import pytest
 import yaml
+from conftest import tiny_config_dict
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from koff.core.fields import from_mapping
 from koff.config.recipe import MemoryConfig, TrainConfig, config_from_dict, read_yaml
 from koff.core.errors import ArtifactError, KoffError
+from koff.core.fields import from_mapping
 from koff.storage.manifests import CellRecord, CheckpointManifest, MemoryManifest, RunManifest
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                             HealthCheck.too_slow])
@@ -40,7 +39,7 @@ def manifests(tmp_path_factory, llama_folder, data_files):
     cfg.reference = False
     decompose(cfg, progress=False)
     add_domain(run, Domain("xx", train=[data_files["es"]["train"]]), steps=1, progress=False)
-    read = lambda p: json.loads(p.read_text())  # noqa: E731
+    read = lambda p: json.loads(p.read_text())
     return {"run": read(run / "koff.json"), "memory": read(run / "memories" / "en" / "memory.json"),
             "added": read(run / "memories" / "xx" / "memory.json")}
 

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import ARCHS, tiny_model
 
 from koff.model.gates import NeuronGates
-from koff.model.memory import KVMemory, lora_config
 from koff.model.koff_model import KoffModel, lm_loss
-
-from conftest import ARCHS, tiny_model
+from koff.model.memory import KVMemory, lora_config
 
 
 @pytest.mark.parametrize("arch", ARCHS)

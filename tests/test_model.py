@@ -3,12 +3,11 @@ saves activation memory."""
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from koff.model.gates import NeuronGates
-from koff.model.memory import KVMemory, lora_config
 from koff.model.koff_model import KoffModel, lm_loss
-
-from conftest import tiny_model
+from koff.model.memory import KVMemory, lora_config
 
 
 def _km(arch):

@@ -11,18 +11,17 @@ from typing import ClassVar
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
+from conftest import tiny_config_dict
 from safetensors.torch import save_file
 from torch import nn
 
 from koff.core.errors import ArtifactError
-from koff.core.files import load_tensors
 from koff.core.fields import require
+from koff.core.files import load_tensors
 from koff.model.base_model import decoder_layers, inspect_model
 from koff.model.memory import parts as memory_parts
 from koff.model.memory.parts import Call, MemoryPart, PartState, current_call
-
-from conftest import tiny_config_dict
 
 BIAS_FILE = "bias.safetensors"
 
@@ -125,13 +124,13 @@ def with_bias_kind():
 
 
 def test_a_third_part_kind_trains_saves_loads_evaluates_and_serves(with_bias_kind, llama_folder, data_files, tmp_path):
+    from fastapi.testclient import TestClient
+
     from koff import build_model, decompose, load_run
     from koff.config import config_from_dict
     from koff.core.runtime import Runtime
-    from koff.evaluation.perplexity import EvalSettings, evaluate_run
-    from fastapi.testclient import TestClient
-
     from koff.evaluation.generation import generate
+    from koff.evaluation.perplexity import EvalSettings, evaluate_run
     from koff.serve.app import AppSettings, create_app
     from koff.serve.loading import load_served
     from koff.serve.metrics import server_metrics

@@ -3,15 +3,14 @@ the lowest-scoring neurons."""
 
 import pytest
 import torch
+from conftest import tiny_config_dict, tiny_model
 
-from koff.storage.run_dir import build_model, load_run
 from koff.config.recipe import config_from_dict
 from koff.export import export_run, load_backbone
 from koff.model.gates import topk_keep_mask
 from koff.model.importance import activation_stats, flap_scores, magnitude_scores, neuron_scores, wanda_sp_scores
+from koff.storage.run_dir import build_model, load_run
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict, tiny_model
 
 
 def _stats(model):

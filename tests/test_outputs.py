@@ -7,9 +7,17 @@ import stat
 import pytest
 
 from koff.core import atomic as outputs
+from koff.core.atomic import (
+    atomic_output,
+    atomic_write_text,
+    check_output,
+    clean_leftovers,
+    kind_of,
+    lock,
+    swap_in,
+    temp_name,
+)
 from koff.core.errors import ArtifactError
-from koff.core.atomic import (atomic_output, atomic_write_text, check_output, clean_leftovers, kind_of, lock, swap_in,
-                          temp_name)
 
 
 def _run_folder(path, tag="old"):
@@ -78,10 +86,9 @@ def test_output_must_not_be_contain_or_lie_inside_an_input(tmp_path):
 def test_failure_leaves_the_old_output_and_no_temporary(tmp_path):
     run = _run_folder(tmp_path / "run")
     for exc in (RuntimeError("crash"), KeyboardInterrupt()):
-        with pytest.raises(type(exc)):
-            with atomic_output(run, kind="run", overwrite=True) as tmp:
-                (tmp / "koff.json").write_text("half")
-                raise exc
+        with pytest.raises(type(exc)), atomic_output(run, kind="run", overwrite=True) as tmp:
+            (tmp / "koff.json").write_text("half")
+            raise exc
         assert json.loads((run / "koff.json").read_text())["tag"] == "old"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -129,12 +136,10 @@ def test_leftovers_are_removed_by_the_next_writer_with_a_notice(tmp_path, capsys
 def test_a_second_writer_is_refused(tmp_path):
     target = tmp_path / "run"
     with lock(target):
-        with pytest.raises(ArtifactError, match=r"being written by pid \d+"):
-            with lock(target):
-                pass
-        with pytest.raises(ArtifactError, match="being written"):
-            with lock(target, shared=True):
-                pass
+        with pytest.raises(ArtifactError, match=r"being written by pid \d+"), lock(target):
+            pass
+        with pytest.raises(ArtifactError, match="being written"), lock(target, shared=True):
+            pass
     assert not (tmp_path / ".run.lock").exists()
     with lock(target, shared=True), lock(target, shared=True):  # readers writing inside the run
         with pytest.raises(ArtifactError, match="being written"):
@@ -155,7 +160,7 @@ def test_files_and_folders_follow_the_umask(tmp_path, mask):
         atomic_write_text(tmp_path / "cell.json", "{}")
     finally:
         os.umask(old)
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
     assert mode(tmp_path / "run") == 0o777 & ~mask
     assert mode(tmp_path / "run" / "koff.json") == 0o666 & ~mask
     assert mode(tmp_path / "cell.json") == 0o666 & ~mask
@@ -195,10 +200,9 @@ def test_an_updated_folder_keeps_what_the_command_did_not_write(tmp_path):
     (folder / "perplexity-long.json").write_text("another tag")
     (folder / "plots").mkdir()
     (folder / "plots" / "a.png").write_bytes(b"png")
-    with pytest.raises(RuntimeError):
-        with updated_folder(folder) as tmp:
-            (tmp / "perplexity.json").write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), updated_folder(folder) as tmp:
+        (tmp / "perplexity.json").write_text("half")
+        raise RuntimeError("crash")
     assert (folder / "perplexity.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
     with updated_folder(folder) as tmp:
         atomic_write_text(tmp / "perplexity.json", "new")
@@ -208,6 +212,5 @@ def test_an_updated_folder_keeps_what_the_command_did_not_write(tmp_path):
     assert (folder / "perplexity.json").read_text() == "new" and (folder / "plots" / "a.png").read_bytes() == b"png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ArtifactError, match="a file, not a folder"):
-        with updated_folder(tmp_path / "file"):
-            pass
+    with pytest.raises(ArtifactError, match="a file, not a folder"), updated_folder(tmp_path / "file"):
+        pass

@@ -2,10 +2,9 @@
 
 import pytest
 
-from koff.model.base_model import parameter_counts
 from koff.config.recipe import MemoryConfig
+from koff.model.base_model import parameter_counts
 from koff.training.plan import format_plan, make_plan, measure_peak
-
 
 
 def test_counts_match_the_real_model(llama_folder):

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config_dict
 
 from koff.config.recipe import config_from_dict
 from koff.core.errors import ConfigError
-from koff.evaluation.perplexity import EvalSettings, evaluate_run
 from koff.core.runtime import Runtime, resolve_device, resolve_dtype
+from koff.evaluation.perplexity import EvalSettings, evaluate_run
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict
 
 
 def test_device_and_dtype_flags():

@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 
 from koff.core.errors import DataError
-from koff.model.koff_model import KoffModel
 from koff.evaluation.tasks import continuation_logprobs, load_task, score_task
-
-from conftest import tiny_model, tiny_tokenizer
+from koff.model.koff_model import KoffModel
 
 
 @pytest.fixture

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config_dict
 
 from koff.config.recipe import config_from_dict
 from koff.training.pipeline import decompose, train_run
-
-from conftest import tiny_config_dict
 
 
 def _base_state(km):

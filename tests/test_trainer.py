@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config_dict, write_domain_files, write_model_folder
 from safetensors.torch import load_file
 
 from koff.config.recipe import config_from_dict
 from koff.training.pipeline import decompose
-
-from conftest import tiny_config_dict, write_domain_files, write_model_folder
 
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_runs.json").read_text())
 

@@ -16,18 +16,16 @@ The Python API mirrors the command line:
     koff.build_model(run)                   the backbone + memories as a KoffModel, ready to run
 """
 
-from koff.core.version import __version__  # noqa: E402
-
-from koff.core.errors import ArtifactError
-from koff.storage.run_dir import Run, build_model, load_run
-from koff.core.errors import ConfigError
 from koff.config.recipe import DecomposeConfig, MemoryConfig, TrainConfig, config_from_dict, load_config
-from koff.data.text import Domain, bundled_domain  # noqa: E402
-from koff.evaluation.perplexity import EvalSettings, evaluate_run  # noqa: E402
-from koff.model.koff_model import KoffModel  # noqa: E402
-from koff.training.pipeline import add_domain, decompose  # noqa: E402
-from koff.export import export_run, load_backbone  # noqa: E402
-from koff.experiments.analysis import analyze_run  # noqa: E402
+from koff.core.errors import ArtifactError, ConfigError
+from koff.core.version import __version__
+from koff.data.text import Domain, bundled_domain
+from koff.evaluation.perplexity import EvalSettings, evaluate_run
+from koff.experiments.analysis import analyze_run
+from koff.export import export_run, load_backbone
+from koff.model.koff_model import KoffModel
+from koff.storage.run_dir import Run, build_model, load_run
+from koff.training.pipeline import add_domain, decompose
 
 __all__ = ["__version__", "decompose", "evaluate_run", "export_run", "load_backbone", "add_domain", "analyze_run",
            "EvalSettings", "load_run", "build_model", "Run",

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import tiny_config_dict, write_domain_files, write_model_folder  # noqa: E402
+from conftest import tiny_config_dict, write_domain_files, write_model_folder
 
-from koff import build_model, decompose, export_run, load_backbone, load_run  # noqa: E402
-from koff.config import config_from_dict  # noqa: E402
+from koff import build_model, decompose, export_run, load_backbone, load_run
+from koff.config import config_from_dict
 
 OUT = Path(__file__).parent / "legacy-0.1"
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config_dict, tiny_model, tiny_tokenizer, write_domain_files
 
 API_KEY = "test-key"
@@ -40,8 +39,8 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from koff.core.files import sha256_file
     from koff.config.recipe import config_from_dict
+    from koff.core.files import sha256_file
     from koff.data.text import Domain
     from koff.export import export_run
     from koff.training.pipeline import add_domain, decompose

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_continuous_batching_on_the_real_model_equals_generate_alone():
-    from koff.model.base_model import load_base
     from koff.evaluation.generation import generate
-    from koff.model.memory import KVMemory, lora_config
+    from koff.model.base_model import load_base
     from koff.model.koff_model import KoffModel
+    from koff.model.memory import KVMemory, lora_config
     from koff.serve.loading import StoredMemory
     from koff.serve.scheduler import Engine, EngineConfig, Job, Sampling
 

@@ -1,12 +1,11 @@
 """The auto router's losses are each memory's loss on the prompt alone (padding changes nothing)."""
 
 import torch
-
-from koff.model.memory import KVMemory, lora_config
-from koff.model.koff_model import KoffModel, lm_loss
-from koff.serve.routing import choose, token_losses
-
 from conftest import tiny_model
+
+from koff.model.koff_model import KoffModel, lm_loss
+from koff.model.memory import KVMemory, lora_config
+from koff.serve.routing import choose, token_losses
 
 
 def test_token_losses_equal_each_prompt_scored_alone():
@@ -37,9 +36,9 @@ def test_token_losses_equal_each_prompt_scored_alone():
 
 
 def test_classifier_picks_the_memory_whose_training_text_fits(tmp_path):
-    from koff.serve.routing import TokenClassifier, token_counts
-
     from conftest import corpus, tiny_tokenizer
+
+    from koff.serve.routing import TokenClassifier, token_counts
 
     tok = tiny_tokenizer()
     counts = {}

@@ -7,14 +7,13 @@ import time
 
 import pytest
 import torch
-
-from koff.model.gates import NeuronGates
-from koff.evaluation.generation import generate
-from koff.model.memory import KVMemory, lora_config
-from koff.model.koff_model import KoffModel
-from koff.serve.scheduler import AUTO, Engine, EngineConfig, Job, QueueFull, Sampling, UnknownMemory
-
 from conftest import tiny_model, tiny_tokenizer
+
+from koff.evaluation.generation import generate
+from koff.model.gates import NeuronGates
+from koff.model.koff_model import KoffModel
+from koff.model.memory import KVMemory, lora_config
+from koff.serve.scheduler import AUTO, Engine, EngineConfig, Job, QueueFull, Sampling, UnknownMemory
 
 
 def _model(arch: str = "llama"):

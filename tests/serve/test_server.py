@@ -100,7 +100,7 @@ def test_stop_sequences_and_seeded_sampling(server):
 
 def test_16_concurrent_requests_over_three_memories_equal_one_by_one(server):
     c = server.client()
-    words = "the cat sat on a mat and the dog ran to the park with a red ball".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "the", "park", "with", "a", "red", "ball"]
     jobs = [(["en", "fr", "es"][i % 3], " ".join(words[i % 5: i % 5 + 2 + i % 7]), 6 + (i * 5) % 17) for i in range(16)]
 
     def ask(job):

@@ -1,8 +1,8 @@
 """Generated tokens -> final text pieces."""
 
-from koff.serve.text import TextStream
-
 from conftest import tiny_tokenizer
+
+from koff.serve.text import TextStream
 
 
 class Bytes:

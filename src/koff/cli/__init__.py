@@ -6,8 +6,20 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
-from koff.cli import (add_domain, analyze, compare, decompose, demo, evaluate, export, generate, lm_eval, plan, report,
-                      serve)
+from koff.cli import (
+    add_domain,
+    analyze,
+    compare,
+    decompose,
+    demo,
+    evaluate,
+    export,
+    generate,
+    lm_eval,
+    plan,
+    report,
+    serve,
+)
 from koff.cli.args import Parser
 from koff.core.errors import KoffError
 from koff.core.version import __version__

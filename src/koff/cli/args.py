@@ -12,6 +12,7 @@ from pathlib import Path
 from koff.config.recipe import POSITIVE, MemoryConfig, TrainConfig, choices
 from koff.core.fields import field_docs
 from koff.core.runtime import DTYPES, Runtime
+from koff.evaluation.perplexity import EvalSettings
 
 MAX_NEW_TOKENS = 4096
 
@@ -122,7 +123,6 @@ def add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> 
 
 def eval_settings(args):
     """The EvalSettings the evaluation flags give."""
-    from koff.evaluation.perplexity import EvalSettings
 
     tests: dict[str, list[str]] = {}
     for name, files in getattr(args, "test", None) or []:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from koff.cli.args import add_runtime_args, count, new_tokens, positive_int, runtime
 from koff.core.errors import ServeError
+from koff.serve.routing import ROUTERS
+from koff.serve.scheduler import BATCHING
 
 NAME = "serve"
 HELP = "OpenAI-compatible HTTP server: one backbone, a memory chosen per request"
@@ -16,9 +18,6 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from koff.serve.routing import ROUTERS
-    from koff.serve.scheduler import BATCHING
-
     p.add_argument("path", type=Path, help="a run directory (koff decompose) or an exported backbone (koff export)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=count, default=8000, help="port (default 8000; 0: any free port, printed)")
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:  # the serve extra is optional: say what to install instead of an ImportError
         raise ServeError(f"koff serve needs {' and '.join(missing)}: pip install 'koff[serve]'")
-    from koff.serve.app import AppSettings
+    from koff.serve.app import AppSettings  # fastapi and uvicorn: the serve extra
     from koff.serve.scheduler import EngineConfig
     from koff.serve.server import serve
 

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import yaml
 
-from koff.data.text import BUNDLED_LANGUAGES, Domain, bundled_domain, general_files
-from koff.core.errors import DataError
-from koff.model.memory import LORA_TARGETS
-from koff.core.runtime import DTYPES
-from koff.model.importance import SCORES
-from koff.model.controllers import CONTROLLERS
-from koff.core.errors import ConfigError
+from koff.core.errors import ConfigError, DataError
 from koff.core.fields import from_mapping
-
+from koff.core.names import check_memory_name
+from koff.core.runtime import DTYPES
+from koff.data.text import BUNDLED_LANGUAGES, Domain, bundled_domain, general_files
+from koff.model.controllers import CONTROLLERS
+from koff.model.importance import SCORES
+from koff.model.memory import LORA_TARGETS
 
 MASKS = ("learned", *SCORES)
 REG_MEMORIES = ("domain", "none", "general")
@@ -280,7 +279,6 @@ class DecomposeConfig:
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate domain names: {names}")
-        from koff.core.names import check_memory_name
 
         for d in self.domains:
             check_memory_name(d.name, f"domains.{d.name}")
@@ -348,7 +346,6 @@ def _existing_file(value, where: str) -> Path:
 def parse_domains(raw, root: Path | None = None) -> list[Domain]:
     """Domains from config: a list of bundled names, or a mapping name -> {train, test, valid,
     text_field}, where a value may also be the string "bundled"."""
-    from koff.core.names import check_memory_name
 
     if isinstance(raw, str):
         raw = [raw]

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from koff.core.errors import DataError
+from koff.core.files import sha256_file
 
 BUNDLED_LANGUAGES = ("en", "fr", "es", "de", "it", "pt")
 GENERAL_TRAIN_FILES = ("gsm8k_train.jsonl", "arc_easy.jsonl", "english_news.txt")
@@ -136,7 +138,6 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
 
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a data file's bytes; errors name the file."""
-    from koff.core.files import sha256_file
 
     path = Path(path)
     if path.is_dir():

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from koff.core.errors import ConfigError
 from koff.model.koff_model import KoffModel
 
 
@@ -28,7 +30,6 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
         return []
     names = km.row_names(memory, len(prompts))
     if chat and getattr(tokenizer, "chat_template", None) is None:
-        from koff.core.errors import ConfigError
 
         raise ConfigError("--chat: the base model's tokenizer has no chat template; leave --chat out")
     if chat:
@@ -37,7 +38,6 @@ def generate(km: KoffModel, tokenizer, prompts: Sequence[str], memory: str | Non
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if any(len(e) == 0 for e in encoded):
-        from koff.core.errors import ConfigError
 
         raise ConfigError("every prompt must have at least one token")
     width = max(len(e) for e in encoded)

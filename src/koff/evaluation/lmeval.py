@@ -24,8 +24,13 @@ from pathlib import Path
 
 import torch
 
-from koff.data.text import data_root
 from koff.core.errors import ConfigError
+from koff.core.runtime import Runtime
+from koff.data.text import data_root
+from koff.evaluation.generation import generate
+from koff.evaluation.tasks import continuation_scores
+from koff.model.koff_model import lm_loss
+from koff.storage.run_dir import build_model, load_run
 
 LOCAL_TASKS = {
     "arc_challenge_koff": "arc_challenge.jsonl",
@@ -86,8 +91,6 @@ def _model_class():
         def __init__(self, run: str, memory: str | None = None, device: str = "cpu", dtype: str = "float32",
                      batch_size: int | str = 16, dense: bool | str = False, **_ignored):
             super().__init__()
-            from koff.storage.run_dir import build_model, load_run
-            from koff.core.runtime import Runtime
 
             memory = None if memory in (None, "", "none", "None") else str(memory)
             self.km, self.tok = build_model(load_run(Path(run)), runtime=Runtime.from_env(device, dtype))
@@ -99,7 +102,6 @@ def _model_class():
             self._device = next(self.km.model.parameters()).device
 
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            from koff.evaluation.tasks import continuation_scores
 
             pairs = [tuple(r.args) for r in requests]
             scores = continuation_scores(self.km, self.tok, pairs, self.memory, self.batch_size, self.use_gates)
@@ -107,7 +109,6 @@ def _model_class():
 
         @torch.no_grad()
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            from koff.model.koff_model import lm_loss
 
             window = int(getattr(self.km.model.config, "max_position_embeddings", 2048) or 2048)
             out = []
@@ -125,7 +126,6 @@ def _model_class():
             return out
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            from koff.evaluation.generation import generate
 
             out = []
             for r in requests:

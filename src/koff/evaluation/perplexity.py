@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from koff.storage.run_dir import Run, build_model, load_run
-from koff.core.atomic import atomic_write_text
-from koff.core.errors import DataError
+from koff.core.atomic import atomic_write_text, check_folder, check_not_locked, lock, updated_folder
+from koff.core.errors import ArtifactError, DataError
 from koff.data.text import Domain, pack, read_documents, tokenize_documents, tokenize_files
+from koff.evaluation.tasks import score_task
 from koff.model.koff_model import KoffModel, lm_loss
-from koff.core.errors import ArtifactError
-from koff.core.atomic import check_folder, check_not_locked, lock, updated_folder
+from koff.storage.run_dir import Run, build_model, load_run
 
 
 @dataclass
@@ -192,7 +191,6 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
 
 def _score_tasks(km: KoffModel, tok, tasks: dict[str, int], default: str | None, pruned: bool) -> dict:
     """task -> {model row -> score} for the dense model, the backbone and the default memory."""
-    from koff.evaluation.tasks import score_task
 
     out = {}
     for name, n in tasks.items():

@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from koff.core.atomic import atomic_write_text, check_folder, check_not_locked, lock, updated_folder
+from koff.core.errors import ArtifactError, DataError
+from koff.data.text import pack, tokenize_files
 from koff.model.base_model import gated_mlps, plain_linear
+from koff.model.gates import topk_keep_mask
+from koff.model.importance import activation_stats, neuron_scores
+from koff.storage.run_dir import build_model, load_run
 
 
 @dataclass
@@ -177,19 +183,12 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
     (koff.runtime.Runtime) sets device and dtype."""
     from tqdm.auto import tqdm
 
-    from koff.core.errors import ArtifactError
-    from koff.storage.run_dir import build_model, load_run
-    from koff.core.errors import DataError
-    from koff.data.text import pack, tokenize_files
-    from koff.model.gates import topk_keep_mask
-    from koff.model.importance import activation_stats, neuron_scores
 
     s = settings or LapeSettings()
     run = load_run(run_dir)
     if run.keep is None:
         raise ArtifactError(f"{run_dir}: the run is a dense + memories run: it has no backbone mask to analyse")
     if write:  # refuse now, not after the analysis
-        from koff.core.atomic import check_folder, check_not_locked
 
         check_not_locked(run_dir)
         check_folder(Path(run_dir) / "analysis")
@@ -238,8 +237,6 @@ def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: 
         "masks": {name: mask_report(m, result) for name, m in masks.items()},
     }
     if write:  # the tables and plots appear together, in one swap of analysis/
-        from koff.core.atomic import atomic_write_text
-        from koff.core.atomic import lock, updated_folder
 
         with lock(run_dir, shared=True), updated_folder(Path(run_dir) / "analysis") as folder:
             atomic_write_text(folder / "specialization.json", json.dumps(out, indent=2))

@@ -18,9 +18,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from koff.core.version import __version__
+from koff.config.recipe import config_from_dict, load_config, read_yaml
+from koff.core.atomic import atomic_write_text, remove_tree
 from koff.core.errors import ConfigError
-from koff.config.recipe import config_from_dict, read_yaml
+from koff.core.version import __version__
+from koff.evaluation.perplexity import EvalSettings, block_nll, summarize, test_set
+from koff.evaluation.tasks import score_task
+from koff.model.base_model import load_base
+from koff.model.gates import sparsity_report
+from koff.model.koff_model import KoffModel
+from koff.storage.manifests import CellRecord
+from koff.storage.run_dir import build_model, load_run
+from koff.training.pipeline import decompose
 
 
 @dataclass
@@ -218,12 +227,6 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
     """Perplexity per domain (own memory, backbone alone, and the default memory when the run has
     one) and the general-ability tasks of what a request naming no domain gets: the default
     memory when the run has one (`train.reg_memory: general`), the backbone alone otherwise."""
-    from koff.storage.run_dir import build_model, load_run
-    from koff.model.base_model import load_base
-    from koff.evaluation.perplexity import EvalSettings, block_nll, summarize, test_set
-    from koff.model.gates import sparsity_report
-    from koff.model.koff_model import KoffModel
-    from koff.evaluation.tasks import score_task
 
     settings = EvalSettings(block=eval_spec.get("block", 256), max_tokens=eval_spec.get("max_tokens"),
                             batch_size=eval_spec.get("batch_size", 4))
@@ -281,7 +284,6 @@ def finished_run(run_dir: Path, cfg) -> bool:
     from a checkpoint is exact."""
     import dataclasses
 
-    from koff.config.recipe import load_config
 
     config = run_dir / "config.yaml"
     if not ((run_dir / "koff.json").is_file() and config.is_file()):
@@ -298,8 +300,6 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkp
     """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically.
     With `checkpoint_every`, training saves a resumable state that often, and a cell interrupted
     earlier resumes from its last one."""
-    from koff.core.atomic import atomic_write_text
-    from koff.training.pipeline import decompose
 
     results = Path(spec.get("results", "results")) / "cells"
     work = Path(spec.get("work", "runs/grid"))
@@ -317,11 +317,9 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkp
             partial = run_dir.with_name(run_dir.name + ".partial")
             resume = bool(checkpoint_every) and (partial / ".koff-partial.yaml").is_file()
             if partial.exists() and not resume:
-                from koff.core.atomic import remove_tree
 
                 remove_tree(partial)  # an interrupted cell of another checkpoint setting: start it over
             decompose(cfg, overwrite=True, progress=progress, runtime=runtime, resume=resume)
-        from koff.storage.run_dir import load_run
 
         summary = load_run(run_dir).meta.metrics
         t = cfg.train
@@ -332,7 +330,6 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkp
     result = evaluate_cell(cell, run_dir, spec["eval"], progress, runtime)
     keep = None
     if run_dir is not None:
-        from koff.storage.run_dir import load_run
 
         run = load_run(run_dir)
         if run.keep is not None:
@@ -346,7 +343,6 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkp
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": round(time.time() - t0, 1),
         **result,
     }
-    from koff.storage.manifests import CellRecord
 
     CellRecord.from_dict(record, str(out_path))  # what `koff report` will read back
     atomic_write_text(out_path, json.dumps(record, indent=1))

@@ -21,6 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from koff.experiments.figures import save_figure
+
 REFERENCE = "dense+memories"
 PRUNED = ("koff", "wanda-sp+memories")
 """The methods whose gap to the reference is tabulated, in this order."""
@@ -182,7 +184,6 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from koff.experiments.figures import save_figure
 
     tokens = {_steps(c): _tokens(c) for c in cells}
     domains = [d for d in ("en", "fr", "es", "de", "it", "pt") if any(d in v for v in rs.values())]

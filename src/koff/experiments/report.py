@@ -10,10 +10,13 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from koff.experiments.figures import save_figure
-from koff.core.errors import ArtifactError
-from koff.core.atomic import atomic_write_text
 from koff.config.recipe import TrainConfig
+from koff.core.atomic import atomic_write_text, lock
+from koff.core.errors import ArtifactError
+from koff.core.files import read_json
+from koff.experiments import gap
+from koff.experiments.figures import save_figure
+from koff.storage.manifests import CellRecord
 
 
 def load_cells(results: Path) -> list[dict]:
@@ -21,8 +24,6 @@ def load_cells(results: Path) -> list[dict]:
     folder = Path(results) / "cells"
     if not folder.is_dir():
         raise ArtifactError(f"{results}: no cells/ folder (run `koff compare CONFIG` first)")
-    from koff.core.files import read_json
-    from koff.storage.manifests import CellRecord
 
     cells = [CellRecord.from_dict(read_json(p), str(p)).to_dict() for p in sorted(folder.glob("*.json"))]
     if not cells:
@@ -668,7 +669,6 @@ def report(results: Path) -> Path:
     """Write RESULTS/report.md and its figures from RESULTS/cells/*.json, opening with the
     training-length table of RESULTS/gap/ and closing with the previous default's main table of
     RESULTS/projection/ where those grids have cells."""
-    from koff.core.atomic import lock
 
     results = Path(results)
     cells = load_cells(results)
@@ -678,7 +678,6 @@ def report(results: Path) -> Path:
     with lock(path):  # figures first, the report that shows them last
         gap_dir = results / GAP
         if (gap_dir / "cells").is_dir() and any((gap_dir / "cells").glob("*.json")):
-            from koff.experiments import gap
 
             gap_cells = load_cells(gap_dir)
             command = gap_cells[0]["command"]

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from koff.core.atomic import check_output
 from koff.core.errors import ConfigError
-from koff.export.hf import cartridge_files, load_backbone
+from koff.core.runtime import resolve_dtype
+from koff.export.gguf import write_gguf_export
+from koff.export.hf import cartridge_files, load_backbone, write_hf
 from koff.export.manifest import BACKBONE_FORMAT, BACKBONE_FORMAT_VERSION, EXPORT_FORMATS, read_backbone_manifest
 from koff.export.prune import add_down_bias, prune_model, pruned_backbone
+from koff.export.vllm import write_vllm
 
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -32,7 +36,6 @@ def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bo
     `outtype` (GGUF only) is the tensor type of the backbone's matrices (default f16); `dtype`
     (hf and vllm) that of the stored backbone weights (default float32; memories stay float32).
     """
-    from koff.core.runtime import resolve_dtype
 
     if dtype is not None and format == "gguf":
         raise ConfigError("--dtype applies to --format hf and vllm; a GGUF's tensor type is --outtype")
@@ -42,21 +45,17 @@ def export_run(run_dir: Path, out: Path, model: str | None = None, overwrite: bo
         raise ConfigError(f"--outtype applies to --format gguf only (got --format {format})")
     if outtype is not None and outtype not in GGUF_OUTTYPES:
         raise ConfigError(f"--outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
-    from koff.core.atomic import check_output
 
     # refuse now, before minutes of loading: an existing output that is not an earlier export, or
     # one that is, contains or lies inside the run or the base model folder
     check_output(Path(out), kind="backbone", inputs=[run_dir, model], overwrite=overwrite)
     pb = pruned_backbone(run_dir, model, dtype=resolve_dtype(dtype or "float32"))
     if format == "hf":
-        from koff.export.hf import write_hf
 
         return write_hf(pb, out, overwrite=overwrite)
     if format == "gguf":
-        from koff.export.gguf import write_gguf_export
 
         return write_gguf_export(pb, out, outtype=outtype or "f16", overwrite=overwrite)
-    from koff.export.vllm import write_vllm
 
     return write_vllm(pb, out, overwrite=overwrite)
 

@@ -33,13 +33,13 @@ from safetensors.torch import load_file, save_file
 
 from koff.core.atomic import atomic_output
 from koff.core.errors import ArtifactError
-from koff.storage.run_dir import MemoryRecord
-from koff.model.base_model import gated_mlps
 from koff.core.files import sha256_file
 from koff.export.manifest import read_backbone_manifest, write_manifest
 from koff.export.memories import dropped_parts
 from koff.export.prune import PrunedBackbone, resize_ffn, state_for_saving
+from koff.model.base_model import gated_mlps
 from koff.model.memory.kv import KVState
+from koff.storage.run_dir import MemoryRecord
 
 REMOTE_FILES = ("configuration_koff.py", "modeling_koff.py")
 BASE_LINE = 'BASE_MODEL_TYPE = "llama"  # set by koff export: the base model\'s model_type'

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from koff.core.version import __version__
 from koff.core.errors import ArtifactError
 from koff.core.files import sha256_file
+from koff.core.version import __version__
 from koff.export.prune import PrunedBackbone
 
 BACKBONE_FORMAT = "koff.backbone"

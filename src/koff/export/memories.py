@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from koff.core.errors import ArtifactError
-from koff.storage.run_dir import MemoryRecord
 from koff.core.files import sha256_file
 from koff.export.prune import PrunedBackbone, pad_ffn_state
+from koff.storage.run_dir import MemoryRecord
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from koff.core.errors import ArtifactError
-from koff.storage.run_dir import Run, check_base, load_run
+from koff.model.backbone_lora import fold_into
 from koff.model.base_model import fingerprint, gated_mlps, load_base, parameter_counts
+from koff.storage.run_dir import Run, check_base, load_run
 
 FFN_ROWS = ("gate_proj", "up_proj")  # neuron j is row j of these ...
 FFN_COLS = ("down_proj",)  # ... and column j of this
@@ -159,7 +160,6 @@ def pruned_backbone(run_dir: Path, model: str | None = None, dtype: torch.dtype 
     check_base(run, source, fingerprint(source))
     dense = parameter_counts(base)["total"]
     if run.backbone_lora is not None:  # before deleting neurons: a pruned neuron's delta goes with it
-        from koff.model.backbone_lora import fold_into
 
         run.backbone_lora.check(base, Path(run.path) / "backbone")
         fold_into(base, run.backbone_lora)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from koff.core.errors import ModelError
 from koff.core.files import sha256_file
 

@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from koff.core.errors import ConfigError
 from koff.model.gates import NeuronGates
 
 
@@ -63,7 +64,6 @@ def register_controller(name: str):
 
 def make_controller(name: str, train_cfg) -> Controller:
     """Build the controller `name` for a TrainConfig."""
-    from koff.core.errors import ConfigError
 
     if name not in CONTROLLERS:
         raise ConfigError(f"train.controller: unknown sparsity controller {name!r}; expected one of {sorted(CONTROLLERS)}")
@@ -127,11 +127,11 @@ class Lagrangian(nn.Module):
     def log(self) -> dict[str, float]:
         return {"lambda1": self.lambda1.item(), "lambda2": self.lambda2.item()}
 
-    def state_dict(self) -> dict:  # noqa: D102 (not nn.Module's: the optimizer is part of it)
+    def state_dict(self) -> dict:
         return {"lambda1": self.lambda1.detach().clone(), "lambda2": self.lambda2.detach().clone(),
                 "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:  # noqa: D102
+    def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.lambda1.copy_(state["lambda1"].reshape(()))
             self.lambda2.copy_(state["lambda2"].reshape(()))

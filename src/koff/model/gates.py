@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from koff.model.base_model import ffn_params_per_neuron, gated_mlps
+from koff.model.base_model import ffn_params_per_neuron, gated_mlps, inspect_model, parameter_counts
 from koff.model.memory.parts import current_call
 
 BETA = 2.0 / 3.0
@@ -117,7 +117,6 @@ class NeuronGates(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, init: float | Sequence[torch.Tensor] = 3.0, **kw) -> NeuronGates:
         """Gates sized for every gated MLP of `model`."""
-        from koff.model.base_model import inspect_model
 
         return cls(inspect_model(model).intermediate_sizes, ffn_params_per_neuron(model), init=init, **kw)
 
@@ -229,7 +228,6 @@ def sparsity_report(model: nn.Module, keep: Sequence[torch.Tensor] | None, targe
     `global` is removed / all parameters; `global_without_embeddings` leaves the input embedding
     (and an untied output head) out of the denominator.
     """
-    from koff.model.base_model import parameter_counts
 
     counts = parameter_counts(model)
     per_neuron = ffn_params_per_neuron(model)

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from koff.model.base_model import decoder_layers, inspect_model
 from koff.core.compat import cache_kwarg
 from koff.core.errors import ConfigError
 from koff.core.names import check_memory_name
+from koff.model.base_model import decoder_layers, inspect_model
 from koff.model.gates import NeuronGates
 from koff.model.memory import PART_KINDS, Call, Prefix, capture_kv, current_call, routed
 

@@ -4,6 +4,8 @@ is reachable. Values are those of each model's published config.json."""
 
 from __future__ import annotations
 
+from koff.core.errors import ConfigError
+
 SHAPES: dict[str, dict] = {
     "smollm2-135m": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                      "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -32,7 +34,6 @@ def shape_config(name: str):
     """A transformers config of the named shape (see SHAPES)."""
     from transformers import AutoConfig
 
-    from koff.core.errors import ConfigError
 
     key = name.lower()
     if key not in SHAPES:

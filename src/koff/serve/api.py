@@ -136,7 +136,7 @@ def validate(cls: type[BaseModel], data: dict):
     except ValidationError as e:
         err = e.errors()[0]
         param = _param(err["loc"])
-        expected = _EXPECT.get(err["type"], None)
+        expected = _EXPECT.get(err["type"])
         got = "" if err["type"] == "missing" else f", got {_show(err.get('input'))}"
         message = f"{param}: must be {expected}{got}" if expected else f"{param}: {err['msg']}{got}"
         raise bad(message, param=param) from None
@@ -204,9 +204,7 @@ def prompt_list(prompt, limits: Limits) -> list[str | list[int]]:
     expected = "a string, a list of strings, a list of token ids, or a list of token-id lists"
     if prompt is None:
         raise bad("prompt: required (" + expected + ")", "prompt")
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
+    if isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
                                                   or all(isinstance(p, list) for p in prompt)):

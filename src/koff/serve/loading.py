@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from koff.storage.run_dir import geometry_from_manifest, load_memory
+from koff.core.errors import ArtifactError, DataError, ServeError
 from koff.core.fields import require
-from koff.core.files import load_tensors, read_json
-from koff.core.files import sha256_file
-from koff.core.errors import ArtifactError, ServeError
-from koff.model.memory import STATE_CLASSES
-from koff.model.koff_model import KoffModel
+from koff.core.files import load_tensors, read_json, sha256_file
 from koff.core.names import check_memory_name
+from koff.export import load_backbone
+from koff.model.koff_model import KoffModel
+from koff.model.memory import STATE_CLASSES
+from koff.serve.routing import token_counts
+from koff.storage.run_dir import build_model, geometry_from_manifest, load_memory, load_run
 
 RUN_MANIFEST = "koff.json"
 EXPORT_MANIFEST = "koff_backbone.json"
@@ -135,7 +136,6 @@ def _context(km: KoffModel) -> int:
 
 
 def _load_run(path: Path, runtime) -> Served:
-    from koff.storage.run_dir import build_model, load_run
 
     run = load_run(path)
     km, tok = build_model(run, runtime=runtime, memories=[])
@@ -165,8 +165,6 @@ def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ..
 
 def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
     """Count the tokens of the memory's training text for the auto router (if it can be read)."""
-    from koff.core.errors import DataError
-    from koff.serve.routing import token_counts
 
     if not stored.train_files:
         return
@@ -177,7 +175,6 @@ def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
 
 
 def _load_export(path: Path, runtime) -> Served:
-    from koff.export import load_backbone
 
     model, tok = load_backbone(path, dtype=runtime.dtype)
     km = KoffModel(model)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from koff.data.text import tokenize_files
 from koff.model.koff_model import KoffModel, lm_loss
 
 ROUTERS = ("classifier", "loss")
@@ -32,7 +33,6 @@ MAX_FIT_LINES = 5000
 
 def token_counts(files: Sequence[Path], tokenizer, vocab: int, text_field: str = "text") -> torch.Tensor:
     """How often each token id occurs in the training files of one memory: [vocab] float."""
-    from koff.data.text import tokenize_files
 
     ids = tokenize_files([Path(f) for f in files], tokenizer, text_field, max_lines=MAX_FIT_LINES)
     return torch.bincount(ids[ids < vocab], minlength=vocab).float()

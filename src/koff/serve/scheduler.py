@@ -39,8 +39,8 @@ import torch
 
 from koff.core.compat import cache_kwarg
 from koff.core.errors import ServeError
-from koff.model.memory import Call, routed
 from koff.model.koff_model import KoffModel
+from koff.model.memory import Call, routed
 from koff.serve import routing as router
 from koff.serve.loading import StoredMemory
 from koff.serve.metrics import Metrics

@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+from koff.core.errors import ServeError
 from koff.serve.app import AppSettings, create_app
 from koff.serve.loading import fit_router, load_served
 from koff.serve.metrics import server_metrics
@@ -23,7 +24,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        from koff.core.errors import ServeError
 
         raise ServeError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     sock.listen(2048)  # accept queues from here on, before uvicorn starts serving

@@ -23,7 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from koff.core import faults
+from koff.core.atomic import clean_leftovers, make_temp_dir, remove_tree, swap_in
 from koff.core.errors import ArtifactError
+from koff.core.files import load_tensors, read_json
 from koff.storage.manifests import CheckpointManifest
 
 
@@ -60,7 +62,6 @@ def unflatten(skeleton, tensors: dict[str, torch.Tensor]):
 
 def save_checkpoint(folder: Path, state: dict) -> None:
     """Write a trainer state atomically to `folder`."""
-    from koff.core.atomic import clean_leftovers, make_temp_dir, remove_tree, swap_in
 
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
@@ -88,7 +89,6 @@ def checkpoint_exists(folder: Path) -> bool:
 
 def load_checkpoint(folder: Path) -> dict:
     """Read a checkpoint folder back into the nested state `save_checkpoint` was given."""
-    from koff.core.files import load_tensors, read_json
 
     folder = Path(folder)
     if not (folder / "state.json").is_file() and folder.with_name(folder.name + ".old").is_dir():

@@ -22,9 +22,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from koff.core.version import __version__
+from koff.config.recipe import FORMER_DEFAULTS, MASKS, MemoryConfig, TrainConfig
 from koff.core.errors import ArtifactError, ConfigError
 from koff.core.fields import from_mapping, integer, number, optional, require, short, str_list
+from koff.core.names import check_memory_name
+from koff.core.version import __version__
+from koff.data.text import Domain, file_sha256
+from koff.model.base_model import Geometry
+from koff.model.memory import STATE_CLASSES
 
 RUN_FORMAT = "koff.run"
 MEMORY_FORMAT = "koff.memory"
@@ -35,7 +40,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _memory_name(name: str, where: str) -> str:
-    from koff.core.names import check_memory_name
 
     try:
         return check_memory_name(name, where)
@@ -119,7 +123,6 @@ class BaseModelInfo:
         return d
 
     def geometry(self):
-        from koff.model.base_model import Geometry
 
         return Geometry(num_layers=self.num_layers, hidden_size=self.hidden_size,
                         intermediate_sizes=tuple(self.intermediate_sizes), num_kv_heads=self.num_kv_heads,
@@ -177,7 +180,6 @@ class DomainRecord:
     @classmethod
     def of(cls, domain, hashes: bool = True) -> DomainRecord:
         """The record of a `koff.data.Domain` (with its test files' sha256)."""
-        from koff.data.text import file_sha256
 
         return cls(name=domain.name, train=tuple(str(p) for p in domain.train), test=tuple(str(p) for p in domain.test),
                    valid=tuple(str(p) for p in domain.valid), text_field=domain.text_field,
@@ -188,7 +190,6 @@ class DomainRecord:
         """As a `koff.data.Domain` (paths as recorded)."""
         from pathlib import Path
 
-        from koff.data.text import Domain
 
         return Domain(name=self.name, train=[Path(p) for p in self.train], test=[Path(p) for p in self.test],
                       valid=[Path(p) for p in self.valid], text_field=self.text_field,
@@ -211,7 +212,6 @@ class TrainingRecord:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> TrainingRecord:
-        from koff.config.recipe import FORMER_DEFAULTS, MASKS, MemoryConfig, TrainConfig
 
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
@@ -419,7 +419,6 @@ class MemoryManifest:
     """Files a memory trained by `koff add-domain` holds besides its parts' (its training metrics)."""
 
     def required_files(self) -> set[str]:
-        from koff.model.memory import STATE_CLASSES
 
         files = {f for kind in self.parts for f in STATE_CLASSES[kind].FILES}
         if self.added_after:
@@ -428,7 +427,6 @@ class MemoryManifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "memory.json") -> MemoryManifest:
-        from koff.model.memory import STATE_CLASSES
 
         version = _format(d, MEMORY_FORMAT, where)
         name = _memory_name(require(d, "name", str, where), f"{where}: name")
@@ -457,7 +455,6 @@ class MemoryManifest:
         return m
 
     def to_dict(self) -> dict:
-        from koff.model.memory import STATE_CLASSES
 
         d = {"format": MEMORY_FORMAT, "format_version": self.format_version, "koff_version": self.koff_version,
              "name": self.name}
@@ -476,7 +473,6 @@ class MemoryManifest:
     def info(self) -> dict:
         """The fields besides format, name, parts and files, as stored."""
         d = self.to_dict()
-        from koff.model.memory import STATE_CLASSES
 
         return {k: v for k, v in d.items() if k not in ("format", "format_version", "koff_version", "name", "files",
                                                           *STATE_CLASSES)}

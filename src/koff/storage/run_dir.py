@@ -35,12 +35,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from koff.core.version import __version__
-from koff.model.base_model import Geometry
-from koff.core.files import inside, load_tensors, read_json, sha256_file
+from koff.core.atomic import atomic_output, atomic_write_text, remove_tree
 from koff.core.errors import ArtifactError, ModelError
-from koff.storage.manifests import FORMAT_VERSION, RUN_FORMAT, MemoryManifest, RunManifest
-from koff.core.atomic import atomic_output, atomic_write_text
+from koff.core.files import inside, load_tensors, read_json, sha256_file
+from koff.core.version import __version__
+from koff.model.backbone_lora import BackboneLora
+from koff.model.base_model import Geometry, fingerprint, inspect_model, load_base
+from koff.model.gates import NeuronGates
+from koff.model.koff_model import KoffModel
+from koff.model.memory import PART_KINDS, STATE_CLASSES
+from koff.model.memory.lora import LoraSection, LoraState
+from koff.storage.manifests import FORMAT_VERSION, RUN_FORMAT, BaseModelInfo, MemoryManifest, RunManifest
 
 FORMAT = RUN_FORMAT
 
@@ -110,7 +115,6 @@ def write_memory(folder: Path, rec: MemoryRecord, base_source: str | None = None
     Each part writes its own files and memory.json section (under its kind's name); `extra` files
     (the memory's training metrics) are written and hashed alongside. memory.json is written last:
     a folder without it is not a memory."""
-    from koff.model.memory import PART_KINDS
 
     folder = Path(folder)
     for fname, data in (extra or {}).items():
@@ -146,7 +150,6 @@ def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log
     OUTPUT.partial/, which may already hold metrics.jsonl, a checkpoint and a reference). koff.json
     lists the sha256 of every backbone-level file the format requires and is written last, in one
     rename: a folder without it is not a run, and what an interrupted write left is replaced."""
-    from koff.core.atomic import remove_tree
 
     folder = Path(folder)
     if (folder / "koff.json").exists():
@@ -195,7 +198,6 @@ def _check_hashes(folder: Path, files: dict, where: str) -> None:
 
 def load_memory(folder: Path, geometry: Geometry, against: str = "the base model") -> MemoryRecord:
     """Read and validate one memory folder against the base model's geometry."""
-    from koff.model.memory import STATE_CLASSES
 
     folder = Path(folder)
     where = str(folder / "memory.json")
@@ -210,7 +212,6 @@ def load_memory(folder: Path, geometry: Geometry, against: str = "the base model
 
 
 def geometry_from_manifest(base: dict, where: str) -> Geometry:
-    from koff.storage.manifests import BaseModelInfo
 
     return BaseModelInfo.from_dict(base, where).geometry()
 
@@ -283,7 +284,6 @@ def load_run(path: Path) -> Run:
 def _load_backbone_lora(path: Path, meta: RunManifest, where: str):
     """RUN/backbone's peft adapter (`train.backbone_lora_rank`), checked against the run's training
     config and the geometry it records (the base model itself is checked when it is loaded)."""
-    from koff.model.memory.lora import LoraSection, LoraState
 
     rank = meta.training.train.backbone_lora_rank
     section = LoraSection(rank=rank, alpha=2 * rank, targets=tuple(sorted(meta.training.memory.lora_targets)))
@@ -292,7 +292,6 @@ def _load_backbone_lora(path: Path, meta: RunManifest, where: str):
 
 def _check_memories(meta: RunManifest, memories: dict[str, MemoryRecord], where: str) -> None:
     """Every domain has its memory, and every memory is of the shape the run was trained with."""
-    from koff.model.memory import PART_KINDS
 
     cfg = meta.training.memory
     if not cfg.empty:
@@ -327,7 +326,6 @@ def check_base(run: Run, source: str, fingerprint: str) -> None:
 def load_run_base(run: Run, model: str | None = None, dtype: torch.dtype = torch.float32, device=None):
     """The base model of a run, `(model, tokenizer, source)`: from `model` or the recorded source,
     refused unless its fingerprint and geometry are the recorded ones."""
-    from koff.model.base_model import fingerprint, inspect_model, load_base
 
     source = model or run.meta.base_model.source
     try:
@@ -358,8 +356,6 @@ def build_model(run: Run, model: str | None = None, memories: list[str] | None =
     which memories to attach (default: all). `runtime` (a `koff.runtime.Runtime`) gives the device
     and base-weight dtype (default: float32 on the CPU).
     """
-    from koff.model.gates import NeuronGates
-    from koff.model.koff_model import KoffModel
 
     for name in memories or []:
         if name not in run.memories:
@@ -374,7 +370,6 @@ def build_model(run: Run, model: str | None = None, memories: list[str] | None =
         gates.requires_grad_(False)
     km = KoffModel(base, gates)
     if run.backbone_lora is not None:
-        from koff.model.backbone_lora import BackboneLora
 
         run.backbone_lora.check(base, run.path / "backbone")
         km.set_backbone_lora(BackboneLora.stored(base, run.backbone_lora))

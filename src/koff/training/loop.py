@@ -35,10 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from koff.core import faults
-from koff.core.errors import ConfigError
-from koff.model.koff_model import KoffModel, lm_loss
+from koff.core.errors import ArtifactError, ConfigError
 from koff.core.runtime import Runtime, barrier
+from koff.model.base_model import decoder_layers
 from koff.model.controllers import make_controller, target_at
+from koff.model.koff_model import KoffModel, lm_loss
+from koff.storage.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 
 DBL_SMOOTHING = 1e-4
 """Dynamic domain sampling mixes this much of the uniform distribution into the weights (as
@@ -154,10 +156,8 @@ class Trainer:
         self.consolidate_from = (cfg.steps - round(cfg.consolidate_frac * cfg.steps) if self.gates is not None
                                  else cfg.steps)
         if self.checkpoint is not None:
-            from koff.storage.checkpoint import checkpoint_exists, load_checkpoint
 
             if checkpoint_exists(self.checkpoint):
-                from koff.core.errors import ArtifactError
 
                 state = load_checkpoint(self.checkpoint)
                 try:
@@ -186,7 +186,6 @@ class Trainer:
         if self.runtime.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            from koff.model.base_model import decoder_layers
 
             for layer in decoder_layers(km.model):
                 fully_shard(layer)
@@ -225,7 +224,6 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        from koff.core.errors import ArtifactError
 
         params = dict(self.km.named_parameters())
         with torch.no_grad():
@@ -257,7 +255,6 @@ class Trainer:
 
     def save(self) -> None:
         """Write a checkpoint (main process only; the others wait for it)."""
-        from koff.storage.checkpoint import save_checkpoint
 
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint, self.state_dict())

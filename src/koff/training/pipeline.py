@@ -11,17 +11,33 @@ from pathlib import Path
 
 import torch
 
-from koff.core import faults
-from koff.core.errors import ConfigError
 from koff.config.recipe import DecomposeConfig, MemoryConfig, TrainConfig, dump_config, same_config
-from koff.data.text import BlockStream, Domain, check_no_test_leak, pack, tokenize_files
-from koff.core.errors import DataError
-from koff.storage.manifests import DomainRecord
-from koff.core.atomic import remove_tree
-from koff.model.gates import NeuronGates, sparsity_report
-from koff.model.koff_model import KoffModel
-from koff.model.memory.parts import PART_KINDS
+from koff.core import faults
+from koff.core.atomic import (
+    atomic_output,
+    atomic_write_text,
+    check_output,
+    clean_leftovers,
+    lock,
+    make_temp_dir,
+    notice,
+    remove_tree,
+    swap_in,
+    temp_name,
+)
+from koff.core.errors import ArtifactError, ConfigError, DataError
+from koff.core.names import check_memory_name
 from koff.core.runtime import Runtime, barrier, resolve_dtype
+from koff.data.text import BlockStream, Domain, check_no_test_leak, file_sha256, pack, tokenize_files
+from koff.model.backbone_lora import BackboneLora
+from koff.model.base_model import fingerprint, inspect_model, load_base
+from koff.model.gates import NeuronGates, sparsity_report, topk_keep_mask
+from koff.model.importance import activation_stats, flap_compensation, log_alpha_from_scores, neuron_scores
+from koff.model.koff_model import KoffModel
+from koff.model.memory import LoraSpec, target_modules
+from koff.model.memory.parts import PART_KINDS
+from koff.storage.manifests import DomainRecord
+from koff.storage.run_dir import build_model, load_run, memory_record, write_memory, write_run
 from koff.training.loop import GENERAL_MEMORY, Trainer
 
 
@@ -130,8 +146,6 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
 
 def _oneshot_gates(base, streams: Streams, kind: str, sparsity: float, cfg: TrainConfig) -> NeuronGates:
     """A fixed one-shot mask at `sparsity` from a neuron score (FLAP adds its bias compensation)."""
-    from koff.model.gates import topk_keep_mask
-    from koff.model.importance import activation_stats, flap_compensation, log_alpha_from_scores, neuron_scores
 
     stats = None
     if kind != "magnitude":
@@ -148,7 +162,6 @@ def _oneshot_gates(base, streams: Streams, kind: str, sparsity: float, cfg: Trai
 
 
 def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
-    from koff.model.importance import activation_stats, log_alpha_from_scores, neuron_scores
 
     limits = (-cfg.log_alpha_limit, cfg.log_alpha_limit)
     if cfg.gate_init == "constant":
@@ -174,9 +187,6 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
     `out` (None, or a process other than the main one: write nothing); returns the trained model.
     `teacher` is used when `cfg.train.distill` > 0."""
-    from koff.storage.run_dir import memory_record, write_run
-    from koff.model.base_model import fingerprint, inspect_model, load_base
-    from koff.model.memory import target_modules
 
     runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
     writes = out is not None and runtime.is_main
@@ -198,8 +208,6 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     if not cfg.memory.empty:
         add_memories(km, names, streams.leading, cfg.memory, cfg.train.seed)
     if prune and cfg.train.backbone_lora_rank:
-        from koff.model.backbone_lora import BackboneLora
-        from koff.model.memory import LoraSpec
 
         torch.manual_seed(cfg.train.seed + 101)  # after the memories: their initialisation is unchanged
         km.set_backbone_lora(BackboneLora.fresh(base, LoraSpec(cfg.train.backbone_lora_rank, None,
@@ -265,8 +273,6 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
     built in OUTPUT.partial/ and `resume` continues it. In a multi-process launch every process
     trains its shard; only the main one writes.
     """
-    from koff.core.errors import ArtifactError
-    from koff.core.atomic import atomic_output, check_output, clean_leftovers, lock, swap_in, temp_name
 
     cfg.validate()
     runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
@@ -304,7 +310,6 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
                 raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
             clean_leftovers(marker)
         else:  # created with its marker in one rename, so a partial folder always says what it is
-            from koff.core.atomic import atomic_write_text, make_temp_dir
 
             fresh = make_temp_dir(partial)
             atomic_write_text(fresh / ".koff-partial.yaml", dump_config(cfg))
@@ -332,7 +337,6 @@ def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, 
                     runtime: Runtime) -> None:
     """Train the reference (first: it is the teacher when distilling), then the run, in `folder`.
     A reference already finished there (its koff.json written) is reused."""
-    from koff.storage.run_dir import build_model, load_run
 
     teacher = None
     distil_reference = cfg.train.distill > 0 and cfg.train.distill_from == "reference"
@@ -370,7 +374,6 @@ def _known_tests(run, where: str) -> list[tuple[str, str, str]]:
             if not Path(p).is_file():
                 raise DataError(f"test file {p} of domain {rec.name!r} (recorded in {src}) is missing, so koff cannot "
                                 "check that the new training data does not contain it; restore it first")
-            from koff.data.text import file_sha256
 
             out.append((rec.name, p, file_sha256(p)))
     return out
@@ -400,9 +403,6 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     """
     import dataclasses
 
-    from koff.storage.run_dir import build_model, load_run, memory_record, write_memory
-    from koff.core.names import check_memory_name
-    from koff.core.atomic import check_output, clean_leftovers, lock, make_temp_dir, notice, swap_in
 
     run_dir = Path(run_dir)
     check_memory_name(domain.name, "--name")

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
+from koff.config.recipe import MemoryConfig
 from koff.core.errors import ConfigError
+from koff.core.runtime import resolve_device, resolve_dtype
+from koff.model.base_model import DEFAULT_MODEL, decoder_layers, inspect_model, load_base, parameter_counts
+from koff.model.controllers import Projection
+from koff.model.gates import NeuronGates
+from koff.model.koff_model import KoffModel, lm_loss
+from koff.model.shapes import SHAPES, shape_config
 
 CPU_RUNTIME_BYTES = 350 * 2**20
 """Resident memory of a Python process that has imported torch and transformers (measured on the
@@ -56,8 +63,6 @@ def model_config(spec):
     bundled default, a hub id (needs a network), or a config object itself."""
     from transformers import AutoConfig, PretrainedConfig
 
-    from koff.model.base_model import DEFAULT_MODEL
-    from koff.model.shapes import SHAPES, shape_config
 
     if isinstance(spec, PretrainedConfig):
         return spec, getattr(spec, "name_or_path", "") or spec.model_type
@@ -81,8 +86,6 @@ def model_config(spec):
 def _meta_model(config, memory, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from koff.model.gates import NeuronGates
-    from koff.model.koff_model import KoffModel
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -94,7 +97,6 @@ def _meta_model(config, memory, dtype: torch.dtype):
 def saved_activation_bytes(km, micro_batch: int, seq_len: int, checkpointing: bool) -> tuple[int, int]:
     """(bytes autograd keeps for the backward pass of one training forward, the largest single
     saved tensor) for a meta-device KoffModel with memory "m"."""
-    from koff.model.koff_model import lm_loss
 
     if checkpointing:
         km.enable_gradient_checkpointing()
@@ -121,9 +123,6 @@ def make_plan(model: str | None = None, memory=None, batch_size: int = 4, seq_le
               memories: int = 3, world_size: int = 1, fsdp: bool = False, target_sparsity: float = 0.2,
               dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> Plan:
     """Parameters and estimated peak memory per process (see module docstring)."""
-    from koff.model.base_model import inspect_model, parameter_counts
-    from koff.config.recipe import MemoryConfig
-    from koff.core.runtime import resolve_dtype
 
     memory = memory or MemoryConfig()
     parts = grad_accum * world_size
@@ -153,7 +152,6 @@ def make_plan(model: str | None = None, memory=None, batch_size: int = 4, seq_le
         size = torch.empty((), dtype=dtype).element_size()
         weights = plan.parameters["total"] * size
         if fsdp:  # each process holds its shard, plus the layer being run and the one prefetched, whole
-            from koff.model.base_model import decoder_layers
 
             layer = max(sum(p.numel() for p in lay.parameters()) for lay in decoder_layers(km.model))
             weights = -(-weights // world_size) + 2 * layer * size
@@ -218,11 +216,6 @@ def _peak_rss() -> int:
 
 def _measure_child(model: str | None, memory, micro_batch: int, seq_len: int, dtype: str, checkpointing: bool,
                    steps: int, device: str, queue) -> None:
-    from koff.model.base_model import load_base
-    from koff.model.gates import NeuronGates
-    from koff.model.koff_model import KoffModel, lm_loss
-    from koff.core.runtime import resolve_device, resolve_dtype
-    from koff.model.controllers import Projection
 
     dev = resolve_device(device)
     base, _, _ = load_base(model, dtype=resolve_dtype(dtype), device=dev)
@@ -253,7 +246,6 @@ def measure_peak(model: str | None = None, memory=None, micro_batch: int = 4, se
     import multiprocessing as mp
     import os
 
-    from koff.config.recipe import MemoryConfig
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -20,7 +20,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from koff.core.errors import ArtifactError
+from koff.core.compat import output_cache
+from koff.core.errors import ArtifactError, DataError
+from koff.core.fields import optional, require
+from koff.core.files import load_tensors
+from koff.model.base_model import inspect_model
 from koff.model.memory.parts import Call, MemoryPart, PartState, Prefix, register_part
 
 KV_FILE = "kv.safetensors"
@@ -67,7 +71,6 @@ class KVSection:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> KVSection:
-        from koff.core.fields import optional, require
 
         tokens = require(d, "tokens", int, where)
         frozen = require(d, "num_frozen_tokens", int, where)
@@ -118,7 +121,6 @@ class KVState(PartState):
     @classmethod
     def load(cls, folder: Path, section: KVSection, where: str, geometry=None,
              against: str = "the base model") -> KVState:
-        from koff.core.files import load_tensors
 
         tokens = section.tokens
         path = folder / KV_FILE
@@ -172,7 +174,6 @@ class KVState(PartState):
                 + ("" if against == "the base model" else ", or the manifest was edited"))
 
     def check(self, base: nn.Module, where: Path) -> None:
-        from koff.model.base_model import inspect_model
 
         self.check_geometry(inspect_model(base), where)
 
@@ -183,7 +184,6 @@ def capture_kv(model: nn.Module, token_ids: torch.Tensor) -> tuple[torch.Tensor,
 
     Callers make sure gates and adapters are off (see `KoffModel.capture_kv`).
     """
-    from koff.core.compat import output_cache
 
     if token_ids.dim() != 1 or token_ids.numel() == 0:
         raise ValueError("capture_kv needs a non-empty 1-D tensor of token ids")
@@ -250,7 +250,6 @@ class KVPart(MemoryPart):
 
     @classmethod
     def check_tokens(cls, tokens: torch.Tensor, cfg, name: str) -> None:
-        from koff.core.errors import DataError
 
         if tokens.numel() < cfg.kv_tokens:
             raise DataError(f"memory.kv_tokens (--kv-tokens) = {cfg.kv_tokens}, but the training text of {name!r} "
@@ -267,7 +266,6 @@ class KVPart(MemoryPart):
         self.add(name, KVMemory(keys, values, num_frozen=cfg.kv_frozen_tokens))
 
     def add(self, name: str, kv: KVMemory) -> None:
-        from koff.model.base_model import inspect_model
 
         g = inspect_model(self._base)
         want = (g.num_layers, g.num_kv_heads, g.head_dim)

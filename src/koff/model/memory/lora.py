@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from koff.core.errors import ArtifactError, ConfigError
+from koff.core.fields import require
+from koff.core.files import load_tensors, read_json
 from koff.model.memory.parts import Call, MemoryPart, PartState, current_call, register_part
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -102,7 +104,6 @@ class LoraSection:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> LoraSection:
-        from koff.core.fields import require
 
         rank = require(d, "rank", int, where)
         if rank < 1:
@@ -178,7 +179,6 @@ class LoraState(PartState):
     @classmethod
     def load(cls, folder: Path, section: LoraSection, where: str, geometry=None,
              against: str = "the base model") -> LoraState:
-        from koff.core.files import load_tensors, read_json
 
         rank = section.rank
         path = folder / ADAPTER_CONFIG
@@ -217,7 +217,6 @@ class LoraState(PartState):
 
     @classmethod
     def section_from_files(cls, folder: Path, entry: dict, where: str) -> LoraSection:
-        from koff.core.files import read_json
 
         cfg = read_json(folder / ADAPTER_CONFIG)
         targets = cfg.get("target_modules")
