@@ -3,7 +3,7 @@
 import torch
 
 from koff.model.memory import LoraState
-from koff.serve.loading import mask_digest, refit_lora
+from koff.serve.loading import mask_digest
 
 
 def _state(width: int, hidden: int = 6, rank: int = 2) -> LoraState:
@@ -17,7 +17,7 @@ def _state(width: int, hidden: int = 6, rank: int = 2) -> LoraState:
 def test_refit_cuts_kept_neurons_and_zero_fills_back():
     keep = [torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)]
     dense = _state(8)
-    sliced = refit_lora(dense, keep, to_sliced=True)
+    sliced = dense.fit_ffn(keep, to_sliced=True)
     p = "base_model.model.model.layers.0.mlp."
     assert sliced.tensors[f"{p}gate_proj.lora_B.weight"].shape == (4, 2)
     assert sliced.tensors[f"{p}down_proj.lora_A.weight"].shape == (2, 4)
@@ -25,7 +25,7 @@ def test_refit_cuts_kept_neurons_and_zero_fills_back():
     for k in (f"{p}gate_proj.lora_A.weight", f"{p}down_proj.lora_B.weight",
               "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"):
         assert torch.equal(sliced.tensors[k], dense.tensors[k])
-    back = refit_lora(sliced, keep, to_sliced=False)
+    back = sliced.fit_ffn(keep, to_sliced=False)
     b = back.tensors[f"{p}gate_proj.lora_B.weight"]
     assert torch.equal(b[keep[0]], dense.tensors[f"{p}gate_proj.lora_B.weight"][keep[0]])
     assert not b[~keep[0]].any()

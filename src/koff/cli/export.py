@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 
 from koff.core.runtime import DTYPES
-from koff.export import export_run, read_backbone_manifest
-from koff.export.gguf import OUTTYPES
-from koff.export.manifest import EXPORT_FORMATS
+from koff.export import FORMATS, OUTTYPES, export_run, read_backbone_manifest
 
 NAME = "export"
 HELP = "physically smaller backbone + memories for transformers, llama.cpp or vLLM"
@@ -17,7 +15,7 @@ HELP = "physically smaller backbone + memories for transformers, llama.cpp or vL
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="hf",
+    p.add_argument("--format", choices=tuple(FORMATS), default="hf",
                    help="hf: transformers + remote code, peft memories (default); gguf: llama.cpp backbone + "
                         "LoRA adapters; vllm: nemotron-nas/DeciLM folder + LoRA adapters")
     p.add_argument("--outtype", choices=OUTTYPES,

@@ -98,8 +98,7 @@ def summarize(nll: torch.Tensor, ts: TestSet) -> dict[str, dict]:
 
 
 def _domains_of(run: Run, tests: dict[str, list[str]] | None = None) -> list[Domain]:
-    data = run.manifest.get("data", {})
-    out = [Domain.from_dict(data[name]) for name in run.domains if name in data]
+    out = [run.meta.data[name].domain() for name in run.domains if name in run.meta.data]
     for name, rec in run.memories.items():  # memories added later carry their own data record
         if name not in run.domains and isinstance(rec.info.get("data"), dict):
             out.append(Domain.from_dict(rec.info["data"]))
@@ -159,7 +158,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str
         own = {d: swap[(d, d)] for d in names if (d, d) in swap}
         if own:
             rows[f"{label} + own memory"] = own
-    default = run.manifest.get("default_memory")
+    default = run.meta.default_memory
     if default in run.memories:  # what a request naming no domain gets
         rows[f"{label} + default memory ({default})"] = {d: swap[(default, d)] if (default, d) in swap
                                                           else score(label, km, default, d) for d in names}

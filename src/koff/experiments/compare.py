@@ -245,8 +245,7 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
         report = run.meta.sparsity.to_dict()
         memories = sorted(run.memories)
         source = run.meta.base_model.source
-        default = run.manifest.get("default_memory")
-        default = default if default in run.memories else None
+        default = run.meta.default_memory if run.meta.default_memory in run.memories else None
     sets = {d.name: test_set(d, tok, settings) for d in domains}
     ppl = {}
     for d in domains:

@@ -156,7 +156,7 @@ def pruned_backbone(run_dir: Path, model: str | None = None, dtype: torch.dtype 
     run = load_run(run_dir)
     if run.keep is None:
         raise ArtifactError(f"{run_dir}: the run has no backbone mask (it is a dense + memories run)")
-    base, tok, source = load_base(model or run.manifest["base_model"]["source"], dtype=dtype)
+    base, tok, source = load_base(model or run.meta.base_model.source, dtype=dtype)
     check_base(run, source, fingerprint(source))
     dense = parameter_counts(base)["total"]
     if run.backbone_lora is not None:  # before deleting neurons: a pruned neuron's delta goes with it

@@ -628,5 +628,131 @@ class CellRecord:
                 "ppl": self.ppl, "tasks": self.tasks, "sparsity": self.sparsity, "swap": self.swap}
 
 
-__all__ = ["BaseModelInfo", "CellRecord", "CheckpointManifest", "DomainRecord", "MemoryManifest", "RunManifest",
+# -- OUT/koff_backbone.json (koff export) ---------------------------------------------------------
+BACKBONE_FORMAT = "koff.backbone"
+BACKBONE_FORMAT_VERSION = 2
+"""2 added `export_format`, `stored_intermediate_sizes`, `memories_left_out` and each memory's `carries`."""
+EXPORT_FORMATS = ("hf", "gguf", "vllm")
+"""The export formats (`koff.export.FORMATS` maps each to its writer)."""
+_EXPORTED_MEMORY_KEYS = ("files", "carries", "lora_rank", "kv_tokens", "kv_frozen_tokens", "kv_dropped", "dropped")
+_BACKBONE_KEYS = ("format", "format_version", "koff_version", "export_format", "source_run", "base_model",
+                  "intermediate_sizes", "stored_intermediate_sizes", "down_proj_bias", "target_sparsity", "sparsity",
+                  "parameters", "memories", "memories_left_out", "files")
+
+
+@dataclass(frozen=True)
+class ExportedMemory:
+    """One memory of an export: its files (with sha256), the part kinds it carries and what the
+    engine could not carry."""
+
+    files: dict[str, str]
+    carries: tuple[str, ...]
+    lora_rank: int | None = None
+    kv_tokens: int = 0
+    kv_frozen_tokens: int = 0
+    kv_dropped: bool = False
+    dropped: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> ExportedMemory:
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
+        files = _files(d, where)
+        if not files:
+            raise ArtifactError(f"{where}: lists no files")
+        return cls(files=files, carries=tuple(str_list(d, "carries", where, required=False)),
+                   lora_rank=optional(d, "lora_rank", int, where), kv_tokens=optional(d, "kv_tokens", int, where, 0),
+                   kv_frozen_tokens=optional(d, "kv_frozen_tokens", int, where, 0),
+                   kv_dropped=optional(d, "kv_dropped", bool, where, False),
+                   dropped=tuple(str_list(d, "dropped", where, required=False)),
+                   extra=_extra(d, _EXPORTED_MEMORY_KEYS))
+
+    def to_dict(self) -> dict:
+        d: dict = {"files": dict(self.files), "carries": list(self.carries), "lora_rank": self.lora_rank,
+                   "kv_tokens": self.kv_tokens}
+        if self.kv_frozen_tokens:
+            d["kv_frozen_tokens"] = self.kv_frozen_tokens
+        if self.kv_dropped:
+            d["kv_dropped"] = True
+        if self.dropped:
+            d["dropped"] = list(self.dropped)
+        return {**d, **self.extra}
+
+
+@dataclass(frozen=True)
+class BackboneManifest:
+    """OUT/koff_backbone.json: what an export folder holds, where it came from, and the sha256 of
+    its files. `manifest["field"]` reads the stored form (`to_dict`)."""
+
+    export_format: str
+    base_model: BaseModelInfo
+    intermediate_sizes: tuple[int, ...]
+    stored_intermediate_sizes: tuple[int, ...]
+    files: dict[str, str]
+    memories: dict[str, ExportedMemory]
+    memories_left_out: dict[str, str] = field(default_factory=dict)
+    source_run: str | None = None
+    down_proj_bias: bool = False
+    target_sparsity: float = 0.0
+    sparsity: Sparsity | None = None
+    parameters: dict[str, int] = field(default_factory=dict)
+    koff_version: str = __version__
+    format_version: int = BACKBONE_FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+    """Fields of one format (outtype, gguf_arch, tensor_types, serve_command, ...), as stored."""
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "koff_backbone.json") -> BackboneManifest:
+        version = _format(d, BACKBONE_FORMAT, where, newest=BACKBONE_FORMAT_VERSION)
+        export_format = optional(d, "export_format", str, where, "hf")  # version 1 wrote only the hf layout
+        if export_format not in EXPORT_FORMATS:
+            raise ArtifactError(f"{where}: field 'export_format' must be one of {list(EXPORT_FORMATS)}, "
+                                f"got {short(export_format)}")
+        widths = require(d, "intermediate_sizes", list, where)
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in widths):
+            raise ArtifactError(f"{where}: 'intermediate_sizes' must be a list of non-negative integers")
+        stored = optional(d, "stored_intermediate_sizes", list, where, widths)
+        if len(stored) != len(widths) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 or
+                                                 (w == 0 and v == 0) for w, v in zip(stored, widths)):
+            raise ArtifactError(f"{where}: 'stored_intermediate_sizes' must list one width per layer")
+        raw_memories = optional(d, "memories", dict, where, {})
+        left = optional(d, "memories_left_out", dict, where, {})
+        params = optional(d, "parameters", dict, where, {})
+        return cls(export_format=export_format,
+                   base_model=BaseModelInfo.from_dict(require(d, "base_model", dict, where), f"{where}: base_model"),
+                   intermediate_sizes=tuple(widths), stored_intermediate_sizes=tuple(stored), files=_files(d, where),
+                   memories={name: ExportedMemory.from_dict(m, f"{where}: memories.{name}")
+                             for name, m in raw_memories.items()},
+                   memories_left_out={str(k): str(v) for k, v in left.items()},
+                   source_run=optional(d, "source_run", str, where),
+                   down_proj_bias=optional(d, "down_proj_bias", bool, where, False),
+                   target_sparsity=number(d, "target_sparsity", where, 0.0, 1.0, required=False) or 0.0,
+                   sparsity=None if d.get("sparsity") is None else Sparsity.from_dict(d["sparsity"], f"{where}: sparsity"),
+                   parameters={str(k): int(v) for k, v in params.items() if isinstance(v, int)},
+                   koff_version=optional(d, "koff_version", str, where, __version__), format_version=version,
+                   extra=_extra(d, _BACKBONE_KEYS))
+
+    def to_dict(self) -> dict:
+        return {"format": BACKBONE_FORMAT, "format_version": self.format_version, "koff_version": self.koff_version,
+                "export_format": self.export_format, "source_run": self.source_run,
+                "base_model": self.base_model.to_dict(), "intermediate_sizes": list(self.intermediate_sizes),
+                "stored_intermediate_sizes": list(self.stored_intermediate_sizes), "down_proj_bias": self.down_proj_bias,
+                "target_sparsity": self.target_sparsity,
+                "sparsity": None if self.sparsity is None else self.sparsity.to_dict(),
+                "parameters": dict(self.parameters), "memories": {n: m.to_dict() for n, m in self.memories.items()},
+                "memories_left_out": dict(self.memories_left_out), **self.extra, "files": dict(self.files)}
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_dict()
+
+    def get(self, key: str, default=None):
+        return self.to_dict().get(key, default)
+
+
+__all__ = ["BACKBONE_FORMAT", "BACKBONE_FORMAT_VERSION", "EXPORT_FORMATS", "BackboneManifest", "ExportedMemory",
+           "BaseModelInfo", "CellRecord", "CheckpointManifest", "DomainRecord", "MemoryManifest", "RunManifest",
            "Sparsity", "TrainMetrics", "TrainingRecord", "check_files", "optional", "require"]

@@ -72,16 +72,20 @@ class Run:
     """A loaded, validated run directory."""
 
     path: Path
-    manifest: dict
-    """koff.json as stored (validated); readers use `meta`, the typed manifest."""
+    meta: RunManifest
+    """koff.json, typed and validated."""
     keep: list[torch.Tensor] | None
     log_alpha: list[torch.Tensor] | None
     memories: dict[str, MemoryRecord]
     bias: list[torch.Tensor] | None = None
     """FLAP bias compensation added to each layer's down_proj output (one-shot FLAP runs only)."""
-    meta: RunManifest | None = None
     backbone_lora: object = None
     """The backbone's shared LoRA adapter (a LoraState; `train.backbone_lora_rank` > 0 only)."""
+
+    @property
+    def manifest(self) -> dict:
+        """koff.json as the typed manifest writes it."""
+        return self.meta.to_dict()
 
     @property
     def domains(self) -> list[str]:
@@ -277,7 +281,7 @@ def load_run(path: Path) -> Run:
                     raise ArtifactError(f"{d} is a symlink; koff reads only files inside the run itself")
                 memories[d.name] = load_memory(d, geometry, f"koff.json's base model ({where}: base_model)")
     _check_memories(meta, memories, where)
-    return Run(path=path, manifest=raw, keep=keep, log_alpha=log_alpha, memories=memories, bias=bias, meta=meta,
+    return Run(path=path, meta=meta, keep=keep, log_alpha=log_alpha, memories=memories, bias=bias,
                backbone_lora=backbone_lora)
 
 
