@@ -72,7 +72,7 @@ def test_lora_memory_loads_with_peft(exported):
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # peft 0.21's CARTRIDGE passes the old name
 def test_full_memory_as_lora_merged_then_cartridge(exported):
     """The whole memory with peft alone: merge the LoRA into the backbone, then put the KV half on
-    top as a CARTRIDGE adapter (peft cannot hold both in one PeftModel, DESIGN.md §14)."""
+    top as a CARTRIDGE adapter (peft cannot hold both in one PeftModel, docs/design.md §2)."""
     from peft import PeftModel
 
     run_dir, out = exported
@@ -104,7 +104,7 @@ def test_folder_layout_and_manifest(exported):
     m = json.loads((out / "koff_backbone.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_koff.KoffForCausalLM"
     assert cfg["koff_intermediate_sizes"] == m["intermediate_sizes"]
-    assert "per_layer_config" not in cfg  # transformers' modeling refuses it (DESIGN.md §9)
+    assert "per_layer_config" not in cfg  # transformers' modeling refuses it (docs/design.md §1)
     assert m["export_format"] == "hf" and m["format_version"] == 2
     assert {"configuration_koff.py", "modeling_koff.py"} <= set(m["files"])
     assert m["memories"]["fr"]["carries"] == ["lora", "kv"]

@@ -16,7 +16,7 @@ from koff.training.pipeline import decompose
 pytestmark = pytest.mark.integration
 
 MASSIVE = [(11, 1229), (28, 678), (11, 1487), (29, 999)]
-"""Neurons with massive activations in SmolLM2-135M (DESIGN.md §11): any usable mask keeps them."""
+"""Neurons with massive activations in SmolLM2-135M (docs/design.md §3): any usable mask keeps them."""
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
       koff_backbone.json         manifest (widths as stored, outtype, what each memory carries)
 
 llama.cpp's plain `llama` arch sizes every FFN by layer 0; `deci` reads one width per layer
-(`hparams.n_ff(i)`, DESIGN.md §14) and otherwise computes a Llama block (optional q/k/v/o and FFN
+(`hparams.n_ff(i)`, docs/design.md §2) and otherwise computes a Llama block (optional q/k/v/o and FFN
 biases, so Qwen2's q/k/v biases and FLAP's down_proj bias fit). Stored widths are padded with
 exact-zero neurons where llama.cpp needs or prefers it: at least 1 (llama.cpp refuses a file with
 the zero-size FFN tensors of a width-0 layer, measured, and deci's graph would drop such a layer's

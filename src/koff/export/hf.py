@@ -18,7 +18,7 @@
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` loads it with plain
 transformers. config.json keeps the base's `model_type` (so its tokenizer and config load without
 remote code) and adds `koff_intermediate_sizes`, not `per_layer_config`, which transformers' own
-modeling still refuses (DESIGN.md §9, §14). `load_backbone` rebuilds the same model without running
+modeling still refuses (docs/design.md §1, §2). `load_backbone` rebuilds the same model without running
 the folder's code.
 """
 

@@ -2,7 +2,7 @@
 
 When FFN neuron j of a layer is deleted, row j of gate_proj and up_proj and column j of down_proj
 go, and so do row j of a LoRA B on gate/up_proj and column j of a LoRA A on down_proj
-(DESIGN.md §9). Engines that cannot hold a width (llama.cpp's `deci` skips a layer of width 0,
+(docs/design.md §1). Engines that cannot hold a width (llama.cpp's `deci` skips a layer of width 0,
 q8_0 needs multiples of 32) get exact-zero neurons added back: a zero gate row, a zero up row and
 a zero down column contribute exactly 0 to the layer's output.
 """

@@ -1,6 +1,6 @@
 """Neuron importance scores from weights and calibration activations.
 
-Used to start the gates from an activation-aware score (DESIGN.md §12: 1.3-2x better than equal
+Used to start the gates from an activation-aware score (docs/design.md §4: 1.3-2x better than equal
 starts) and by the one-shot pruning baselines:
 
   magnitude   L1 norm of the neuron's weights (gate row + up row + down column);
