@@ -53,7 +53,7 @@ def test_plain_peft_loads_the_sliced_lora(exported):
     model with that memory."""
     from peft import PeftModel
 
-    from koff.core.compat import cache_kwarg
+    from koff.core.compat.transformers import cache_kwarg
     from koff.model.memory import prefix_cache
 
     run_dir, out = exported

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from koff.core.compat.lm_eval import registered_model
 from koff.core.errors import ConfigError
 from koff.core.runtime import Runtime
 from koff.data.text import data_root
@@ -79,10 +80,10 @@ def write_tasks(folder: Path, root: Path | None = None) -> Path:
 
 def _model_class():
     from lm_eval.api.model import LM
-    from lm_eval.api.registry import model_registry, register_model
+    from lm_eval.api.registry import register_model
 
-    if "koff" in model_registry:
-        return model_registry.get("koff")
+    if registered_model("koff") is not None:
+        return registered_model("koff")
 
     @register_model("koff")
     class KoffLM(LM):

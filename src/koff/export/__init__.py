@@ -15,9 +15,8 @@ Every format starts from the same pruned backbone (`prune.py`) and writes `koff_
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 
 from koff.core.atomic import check_output
 from koff.core.errors import ConfigError

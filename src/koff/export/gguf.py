@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from koff.core.atomic import atomic_output
+from koff.core.compat.transformers import llama3_inverse_frequencies
 from koff.core.errors import ArtifactError
 from koff.export.gguf_vocab import add_vocab, gguf_vocab
 from koff.export.llama_block import MODEL_TYPES, check_llama_block
@@ -91,9 +92,7 @@ def _rope_freq_factors(config) -> torch.Tensor | None:
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "llama3":
         return None
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    scaled = llama3_inverse_frequencies(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     base = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     default = 1.0 / (float(rope["rope_theta"]) ** base)

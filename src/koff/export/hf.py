@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koff.core.atomic import atomic_output
+from koff.core.compat.transformers import config_class
 from koff.core.errors import ArtifactError
 from koff.core.files import sha256_file
 from koff.export.manifest import read_backbone_manifest, write_manifest
@@ -147,18 +148,18 @@ def write_hf(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
 def _base_config(folder: Path, manifest: dict):
     """The base family's config from config.json, without the folder's remote code."""
     from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     raw = json.loads((folder / "config.json").read_text())
     if "auto_map" not in raw:  # format_version 1: config.json is the base model's own
         return AutoConfig.from_pretrained(folder)
     model_type = raw.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    cls = config_class(model_type) if isinstance(model_type, str) else None
+    if cls is None:
         raise ArtifactError(f"{folder / 'config.json'}: model_type {model_type!r} is not a transformers family")
     for key in ("auto_map", "architectures", "koff_intermediate_sizes", "koff_down_proj_bias", "model_type",
                 "transformers_version"):
         raw.pop(key, None)
-    return CONFIG_MAPPING[model_type].from_dict(raw)
+    return cls.from_dict(raw)
 
 
 def load_backbone(folder: Path, dtype: torch.dtype = torch.float32):

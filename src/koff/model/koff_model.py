@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from koff.core.compat import cache_kwarg
+from koff.core.compat.transformers import cache_kwarg, cache_layer_state, restore_cache_layer
 from koff.core.errors import ConfigError
 from koff.core.names import check_memory_name
 from koff.model.base_model import decoder_layers, inspect_model
@@ -214,17 +214,15 @@ def _checkpointed(forward, index: int, cache_type: type):
         call = current_call()
         cache = next((v for v in kwargs.values() if isinstance(v, cache_type)), None)
         slot = cache.layers[index] if cache is not None and index < len(cache.layers) else None
-        before = dict(slot.__dict__) if slot is not None else None
+        before = cache_layer_state(slot)
 
         @contextlib.contextmanager
         def replay():
-            after = dict(slot.__dict__) if slot is not None else None
-            if slot is not None:
-                slot.__dict__.update(before)
+            after = cache_layer_state(slot)
+            restore_cache_layer(slot, before)
             with routed(call) if call is not None else contextlib.nullcontext():
                 yield
-            if slot is not None:
-                slot.__dict__.update(after)
+            restore_cache_layer(slot, after)
 
         return checkpoint(forward, *args, use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), replay()), **kwargs)

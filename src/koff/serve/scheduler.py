@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from koff.core.compat import cache_kwarg
+from koff.core.compat.transformers import cache_kwarg, is_plain_dynamic_cache
 from koff.core.errors import ServeError
 from koff.model.koff_model import KoffModel
 from koff.model.memory import Call, routed
@@ -615,11 +615,7 @@ class Engine:
 
 
 def _mergeable_cache(km: KoffModel) -> bool:
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=km.model.config)
-    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    return is_plain_dynamic_cache(km.model.config)
 
 
 def _forward_params(model) -> set[str]:

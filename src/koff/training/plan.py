@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from koff.config.recipe import MemoryConfig
+from koff.core.compat.torch import storage_owner
 from koff.core.errors import ConfigError
 from koff.core.runtime import resolve_device, resolve_dtype
 from koff.model.base_model import DEFAULT_MODEL, decoder_layers, inspect_model, load_base, parameter_counts
@@ -104,7 +105,7 @@ def saved_activation_bytes(km, micro_batch: int, seq_len: int, checkpointing: bo
     stored = {id(t) for t in km.parameters()} | {id(t) for t in km.buffers()}  # counted as weights already
 
     def pack(t):
-        base = t._base if t._base is not None else t
+        base = storage_owner(t)
         if id(base) not in stored:
             seen[id(base)] = base.numel() * base.element_size()
         return t

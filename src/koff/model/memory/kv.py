@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from koff.core.compat import output_cache
+from koff.core.compat.transformers import output_cache
 from koff.core.errors import ArtifactError, DataError
 from koff.core.fields import optional, require
 from koff.core.files import load_tensors

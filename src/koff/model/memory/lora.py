@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from koff.core.compat.peft import fresh_lora_a
 from koff.core.errors import ArtifactError, ConfigError
 from koff.core.fields import require
 from koff.core.files import load_tensors, read_json
@@ -345,13 +346,7 @@ class LoraPart(MemoryPart):
         a_list, b_list = [], []
         for path in paths:
             lin = self._base.get_submodule(path)
-            # the generator calls of peft's update_layer: nn.Linear(in, r) and nn.Linear(r, out) are
-            # built (each draws its kaiming-uniform init), then A is drawn again and B zeroed
-            a = torch.empty(spec.rank, lin.in_features)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(torch.empty(lin.out_features, spec.rank), a=math.sqrt(5))
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            a_list.append(a)
+            a_list.append(fresh_lora_a(spec.rank, lin.in_features, lin.out_features))
             b_list.append(torch.zeros(lin.out_features, spec.rank))
         self._add(name, LoraAdapter(paths, a_list, b_list, spec.scaling, spec.peft_config()))
 
