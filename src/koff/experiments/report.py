@@ -343,7 +343,7 @@ def to_markdown(cells: list[dict], figures: list[str], extra: list[str] | None =
     sweeps, `extra` (sections after them), the figures."""
     domains, tasks = _domains(cells), _tasks(cells)
     rows = main_table(cells)
-    lines = ["# koff results", "", *(head or []), "", _caption(cells), "",
+    lines = ["# koff results", "", *([*head, ""] if head else []), _caption(cells), "",
              "## Main table (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
              "Perplexity with the method's own memory where it has one, else of the backbone alone; "
              "mean ± std over seeds (one number: a single seed or a deterministic method). Lower is better; "
@@ -469,22 +469,12 @@ def controller_runs(cells: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {k: sorted(v, key=lambda c: c["seed"]) for k, v in sorted(runs.items()) if methods.count(k[0]) > 1}
 
 
-def plots(cells: list[dict], out: Path) -> list[Path]:
-    """PPL vs sparsity per method, swap-matrix heatmap, kept fraction per layer, training curves,
-    and the sparsity controllers compared."""
-    import matplotlib
+def _footer(fig, text: str) -> None:
+    fig.text(0.01, 0.005, text.replace("`", ""), fontsize=6, wrap=True)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    domains = _domains(cells)
-    written = []
-
-    def footer(fig, text):
-        fig.text(0.01, 0.005, text.replace("`", ""), fontsize=6, wrap=True)
-
-    # 1. PPL vs sparsity: every cell that differs from the main table only in target_sparsity
+def _ppl_vs_sparsity(cells: list[dict], out: Path, domains: list[str], plt) -> Path | None:
+    """PPL vs sparsity: every cell that differs from the main table only in target_sparsity."""
     series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
         if c["group"] == "main" or set(c["setting"]) == {"target_sparsity"}:
@@ -514,13 +504,17 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_title("Perplexity vs sparsity (own memory where the method has one)")
         ax.legend(fontsize=7)
-        footer(fig, _caption(cells))
+        _footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        written.append(out / "ppl_vs_sparsity.png")
-        save_figure(fig, written[-1])
+        path = out / "ppl_vs_sparsity.png"
+        save_figure(fig, path)
         plt.close(fig)
+        return path
+    return None
 
-    # 2. swap matrix heatmap
+
+def _swap_heatmap(cells: list[dict], out: Path, domains: list[str], plt) -> Path | None:
+    """Swap matrix heatmap."""
     swap_cells = [c for c in cells if c.get("swap")]
     if swap_cells:
         c = sorted(swap_cells, key=lambda c: c["seed"])[0]
@@ -537,13 +531,17 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=9)
         fig.colorbar(im, ax=ax, label="PPL")
         ax.set_title(f"Swap matrix: {c['method']} seed {c['seed']}")
-        footer(fig, _caption(cells))
+        _footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.08, 1, 1))
-        written.append(out / "swap_matrix.png")
-        save_figure(fig, written[-1])
+        path = out / "swap_matrix.png"
+        save_figure(fig, path)
         plt.close(fig)
+        return path
+    return None
 
-    # 3. kept-neuron fraction per layer
+
+def _kept_per_layer(cells: list[dict], out: Path, domains: list[str], plt) -> Path | None:
+    """Kept-neuron fraction per layer."""
     kept: dict[str, list[list[float]]] = defaultdict(list)
     for c in cells:
         if c["group"] == "main" and c.get("kept_fraction_per_layer"):
@@ -562,13 +560,17 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("fraction of FFN neurons kept")
         ax.set_title("Kept FFN neurons per layer (mean over seeds)")
         ax.legend(fontsize=7, ncol=2)
-        footer(fig, _caption(cells))
+        _footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.06, 1, 1))
-        written.append(out / "kept_per_layer.png")
-        save_figure(fig, written[-1])
+        path = out / "kept_per_layer.png"
+        save_figure(fig, path)
         plt.close(fig)
+        return path
+    return None
 
-    # 4. training curves of the main koff cells
+
+def _training_curves(cells: list[dict], out: Path, domains: list[str], plt) -> Path | None:
+    """Training curves of the main koff cells."""
     curve_cells = [c for c in cells if c["group"] == "main" and c.get("curves", {}).get("expected_sparsity")]
     if curve_cells:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -593,13 +595,17 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         for a in axes:
             a.set_xlabel("step")
         axes[1].legend(fontsize=6)
-        footer(fig, _caption(cells))
+        _footer(fig, _caption(cells))
         fig.tight_layout(rect=(0, 0.07, 1, 1))
-        written.append(out / "training_curves.png")
-        save_figure(fig, written[-1])
+        path = out / "training_curves.png"
+        save_figure(fig, path)
         plt.close(fig)
+        return path
+    return None
 
-    # 5. sparsity controllers side by side: the path of expected sparsity, and where each mask prunes
+
+def _controllers_figure(cells: list[dict], out: Path, domains: list[str], plt) -> Path | None:
+    """Sparsity controllers side by side: the path of expected sparsity, and where each mask prunes."""
     by_ctrl = controller_runs(cells)
     main_koff = [c for c in cells if c["group"] == "main" and c["method"] == "koff"]
     default_ctrl = _controller(main_koff[0]) if main_koff else TrainConfig.controller
@@ -628,12 +634,27 @@ def plots(cells: list[dict], out: Path) -> list[Path]:
         axes[1].set_xlabel("layer")
         for a in axes:
             a.legend(fontsize=7)
-        footer(fig, _caption(cells, "controller"))
+        _footer(fig, _caption(cells, "controller"))
         fig.tight_layout(rect=(0, 0.07, 1, 1))
-        written.append(out / "controllers.png")
-        save_figure(fig, written[-1])
+        path = out / "controllers.png"
+        save_figure(fig, path)
         plt.close(fig)
-    return written
+        return path
+    return None
+
+
+def plots(cells: list[dict], out: Path) -> list[Path]:
+    """PPL vs sparsity per method, swap-matrix heatmap, kept fraction per layer, training curves,
+    and the sparsity controllers compared (each only where the cells hold what it shows)."""
+    import matplotlib  # the research extra: imported only when plots are drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    domains = _domains(cells)
+    figures = (_ppl_vs_sparsity, _swap_heatmap, _kept_per_layer, _training_curves, _controllers_figure)
+    return [p for p in (figure(cells, out, domains, plt) for figure in figures) if p is not None]
 
 
 PREVIOUS = "projection"
