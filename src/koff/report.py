@@ -340,7 +340,7 @@ def to_markdown(cells: list[dict], figures: list[str], extra: list[str] | None =
     sweeps, `extra` (sections after them), the figures."""
     domains, tasks = _domains(cells), _tasks(cells)
     rows = main_table(cells)
-    lines = ["# koff results", "", *(head or []), "", _caption(cells), "",
+    lines = ["# koff results", "", *([*head, ""] if head else []), _caption(cells), "",
              "## Main table (s* = " + str(cells[0]["config"].get("target_sparsity")) + ")", "",
              "Perplexity with the method's own memory where it has one, else of the backbone alone; "
              "mean ± std over seeds (one number: a single seed or a deterministic method). Lower is better; "
