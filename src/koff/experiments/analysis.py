@@ -27,6 +27,7 @@ from torch import nn
 from koff.core.atomic import atomic_write_text, check_folder, check_not_locked, lock, updated_folder
 from koff.core.errors import ArtifactError, DataError
 from koff.data.text import pack, tokenize_files
+from koff.experiments.extras import pyplot, scipy_stats
 from koff.model.base_model import gated_mlps, plain_linear
 from koff.model.gates import topk_keep_mask
 from koff.model.importance import activation_stats, neuron_scores
@@ -127,8 +128,7 @@ def enrichment(pruned: torch.Tensor, selected: torch.Tensor) -> dict:
     """2x2 table of pruned/kept x selected/not, with the sample odds ratio of being pruned when
     selected, its 95% Woolf interval (0.5 added to every cell when one is 0) and Fisher's exact
     two-sided p-value."""
-    from scipy.stats import fisher_exact
-
+    fisher_exact = scipy_stats().fisher_exact
     pruned, selected = pruned.bool().flatten(), selected.bool().flatten()
     a = int((pruned & selected).sum())    # selected, pruned
     b = int((~pruned & selected).sum())   # selected, kept
@@ -298,11 +298,7 @@ def to_markdown(out: dict) -> str:
 
 def plot(out: dict, folder: Path) -> list[Path]:
     """Per-layer counts of specific neurons pruned vs kept, and odds ratio per layer with CIs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     rows = out["masks"]["koff"]["per_layer"]
     layers = [e["layer"] for e in rows]

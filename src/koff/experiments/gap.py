@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from koff.experiments.extras import pyplot, scipy_stats
 from koff.experiments.figures import save_figure
 
 REFERENCE = "dense+memories"
@@ -84,8 +85,7 @@ def fit_trend(domain: str, points: list[tuple[int, float]]) -> Trend | None:
     pts = [(t, r) for t, r in points if r > 1]
     if len(pts) < 3 or len({t for t, _ in pts}) < 2 or len(pts) < len(points):
         return None
-    from scipy import stats
-
+    stats = scipy_stats()
     x = [math.log(t) for t, _ in pts]
     y = [math.log(r - 1) for _, r in pts]
     fit = stats.linregress(x, y)
@@ -179,12 +179,7 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
     rs = ratios(cells)
     if not rs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
+    plt = pyplot()
     tokens = {_steps(c): _tokens(c) for c in cells}
     domains = [d for d in ("en", "fr", "es", "de", "it", "pt") if any(d in v for v in rs.values())]
     fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.8), squeeze=False)

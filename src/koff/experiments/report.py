@@ -15,6 +15,7 @@ from koff.core.atomic import atomic_write_text, lock
 from koff.core.errors import ArtifactError
 from koff.core.files import read_json
 from koff.experiments import gap
+from koff.experiments.extras import pyplot
 from koff.experiments.figures import save_figure
 from koff.storage.manifests import CellRecord
 
@@ -646,11 +647,7 @@ def _controllers_figure(cells: list[dict], out: Path, domains: list[str], plt) -
 def plots(cells: list[dict], out: Path) -> list[Path]:
     """PPL vs sparsity per method, swap-matrix heatmap, kept fraction per layer, training curves,
     and the sparsity controllers compared (each only where the cells hold what it shows)."""
-    import matplotlib  # the research extra: imported only when plots are drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     domains = _domains(cells)
     figures = (_ppl_vs_sparsity, _swap_heatmap, _kept_per_layer, _training_curves, _controllers_figure)
