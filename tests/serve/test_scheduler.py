@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -66,14 +67,35 @@ def _engine(km, tok, **cfg):
     return Engine(km, tok, EngineConfig(**cfg)).start(stored)
 
 
-def _run(engine, jobs_spec, stagger: float = 0.0):
+@contextlib.contextmanager
+def held(engine):
+    """The scheduler thread parked between two steps while the block runs, so what the block does
+    (queueing jobs one by one, unloading, checking the queue) cannot race with decoding however
+    slow or loaded the machine is. The park is a command on the engine's own command queue."""
+    parked, release = threading.Event(), threading.Event()
+
+    def park():
+        parked.set()
+        release.wait(120)
+
+    engine._schedule(park)
+    assert parked.wait(60), "the scheduler thread never reached its command queue"
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def _run(engine, jobs_spec, hold: bool = False):
+    """Submit each job on its own (as separate requests do) and wait for all. With `hold`, every
+    job is queued before the scheduler admits any, so the first admission batches them together
+    and the rest join the batch as rows finish: sharing a batch does not depend on timing."""
     out = []
-    for prompt_ids, memory, sampling in jobs_spec:
-        c = Collect()
-        engine.submit([Job(prompt_ids, memory, sampling, c)])
-        out.append(c)
-        if stagger:
-            time.sleep(stagger)
+    with held(engine) if hold else contextlib.nullcontext():
+        for prompt_ids, memory, sampling in jobs_spec:
+            c = Collect()
+            engine.submit([Job(prompt_ids, memory, sampling, c)])
+            out.append(c)
     for c in out:
         assert c.done.wait(60), "job did not finish"
     return out
@@ -96,7 +118,7 @@ def test_batched_jobs_equal_generate_alone(arch, batching):
     try:
         spec = [(tok(p, add_special_tokens=False)["input_ids"], n, Sampling(max_tokens=m))
                 for p, n, m in zip(PROMPTS, NAMES, LENGTHS)]
-        got = _run(engine, spec, stagger=0.01)
+        got = _run(engine, spec, hold=True)
     finally:
         engine.stop()
     assert [c.text for c in got] == [a[0] for a in alone]
@@ -105,8 +127,26 @@ def test_batched_jobs_equal_generate_alone(arch, batching):
         assert c.events[0].kind == "start" and c.events[0].memory == n
         assert c.end.completion_tokens <= m
         assert c.end.finish_reason == ("length" if c.end.completion_tokens == m else "stop")
-    assert engine.max_rows_seen > 1, "the jobs never shared a batch"
+    if engine.mergeable:
+        assert engine.max_rows_seen > 1, "the jobs never shared a batch"
     assert len(set(c.text for c in got)) > 3
+
+
+def test_sliding_window_model_batches_only_rows_that_need_no_padding():
+    """gemma3's sliding window counts padded slots: equal prompts of one memory still share a batch
+    (and give what they give alone); a padded batch would not (the case above caught it)."""
+    km, tok = _model("gemma3")
+    prompts = ["the cat sat on", "the dog ran to", "le chien court au"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len({len(i) for i in ids}) == 1
+    alone = [generate(km, tok, [p], "fr", max_new_tokens=6)[0] for p in prompts]
+    engine = _engine(km, tok, max_batch=4, batching="static")
+    try:
+        got = _run(engine, [(i, "fr", Sampling(max_tokens=6)) for i in ids], hold=True)
+    finally:
+        engine.stop()
+    assert [c.text for c in got] == alone
+    assert engine.max_rows_seen == 3
 
 
 def test_jobs_admitted_while_others_decode_get_the_same_text():
@@ -118,12 +158,20 @@ def test_jobs_admitted_while_others_decode_get_the_same_text():
     alone_short = generate(km, tok, ["le chat"], "fr", max_new_tokens=10)[0]
     engine = _engine(km, tok, max_batch=4)
     try:
-        first = Collect()
-        engine.submit([Job(long_ids, "en", Sampling(max_tokens=30), first)])
-        while engine.steps < 5:
-            time.sleep(0.001)
         second = Collect()
-        engine.submit([Job(short_ids, "fr", Sampling(max_tokens=10), second)])
+
+        class JoinAtStep5(Collect):
+            """Submits the second job from the scheduler thread itself, after the fifth decoding step
+            (events are emitted outside the engine's lock), so it always joins mid-decode."""
+
+            def __call__(self, ev):
+                super().__call__(ev)
+                if engine.steps >= 5 and not getattr(self, "joined", False):
+                    self.joined = True
+                    engine.submit([Job(short_ids, "fr", Sampling(max_tokens=10), second)])
+
+        first = JoinAtStep5()
+        engine.submit([Job(long_ids, "en", Sampling(max_tokens=30), first)])
         assert first.done.wait(60) and second.done.wait(60)
     finally:
         engine.stop()
@@ -173,16 +221,17 @@ def test_unload_waits_for_running_jobs_and_queue_is_bounded():
         engine.submit([Job(ids, "en", Sampling(max_tokens=40), running)])
         while engine.running() == 0:
             time.sleep(0.001)
-        status = engine.unload("en")
-        assert status["status"] == "unloading" and status["requests"] == 1
-        assert "en" not in engine.memory_names()
-        with pytest.raises(UnknownMemory, match="no memory named 'en'; available: fr, kvonly, loraonly"):
-            engine.submit([Job(ids, "en", Sampling(max_tokens=2), Collect())])
-        queued = [Collect(), Collect()]
-        engine.submit([Job(ids, "fr", Sampling(max_tokens=2), c) for c in queued])
-        with pytest.raises(QueueFull) as e:
-            engine.submit([Job(ids, "fr", Sampling(max_tokens=2), Collect())])
-        assert e.value.retry_after >= 1
+        with held(engine):  # the running job cannot finish (and free the queue) during the checks
+            status = engine.unload("en")
+            assert status["status"] == "unloading" and status["requests"] == 1
+            assert "en" not in engine.memory_names()
+            with pytest.raises(UnknownMemory, match="no memory named 'en'; available: fr, kvonly, loraonly"):
+                engine.submit([Job(ids, "en", Sampling(max_tokens=2), Collect())])
+            queued = [Collect(), Collect()]
+            engine.submit([Job(ids, "fr", Sampling(max_tokens=2), c) for c in queued])
+            with pytest.raises(QueueFull) as e:
+                engine.submit([Job(ids, "fr", Sampling(max_tokens=2), Collect())])
+            assert e.value.retry_after >= 1
         assert running.done.wait(60) and all(c.done.wait(60) for c in queued)
         assert running.text == want
         deadline = time.time() + 10
@@ -216,14 +265,22 @@ def test_cancelled_jobs_leave_the_batch_and_never_start():
     engine = _engine(km, tok, max_batch=2)
     engine.eos = None  # nothing ends early: only the cancellation stops the long job
     try:
-        long, short, queued = Collect(), Collect(), Collect()
-        jobs = [Job(ids, "en", Sampling(max_tokens=400), long), Job(ids, "fr", Sampling(max_tokens=30), short),
-                Job(ids, "en", Sampling(max_tokens=5), queued)]
+        jobs: list[Job] = []
+
+        class CancelAtStep3(Collect):
+            """Cancels the long and the queued job from the scheduler thread after the third step,
+            while the short one is surely still running (no race with the machine's speed)."""
+
+            def __call__(self, ev):
+                super().__call__(ev)
+                if engine.steps >= 3 and not jobs[0].cancelled:
+                    jobs[0].cancel()
+                    jobs[2].cancel()
+
+        long, short, queued = CancelAtStep3(), Collect(), Collect()
+        jobs += [Job(ids, "en", Sampling(max_tokens=400), long), Job(ids, "fr", Sampling(max_tokens=30), short),
+                 Job(ids, "en", Sampling(max_tokens=5), queued)]
         engine.submit(jobs)
-        while engine.steps < 3:
-            time.sleep(0.001)
-        jobs[0].cancel()
-        jobs[2].cancel()
         assert short.done.wait(60)
         deadline = time.time() + 30
         while engine.running() and time.time() < deadline:

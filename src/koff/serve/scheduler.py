@@ -386,6 +386,12 @@ class Engine:
                 w = max(width, len(job.prompt))
                 if take and w * (len(take) + 1) > self.config.prefill_tokens:
                     break
+                if take and not self.mergeable and (job.memory == AUTO or (job.memory, len(job.prompt))
+                                                    != (take[0].memory, len(take[0].prompt))):
+                    # A sliding window counts padded cache slots as positions, so a padded row would
+                    # see fewer real tokens than alone: rows of such a model share a batch only when
+                    # nothing needs padding (same memory, hence same prefix, and same prompt length).
+                    break
                 width = w
                 take.append(self._waiting.popleft())
         for job in dropped:
