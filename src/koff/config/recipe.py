@@ -69,6 +69,7 @@ class MemoryConfig:
 
     @property
     def empty(self) -> bool:
+        """True when a memory would hold nothing (no LoRA and no KV tokens)."""
         return self.lora_rank == 0 and self.kv_tokens == 0
 
     def validate(self, where: str = "memory") -> None:
@@ -115,7 +116,7 @@ class TrainConfig:
     """Sparsity controller, by name (`koff.sparsity.CONTROLLERS`). The default is the paper's
     Lagrangian: at 300 steps it beat projection on every language (3 of 3 paired seeds), and at
     1,200 steps it ties projection with each domain's memory while its bare backbone stays a usable
-    model (README, "Choosing the default recipe")."""
+    model (docs: Results, "Choosing the default recipe")."""
     rho: float = 1e4
     """Fixed quadratic coefficient of the augmented Lagrangian."""
     gate_init: str = "wanda-sp"
@@ -127,7 +128,7 @@ class TrainConfig:
     log_alpha_limit: float = 10.0
     """log_alpha is clamped to [-limit, limit]. Sheared-LLaMA's log 1e2 = 4.6 keeps even the
     surest gate noisy (P(z < 1) = 5% at the bound), which cost 4-12% perplexity at 80 steps
-    (README, "What we measured"); 10 lets confident gates settle."""
+    (docs: Concepts, "What moved quality"); 10 lets confident gates settle."""
     calibration_tokens: int = 4096
     """Tokens of each domain's train text used for activation statistics."""
     mask_scope: str = "global"
@@ -259,10 +260,17 @@ class DecomposeConfig:
     """Everything `koff decompose` needs."""
 
     domains: list[Domain]
+    """The domains, each with its train (and test) files; in YAML a mapping `name: {train: [...], test: [...]}`
+    or a list of bundled names (en fr es de it pt)."""
     output: Path
+    """The run directory to create."""
     model: str | None = None
+    """The base model: a local transformers folder or a hub id (null: the bundled SmolLM2-135M)."""
     general: list[Path] = field(default_factory=list)
+    """General-domain files for the regularization steps (the bundled general sets when the config
+    names none)."""
     target_sparsity: float = 0.2
+    """s*: the fraction of FFN parameters the final mask removes."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reference: bool = True
@@ -274,6 +282,7 @@ class DecomposeConfig:
     at s* (train.mask_scope ranking), fixed from step 0; only memories train (a baseline)."""
 
     def validate(self) -> None:
+        """Check the whole config, fields and how they combine (raises ConfigError naming the field)."""
         if not self.domains:
             raise ConfigError("no domains: give at least one (e.g. --domains en fr es)")
         names = [d.name for d in self.domains]
@@ -310,6 +319,7 @@ class DecomposeConfig:
                               "prune: false is the dense model")
 
     def to_dict(self) -> dict:
+        """The config as YAML / koff.json store it (every field written, paths as strings)."""
         return {
             "model": self.model,
             "domains": {d.name: {k: v for k, v in d.to_dict().items() if k != "name"} for d in self.domains},

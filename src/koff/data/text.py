@@ -54,6 +54,7 @@ class Domain:
     """Named leading parts of the test text: subset name -> number of leading test lines."""
 
     def to_dict(self) -> dict:
+        """The domain as it is stored in a config: name, files (as strings) and text field."""
         return {"name": self.name, "train": [str(p) for p in self.train], "test": [str(p) for p in self.test],
                 "valid": [str(p) for p in self.valid], "text_field": self.text_field,
                 "test_subsets": dict(self.test_subsets)}

@@ -171,7 +171,7 @@ def load_backbone(folder: Path, dtype: torch.dtype = torch.float32):
     m = read_backbone_manifest(folder)
     if m["export_format"] != "hf":
         raise ArtifactError(f"{folder}: a {m['export_format']} export; load_backbone reads --format hf folders "
-                            "(see the README for how each engine loads its format)")
+                            "(see the docs' page 'Export to an engine' for how each engine loads its format)")
     config = _base_config(folder, m)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     widths = m["intermediate_sizes"]

@@ -53,6 +53,7 @@ class KoffModel(nn.Module):
     # -- memories --------------------------------------------------------------------------------
     @property
     def memory_names(self) -> list[str]:
+        """The names of every memory loaded, sorted."""
         return sorted({n for part in self.parts.values() for n in part.names()})
 
     def _new_name(self, name: str) -> None:
@@ -95,6 +96,7 @@ class KoffModel(nn.Module):
         return {kind: part.snapshot(name) for kind, part in self.parts.items() if name in part.names()}
 
     def remove_memory(self, name: str) -> None:
+        """Drop memory `name` from every part (KeyError, listing the loaded ones, if there is none)."""
         if name not in self.memory_names:
             raise KeyError(f"no memory named {name!r}; have {self.memory_names}")
         for part in self.parts.values():
@@ -201,6 +203,7 @@ class KoffModel(nn.Module):
             layer.forward = _checkpointed(layer.forward, i, Cache)
 
     def disable_gradient_checkpointing(self) -> None:
+        """Undo `enable_gradient_checkpointing`: every decoder layer runs its own forward again."""
         for layer in decoder_layers(self.model):
             layer.__dict__.pop("forward", None)
 

@@ -89,14 +89,17 @@ class Run:
 
     @property
     def domains(self) -> list[str]:
+        """The run's domain names, in training order."""
         return list(self.meta.domains)
 
     @property
     def target_sparsity(self) -> float:
+        """s*: the fraction of FFN parameters the run's mask was trained to remove."""
         return float(self.meta.target_sparsity)
 
     @property
     def reference(self) -> Run | None:
+        """The dense + memories run trained beside this one (RUN/reference), validated, or None."""
         ref = self.path / "reference"
         if not (ref / "koff.json").is_file():
             return None
