@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def _context():
 def _child(argv: list[str], fault: str | None, log: str, cwd: str | None) -> None:
     if cwd is not None:
         os.chdir(cwd)
+    # A Ctrl-C reaches koff as KeyboardInterrupt in an interactive shell; a test run started from a
+    # script inherits SIGINT ignored (and so would this child), and the ":int" points would not fire.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

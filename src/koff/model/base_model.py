@@ -83,6 +83,8 @@ def default_model_path() -> Path:
         (tmp / _DONE_MARKER).write_text(
             json.dumps({"source": str(gguf), "package": _GGUF_PACKAGE, "sha256": sha256_file(gguf)}, indent=2)
         )
+        if (out / _DONE_MARKER).is_file():  # another process finished the same conversion first: keep its
+            return out
         if out.exists():  # a stale, unfinished conversion
             shutil.rmtree(out)
         os.replace(tmp, out)

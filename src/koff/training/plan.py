@@ -24,7 +24,8 @@ from koff.config.recipe import MemoryConfig
 from koff.core.compat.torch import storage_owner
 from koff.core.errors import ConfigError
 from koff.core.runtime import resolve_device, resolve_dtype
-from koff.model.base_model import DEFAULT_MODEL, decoder_layers, inspect_model, load_base, parameter_counts
+from koff.model.base_model import (DEFAULT_MODEL, decoder_layers, inspect_model, load_base, parameter_counts,
+                                   resolve_model)
 from koff.model.controllers import Projection
 from koff.model.gates import NeuronGates
 from koff.model.koff_model import KoffModel, lm_loss
@@ -248,6 +249,9 @@ def measure_peak(model: str | None = None, memory=None, micro_batch: int = 4, se
     import os
 
 
+    # the bundled model is converted from GGUF on first use; done in the child, that conversion
+    # (about 1.8 GB) would be its peak and not the training steps' (a cold cache, e.g. a new HOME)
+    model = resolve_model(model)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure_child, args=(model, memory or MemoryConfig(), micro_batch, seq_len, dtype,
