@@ -218,7 +218,7 @@ def quality(run_dir: Path, args, gguf_exports: dict[str, Path]) -> None:
         ts = test_set(d, tok, settings)
         n = ts.blocks.shape[0] * (ts.blocks.shape[1] - 1)
         ppl = [math.exp(float(block_nll(km, ts.blocks, d.name, 4).sum()) / n) for km in (full, half)]
-        for ot, out in gguf_exports.items():
+        for _outtype, out in gguf_exports.items():
             llm = llama_cpp.Llama(str(out / "model.gguf"), lora_path=str(out / "memories" / d.name / "lora.gguf"),
                                   n_ctx=args.block, n_batch=args.block, logits_all=True, n_threads=args.threads,
                                   n_threads_batch=args.threads, verbose=False, seed=0)

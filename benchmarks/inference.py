@@ -60,7 +60,7 @@ def wanda_masks(base, tok, sparsities):
 def add_random_memories(km, names, kv_tokens=16, rank=8):
     from koff.model.memory import KVMemory, lora_config
 
-    for i, name in enumerate(names):
+    for name in names:
         k, v = km.capture_kv(torch.randint(100, 20000, (kv_tokens,)))
         km.add_memory(name, lora=lora_config(rank), kv=KVMemory(k, v))
     with torch.no_grad():
@@ -109,7 +109,7 @@ def main() -> None:
         for s, keep in sorted(masks.items()):
             small, _, _ = load_base(source)
             prune_model(small, keep)
-            t_dense, t_small = timed_pair(lambda: dense(input_ids=x), lambda: small(input_ids=x), args.repeats)
+            t_dense, t_small = timed_pair(lambda: dense(input_ids=x), lambda small=small: small(input_ids=x), args.repeats)
             ideal = matmul_params(dense) / matmul_params(small)
             speed = t_dense / t_small
             print(f"    {s:>5} {t_dense * 1e3:>10.1f} {t_small * 1e3:>12.1f} {speed:>8.3f} {ideal:>7.3f} {speed / ideal:>7.3f}")

@@ -72,9 +72,9 @@ def main() -> None:
         for lang, ids in data.items():
             if method == "loss":
                 losses = token_losses(km, ids, names, max_tokens=args.router_tokens)
-                pick = lambda i, L=None: choose(losses[i], names, L)
+                pick = lambda i, L=None, losses=losses: choose(losses[i], names, L)
             else:
-                pick = lambda i, L=None: clf.choose(ids[i], L or args.router_tokens)
+                pick = lambda i, L=None, ids=ids: clf.choose(ids[i], L or args.router_tokens)
             long = [i for i, x in enumerate(ids) if len(x) >= need]
             row = {"n_long": len(long), "n_all": len(ids),
                    "mean_tokens": sum(min(len(x), args.router_tokens) for x in ids) / len(ids)}

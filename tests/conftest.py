@@ -13,7 +13,8 @@ ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma3")
 """Tiny models of these families are built for the tests (see `tiny_config`)."""
 
 WORDS = {
-    "en": ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "the", "park", "with", "a", "red", "ball", "every", "day"],
+    "en": ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "the", "park", "with", "a", "red", "ball",
+           "every", "day"],
     "fr": ["le", "chat", "est", "sur", "le", "tapis", "et", "le", "chien", "court", "au", "parc", "avec", "une", "balle", "rouge"],
     "es": ["el", "gato", "se", "sienta", "en", "la", "alfombra", "y", "el", "perro", "corre", "al", "parque", "con", "una", "pelota"],
     "de": ["die", "katze", "sitzt", "auf", "der", "matte", "und", "der", "hund", "rennt", "in", "den", "park", "mit", "einem", "ball"],

@@ -136,7 +136,8 @@ def test_kv_of_wrong_shape(trained, tmp_path):
     run = _copy(trained[0], tmp_path)
     bad = torch.zeros(2, 2, 4, 5)
     _rewrite_memory_file(run, "fr", "kv.safetensors", {"keys": bad, "values": bad.clone()})
-    with pytest.raises(ArtifactError, match=r"fr/kv.safetensors: KV tensors have shape \[2, 2, 4, 5\], but koff.json's base model .* needs \[2, 2, 4, 8\]"):
+    with pytest.raises(ArtifactError, match=r"fr/kv.safetensors: KV tensors have shape \[2, 2, 4, 5\], "
+                                            r"but koff.json's base model .* needs \[2, 2, 4, 8\]"):
         load_run(run)
 
 

@@ -27,9 +27,10 @@ def test_generated_reference_pages_match_the_code(name):
 
 
 def test_every_flag_and_config_key_is_on_its_reference_page():
+    import dataclasses
+
     from koff.cli import make_parser
     from koff.config.recipe import TrainConfig
-    import dataclasses
     cli = (DOCS / "reference" / "cli.md").read_text(encoding="utf-8")
     config = (DOCS / "reference" / "config.md").read_text(encoding="utf-8")
     sub = next(a for a in make_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))

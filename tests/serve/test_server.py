@@ -257,6 +257,13 @@ def _bad_requests(server, tiny_run) -> list[tuple[str, str, object, dict, int]]:
         ("DELETE", "/v1/memories/xx", None, {}, 404),
         ("POST", "/v1/memories", {"path": "/nonexistent/memories/x"}, {}, 400),
         ("POST", "/v1/memories", {}, {}, 400),
+        # found by the 2026-12-06 probe: each was a 500
+        ("POST", "/v1/completions", '{"model": "en", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", {}, 400),
+        ("POST", "/v1/completions", '{"model": "en", "prompt": "a\\ud800b", "max_tokens": 4}', {}, 400),
+        ("POST", "/v1/completions", '{"model": "en", "prompt": "a\\udc00", "max_tokens": 4, "stream": true}', {}, 400),
+        ("POST", "/v1/chat/completions", '{"model": "en", "messages": [{"role": "user", "content": "\\ud83d"}]}', {},
+         400),
+        ("POST", "/v1/memories", '{"path": "/tmp/x\\ud800"}', {}, 400),
     ]
 
 
@@ -273,6 +280,9 @@ def test_bad_requests_get_4xx_in_openai_shape_and_the_server_keeps_serving(serve
         assert set(err) == {"message", "type", "param", "code"} and err["message"], err
         if want == 401:
             assert resp_headers.get("www-authenticate") == "Bearer"
+    # an error never echoes a huge input back in full
+    status, _, text = server.raw("POST", "/v1/completions", {"model": "m" * 900_000, "prompt": "a"})
+    assert status == 404 and len(text) < 2000, len(text)
     # the unknown model's message lists what there is
     status, _, text = server.raw("POST", "/v1/completions", {"model": "xx", "prompt": "a"})
     assert json.loads(text)["error"]["message"].endswith("available: en, es, fr, general, none, auto")

@@ -47,6 +47,14 @@ def finite(value: str) -> float:
     return x
 
 
+def positive_float(value: str) -> float:
+    """An argparse type: a finite number > 0."""
+    x = finite(value)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {x}")
+    return x
+
+
 def new_tokens(value: str) -> int:
     """An argparse type: tokens to generate, 1 to MAX_NEW_TOKENS."""
     n = positive_int(value)

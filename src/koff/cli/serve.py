@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from koff.cli.args import add_runtime_args, count, new_tokens, positive_int, runtime
+from koff.cli.args import add_runtime_args, count, new_tokens, positive_float, positive_int, runtime
 from koff.core.errors import ServeError
 from koff.serve.routing import ROUTERS
 from koff.serve.scheduler import BATCHING
@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                             "(default: the model's)")
     p.add_argument("--memory-dir", type=Path, action="append", default=[],
                    help="allow loading memories only from below this folder (repeatable; default: anywhere)")
+    p.add_argument("--request-timeout", type=positive_float, default=600.0,
+                   help="seconds a request may run, queueing included, before it is stopped with 504 (default 600)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     add_runtime_args(p)
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     engine = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
                           router=args.router)
     settings = AppSettings(api_key=key, max_tokens=args.max_tokens, max_context=args.max_context,
-                           memory_dirs=tuple(d.resolve() for d in args.memory_dir))
+                           memory_dirs=tuple(d.resolve() for d in args.memory_dir),
+                           request_timeout=args.request_timeout)
     return serve(args.path, runtime(args), engine, settings, host=args.host, port=args.port,
                  log_level=args.log_level)

@@ -34,6 +34,11 @@ def read_json(path: Path) -> dict:
     return data
 
 
+MAX_ABS = 1e6
+"""The largest magnitude a tensor koff stores (gates, LoRA, KV, bias) may hold: trained values are
+orders of magnitude below; a file above it was not written by training (a probe loaded KV x 1e30)."""
+
+
 def load_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file. With `dtype`, every tensor must have exactly that dtype
     (the one the format specifies) and, being floating point, hold no NaN or Inf."""
@@ -51,6 +56,9 @@ def load_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torc
                                     f"the format stores {str(dtype).removeprefix('torch.')}")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ArtifactError(f"{path}: tensor {key!r} holds NaN or Inf values")
+            if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_ABS:
+                raise ArtifactError(f"{path}: tensor {key!r} holds values up to {float(t.abs().max()):.3g}; koff "
+                                    f"never stores any above {MAX_ABS:.0e} (they overflow attention and the logits)")
     return tensors
 
 

@@ -153,7 +153,7 @@ def section(cells: list[dict], command: str) -> tuple[list[str], dict]:
             slow = None if flat else tr.tokens_at(target, tr.b_low)
             fast = tr.tokens_at(target, tr.b_high)
             at[target] = (mid, fast, slow)
-        def cell(target: float) -> str:
+        def cell(target: float, at: dict = at) -> str:
             mid, fast, slow = at[target]
             if mid is None:
                 return "never: the fitted gap does not shrink"

@@ -19,11 +19,18 @@ MAX_STOP_CHARS = 256
 INT64 = 1 << 63
 
 
+MAX_MESSAGE = 1000
+"""The longest error message a response carries, in characters."""
+
+
 class APIError(Exception):
     """An error response: HTTP status + OpenAI's error object."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None):
+        # an error names what was wrong, never echoes a huge input back (a 900 KB model name)
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 20] + " ... (cut)"
         super().__init__(message)
         self.status = status
         self.message = message
@@ -33,7 +40,9 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """OpenAI's error object; the message is valid UTF-8 even if the input that caused it was not."""
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -117,11 +126,39 @@ def parse_body(raw: bytes) -> dict:
         data = json.loads(raw.decode("utf-8"), parse_constant=refuse)
     except UnicodeDecodeError:
         raise bad("the request body is not UTF-8 text", code="invalid_json") from None
+    except RecursionError:
+        raise bad("the request body nests arrays or objects too deeply", code="invalid_json") from None
     except ValueError as e:
         raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got a JSON {type(data).__name__}", code="invalid_json")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise bad(f"{where}: a string holds a lone UTF-16 surrogate (an escaped \\ud800-\\udfff without its pair), "
+                  "which is not text", param=where, code="invalid_json")
     return data
+
+
+def _lone_surrogate(data) -> str | None:
+    """The path of the first string (key or value) in `data` that is not encodable as UTF-8, or None.
+    JSON may escape a lone surrogate ("\\ud800"), which Python decodes into a str that the
+    tokenizer and the response writer cannot handle. Iterative: the body may be deeply nested."""
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _lone_surrogate(k) is not None:
+                    return (path + "." if path else "") + "(a key)"
+                stack.append(((path + "." if path else "") + k, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
 
 
 _EXPECT = {"string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",

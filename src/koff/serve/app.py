@@ -31,8 +31,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from koff.core.errors import KoffError
+from koff.core.fields import short
 from koff.serve import api
 from koff.serve.api import APIError, bad
 from koff.serve.loading import Served, fit_router, read_memory_folder
@@ -42,6 +44,13 @@ from koff.serve.scheduler import AUTO, Engine, Event, Job, MemoryConflict, Queue
 BACKBONE = "none"
 """The model name of the bare backbone (no memory)."""
 log = logging.getLogger("koff.serve")
+
+
+CLIENT_CLOSED = 499
+"""The status logged and counted for a request whose client left before the answer (nginx's code;
+nobody receives it)."""
+DISCONNECT_POLL_SECONDS = 0.25
+"""How often a request waiting for its answer checks that its client is still there."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,9 @@ class AppSettings:
     """Memory folders may be loaded only from below these (empty: from anywhere)."""
     completion_default_tokens: int = 16
     """max_tokens of a completion that gives none (OpenAI's default)."""
+    request_timeout: float = 600.0
+    """Seconds a request may run, queueing included: then it is stopped and answered 504 (a stream
+    gets an error event)."""
 
 
 def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: Metrics) -> FastAPI:
@@ -182,7 +194,8 @@ def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: M
         max_tokens = fit(ids, memory, req.max_tokens or settings.completion_default_tokens, "prompt")
         jobs = [Job(p, memory, sampling(req, max_tokens, stops, j), _noop)
                 for p in ids for j in range(req.n or 1)]
-        return await _respond(request, engine, metrics, jobs, req, "text_completion", start)
+        return await _respond(request, engine, metrics, jobs, req, "text_completion", start,
+                              settings.request_timeout)
 
     @v1.post("/chat/completions")
     async def chat(request: Request):
@@ -206,7 +219,8 @@ def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: M
         route = encode(users[-1]) if users and memory == AUTO else None
         jobs = [Job(ids, memory, sampling(req, max_tokens, stops, j), _noop, route_prompt=route or None)
                 for j in range(req.n or 1)]
-        return await _respond(request, engine, metrics, jobs, req, "chat.completion", start)
+        return await _respond(request, engine, metrics, jobs, req, "chat.completion", start,
+                              settings.request_timeout)
 
     # -- memories ----------------------------------------------------------------------------------
     @v1.get("/memories")
@@ -304,7 +318,7 @@ def _auth(key: str | None):
 def _unknown_model(name: str, engine: Engine) -> APIError:
     have = engine.memory_names()
     models = have + [BACKBONE] + ([AUTO] if have else [])
-    return APIError(404, f"the model {name!r} does not exist; available: {', '.join(models)}", "model",
+    return APIError(404, f"the model {short(name)} does not exist; available: {', '.join(models)}", "model",
                     code="model_not_found")
 
 
@@ -314,19 +328,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise APIError(413, f"the request body has {declared} bytes; this server takes at most {limit}",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is over {limit} bytes, the most this server takes",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is over {limit} bytes, the most this server takes",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left mid-body: nobody to answer, and not a server error
+        raise APIError(CLIENT_CLOSED, "the client closed the connection while sending the request body",
+                       code="client_closed_request") from None
     return b"".join(chunks)
 
 
 async def _respond(request: Request, engine: Engine, metrics: Metrics, jobs: list[Job], req, kind: str,
-                   start: float):
+                   start: float, timeout: float):
     """Submit the jobs (one per choice) and answer with their results, whole or streamed."""
     loop = asyncio.get_running_loop()
+    deadline = start + timeout
     events: asyncio.Queue = asyncio.Queue()
     for i, job in enumerate(jobs):
         job.emit = _emitter(loop, events, i)
@@ -341,14 +360,15 @@ async def _respond(request: Request, engine: Engine, metrics: Metrics, jobs: lis
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        stream = _stream(jobs, events, kind, ident, created, req.model, req.n or 1, include_usage, metrics, start)
+        stream = _stream(jobs, events, kind, ident, created, req.model, req.n or 1, include_usage, metrics, start,
+                         deadline)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        results = await _collect(jobs, events)
+        results = await _collect_while_connected(request, jobs, events, deadline)
     finally:
         for job in jobs:
-            job.cancel()  # no-op for finished jobs; stops the rest if this handler is cancelled
+            job.cancel()  # no-op for finished jobs; frees the rows of a client gone or a request timed out
     memories = [r["memory"] for r in results]
     model = memories[0] if len(set(memories)) == 1 else req.model
     model = "none" if model is None else model
@@ -367,6 +387,26 @@ async def _respond(request: Request, engine: Engine, metrics: Metrics, jobs: lis
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
     return JSONResponse(body, headers={"X-Koff-Memory": ",".join("none" if m is None else m for m in memories)})
+
+
+async def _collect_while_connected(request: Request, jobs: list[Job], events: asyncio.Queue,
+                                   deadline: float) -> list[dict]:
+    """The jobs' results; stops early (and the caller frees their rows) when the client disconnects
+    or the deadline passes, since nobody would read the answer."""
+    collect = asyncio.ensure_future(_collect(jobs, events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({collect}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return collect.result()
+            if await request.is_disconnected():
+                raise APIError(CLIENT_CLOSED, "the client closed the connection before the answer",
+                               code="client_closed_request")
+            if time.monotonic() > deadline:
+                raise APIError(504, "the request ran past this server's time limit (--request-timeout)",
+                               code="request_timeout")
+    finally:
+        collect.cancel()
 
 
 def _per_prompt(results: list[dict], req) -> list[dict]:
@@ -406,7 +446,7 @@ async def _collect(jobs: list[Job], events: asyncio.Queue) -> list[dict]:
 
 
 async def _stream(jobs: list[Job], events: asyncio.Queue, kind: str, ident: str, created: int, requested: str,
-                  n_per_prompt: int, include_usage: bool, metrics: Metrics, start: float):
+                  n_per_prompt: int, include_usage: bool, metrics: Metrics, start: float, deadline: float):
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     memory: dict[int, str] = {}
@@ -424,7 +464,16 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, kind: str, ident: str,
     pending = len(jobs)
     try:
         while pending:
-            i, ev = await events.get()
+            try:
+                if time.monotonic() > deadline:  # events may keep coming: check before waiting for one
+                    raise TimeoutError
+                i, ev = await asyncio.wait_for(events.get(), timeout=max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                err = APIError(504, "the request ran past this server's time limit (--request-timeout)",
+                               code="request_timeout")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             if ev.kind == "start":
                 memory[i] = "none" if ev.memory is None else ev.memory
                 if chat:
@@ -440,6 +489,7 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, kind: str, ident: str,
             elif ev.kind == "error":
                 err = APIError(ev.status or 500, ev.text, code="generation_failed")
                 yield f"data: {json.dumps(err.body())}\n\n"
+                yield "data: [DONE]\n\n"  # the stream is over either way: clients wait for this
                 return
         if include_usage:
             body = {"id": ident, "object": obj, "created": created, "model": memory.get(0, requested), "choices": [],

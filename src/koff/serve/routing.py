@@ -2,8 +2,8 @@
 
   - `classifier` (the default): a multinomial naive Bayes over token ids, one class per memory,
     fitted on the training text each memory was trained on (the files its run recorded, read
-    when the server loads the memory). It costs nothing per request next to a prefill. It is used
-    while every loaded memory has training text to fit it on.
+    when the server loads the memory). It costs nothing per request next to a prefill. It chooses
+    among the memories that have training text; one loaded without any is reached by its name.
   - `loss`: score the prompt with every loaded memory in one mixed-memory forward pass (one row per
     memory) and pick the memory under which the prompt is most likely (the lowest mean next-token
     loss). It needs no data, so it covers any memory, at the cost of one prefill of the prompt's

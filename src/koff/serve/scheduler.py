@@ -39,6 +39,7 @@ import torch
 
 from koff.core.compat.transformers import cache_kwarg, is_plain_dynamic_cache
 from koff.core.errors import ServeError
+from koff.core.fields import short
 from koff.model.koff_model import KoffModel
 from koff.model.memory import Call, routed
 from koff.serve import routing as router
@@ -64,7 +65,7 @@ class UnknownMemory(ServeError, KeyError):
     """A request named a memory that is not loaded."""
 
     def __init__(self, name: str, available: list[str]):
-        super().__init__(f"no memory named {name!r}; available: {', '.join(available) or '(none)'}")
+        super().__init__(f"no memory named {short(name)}; available: {', '.join(available) or '(none)'}")
         self.name = name
         self.available = available
 
@@ -220,10 +221,11 @@ class Engine:
             return self._memories.get(name, {}).get("kv_tokens", 0) if name else 0
 
     def router_method(self) -> str:
-        """What AUTO uses now: the classifier while every nameable memory has training text."""
+        """What AUTO uses now: the classifier while at least one nameable memory has training text
+        (it then chooses among those memories only), else the loss router."""
         with self._lock:
             names = set(self._memories)
-        if self.config.router == "classifier" and names and names <= set(self._counts):
+        if self.config.router == "classifier" and names & set(self._counts):
             return "classifier"
         return "loss"
 
@@ -446,8 +448,11 @@ class Engine:
             return
         prompts = [jobs[i].route_prompt or jobs[i].prompt for i in auto]
         if self.router_method() == "classifier":
+            # a memory loaded without readable training text is not a candidate: falling back to the
+            # loss router for every memory would cost the ones the classifier knows (100 % -> 47 %
+            # on English in a probe); name such a memory explicitly instead
             with self._lock:
-                counts = {n: self._counts[n] for n in candidates}
+                counts = {n: self._counts[n] for n in candidates if n in self._counts}
             if self._classifier is None or self._classifier.names != sorted(counts):
                 self._classifier = router.TokenClassifier.fit(counts)
             choices = [self._classifier.choose(p, self.config.router_tokens) for p in prompts]

@@ -6,6 +6,7 @@ import contextlib
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from koff.core.errors import ServeError
@@ -30,10 +31,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server():
+def _uvicorn_server(on_exit: Callable[[], None]):
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # stop accepting, and end every running request at once with an explicit error (a stream
+            # gets an error event and [DONE]) instead of letting the grace period cut it off
+            super().handle_exit(sig, frame)
+            on_exit()
+
         @contextlib.contextmanager
         def capture_signals(self):
             # uvicorn's graceful shutdown on SIGINT / SIGTERM, without re-raising the signal once it is
@@ -76,7 +83,7 @@ def serve(path: Path, runtime, engine_config: EngineConfig, settings: AppSetting
               f"listening on http://{shown}:{bound}", flush=True)
         config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
                                 lifespan="off")
-        _uvicorn_server()(config).run(sockets=[sock])
+        _uvicorn_server(lambda: engine.stop(timeout=0))(config).run(sockets=[sock])
     finally:
         engine.stop()
         sock.close()

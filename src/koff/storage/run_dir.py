@@ -210,7 +210,10 @@ def load_memory(folder: Path, geometry: Geometry, against: str = "the base model
     where = str(folder / "memory.json")
     meta = MemoryManifest.from_dict(read_json(inside(folder, "memory.json", where)), where)
     if meta.name != folder.name:
-        raise ArtifactError(f"{where}: field 'name' is {meta.name!r} but the folder is {folder.name!r}")
+        raise ArtifactError(f"{where}: field 'name' is {meta.name!r} but the folder is {folder.name!r} (a copied or "
+                            f"renamed memory folder?); name the folder {meta.name!r} again, or, to serve the memory "
+                            f"under another name, load the original folder with a name: koff serve's "
+                            f"POST /v1/memories {{\"path\": ..., \"name\": \"{folder.name}\"}}")
     _check_hashes(folder, meta.files, where)
     rec = MemoryRecord(name=meta.name, info=meta.info, meta=meta)
     for kind, section in meta.parts.items():

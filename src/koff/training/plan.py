@@ -24,8 +24,7 @@ from koff.config.recipe import MemoryConfig
 from koff.core.compat.torch import storage_owner
 from koff.core.errors import ConfigError
 from koff.core.runtime import resolve_device, resolve_dtype
-from koff.model.base_model import (DEFAULT_MODEL, decoder_layers, inspect_model, load_base, parameter_counts,
-                                   resolve_model)
+from koff.model.base_model import DEFAULT_MODEL, decoder_layers, inspect_model, load_base, parameter_counts, resolve_model
 from koff.model.controllers import Projection
 from koff.model.gates import NeuronGates
 from koff.model.koff_model import KoffModel, lm_loss
