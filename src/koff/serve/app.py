@@ -25,11 +25,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -46,6 +47,9 @@ BACKBONE = "none"
 log = logging.getLogger("koff.serve")
 
 
+SWAP_PAGE = (resources.files("koff.serve") / "static" / "index.html").read_text(encoding="utf-8")
+"""GET /: a prompt, the loaded memories as checkboxes, each chosen memory's completion streamed side
+by side (plain HTML + JS, no external assets)."""
 CLIENT_CLOSED = 499
 """The status logged and counted for a request whose client left before the answer (nginx's code;
 nobody receives it)."""
@@ -108,6 +112,11 @@ def create_app(engine: Engine, served: Served, settings: AppSettings, metrics: M
     app.add_middleware(_CountRequests, metrics=metrics)
 
     # -- plain endpoints ---------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse)
+    async def swap_page():
+        # the page holds no data and no key: it calls /v1 from the browser like any other client
+        return HTMLResponse(SWAP_PAGE)
+
     @app.get("/health")
     async def health():
         body = {"status": "ok" if engine.alive else "stopped", "backbone": served.backbone.kind,
