@@ -47,7 +47,10 @@ def test_real_decompose_artifact(real_run):
     assert sorted(run.memories) == ["en", "fr", "general"]
     assert list(run.memories["fr"].parts["kv"].keys.shape) == [30, 3, 8, 64]
     rows = [json.loads(x) for x in (real_run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(abs(r["expected_sparsity"] - r["target"]) < 1e-3 for r in rows[:3])
+    # the default controller is the Lagrangian: it lags its target (so no |s - t| bound here; the
+    # projection controller's exactness is tested on tiny models), but its multipliers are logged
+    assert len(rows) == 4 and all(0 <= r["expected_sparsity"] <= 1 and 0 <= r["target"] <= 0.2 for r in rows)
+    assert all("lambda1" in r and "lambda2" in r for r in rows[:3]), rows[0]
 
 
 def test_real_evaluate(real_run):
