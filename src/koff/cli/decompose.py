@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
-from koff.cli.args import add_config_flags, add_runtime_args, config_overrides, finite, name_files
+from koff.cli.args import (
+    add_config_flags,
+    add_resume_arg,
+    add_runtime_args,
+    add_tracking_args,
+    config_overrides,
+    finite,
+    name_files,
+    open_command_tracker,
+    report_to,
+)
 from koff.config.recipe import MASKS, config_from_dict, read_yaml
 from koff.core.errors import ConfigError
 from koff.core.runtime import Runtime
@@ -35,10 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip training dense + memories for comparison")
     p.add_argument("-o", "--output", type=Path, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run (train.checkpoint_every > 0)")
+    add_resume_arg(p, "run")
     add_config_flags(p, "memory")
     add_config_flags(p, "train")
     add_runtime_args(p, "precision of the frozen base weights; gates and memories train in float32")
+    add_tracking_args(p)
 
 
 def _domains(args: argparse.Namespace, domains):
@@ -61,9 +73,13 @@ def _domains(args: argparse.Namespace, domains):
     return out
 
 
-def build_config(args: argparse.Namespace):
-    """Merge a YAML config (if any) with command-line flags."""
+def build_config(args: argparse.Namespace, with_trackers: bool = False):
+    """Merge a YAML config (if any) with command-line flags (with `with_trackers`: also the
+    tracker names of --report-to / the config's `report_to`, which are no part of the run's
+    configuration: reporting elsewhere changes no result)."""
     raw: dict = read_yaml(args.config) if args.config else {}
+    trackers = report_to(args, raw) if with_trackers else []
+    raw.pop("report_to", None)
     domains = _domains(args, raw.get("domains"))
     if domains is not None:
         raw["domains"] = domains
@@ -83,13 +99,18 @@ def build_config(args: argparse.Namespace):
             raw[section] = merged
     if args.no_reference:
         raw["reference"] = False
-    return config_from_dict(raw, where)
+    cfg = config_from_dict(raw, where)
+    return (cfg, trackers) if with_trackers else cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
+    cfg, trackers = build_config(args, with_trackers=True)
     runtime = Runtime.from_env(args.device, cfg.train.dtype, fsdp=args.fsdp)
-    out = decompose(cfg, overwrite=args.overwrite, resume=args.resume, runtime=runtime)
+    with contextlib.ExitStack() as stack:
+        tracker = open_command_tracker(args, trackers, Path(cfg.output), Path(cfg.output).name, cfg.to_dict(), runtime)
+        if tracker is not None:
+            stack.enter_context(tracker)
+        out = decompose(cfg, overwrite=args.overwrite, resume=args.resume, runtime=runtime, tracker=tracker)
     if runtime.is_main:
         print(f"wrote {out}")
     return 0

@@ -41,6 +41,7 @@ from koff.model.base_model import decoder_layers
 from koff.model.controllers import make_controller, target_at
 from koff.model.koff_model import KoffModel, lm_loss
 from koff.storage.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from koff.training import preemption
 
 DBL_SMOOTHING = 1e-4
 """Dynamic domain sampling mixes this much of the uniform distribution into the weights (as
@@ -95,7 +96,7 @@ class Trainer:
     def __init__(self, km: KoffModel, streams, cfg, target_sparsity: float, *, learn_gates: bool = True,
                  memories: list[str] | None = None, teacher: KoffModel | None = None,
                  runtime: Runtime | None = None, metrics_path: Path | None = None, checkpoint: Path | None = None,
-                 desc: str = "offload", progress: bool = True):
+                 desc: str = "offload", progress: bool = True, tracker=None):
         self.km, self.streams, self.cfg = km, streams, cfg
         self.target_sparsity = target_sparsity
         self.gates = km.gates if learn_gates else None
@@ -105,6 +106,8 @@ class Trainer:
         self.metrics_path = metrics_path if self.runtime.is_main else None
         self.checkpoint = checkpoint
         self.desc, self.progress = desc, progress and self.runtime.is_main
+        self.tracker = tracker if self.runtime.is_main else None
+        """A `koff.training.tracking.Tracker` that gets every metrics record (main process only)."""
         self.loop = LoopState()
 
     # -- setup -----------------------------------------------------------------------------------
@@ -260,6 +263,20 @@ class Trainer:
             save_checkpoint(self.checkpoint, self.state_dict())
         barrier(self.runtime)
 
+    def _stop(self, step: int, saved: bool) -> None:
+        """A stop signal arrived: checkpoint the state after `step` (unless just done) and raise
+        `Preempted` (the command line exits with `preemption.EXIT_PREEMPTED`)."""
+        if self.checkpoint is None:
+            raise preemption.Preempted(f"{self.desc}: stopped by a signal after step {step}; nothing was saved "
+                                       "(train.checkpoint_every is 0: pass --checkpoint-every N or --resume auto "
+                                       "to make a run resumable)", preemption.received(), saved=False)
+        if not saved:
+            self.loop.seconds = time.time() - self._t0
+            self.save()
+        raise preemption.Preempted(f"{self.desc}: stopped by a signal after step {step} of {self.cfg.steps}; "
+                                   f"checkpoint written to {self.checkpoint}; run the same command with "
+                                   "--resume auto to continue", preemption.received())
+
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run every remaining step; returns the summary recorded in the run's manifest."""
@@ -282,11 +299,17 @@ class Trainer:
                     metrics.flush()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['target'] or 0:.3f}",
                                 s="-" if record["expected_sparsity"] is None else f"{record['expected_sparsity']:.3f}")
+                if self.tracker is not None:
+                    self.tracker.log(record, step)
+                saved = False
                 if (self.checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
                         and step + 1 < cfg.steps):
                     loop.seconds = time.time() - self._t0
                     self.save()
+                    saved = True
                 faults.point(f"train.step.{step}")
+                if preemption.stop_requested(self.runtime):  # collective: every rank stops at this step
+                    self._stop(step, saved)
         finally:
             if metrics:
                 metrics.close()

@@ -38,6 +38,7 @@ from koff.model.memory import LoraSpec, target_modules
 from koff.model.memory.parts import PART_KINDS
 from koff.storage.manifests import DomainRecord
 from koff.storage.run_dir import build_model, load_run, memory_record, write_memory, write_run
+from koff.training import preemption
 from koff.training.loop import GENERAL_MEMORY, Trainer
 
 
@@ -129,7 +130,7 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
 def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
             learn_gates: bool = True, memories: list[str] | None = None, desc: str = "offload",
             progress: bool = True, teacher: KoffModel | None = None, checkpoint: Path | None = None,
-            runtime: Runtime | None = None) -> dict:
+            runtime: Runtime | None = None, tracker=None) -> dict:
     """Run the offloading loop on `km` in place (see `trainer.Trainer`); returns its summary.
 
     `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
@@ -140,7 +141,8 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
     there at the start is resumed from exactly.
     """
     trainer = Trainer(km, streams, cfg, target_sparsity, learn_gates=learn_gates, memories=memories, teacher=teacher,
-                      runtime=runtime, metrics_path=metrics_path, checkpoint=checkpoint, desc=desc, progress=progress)
+                      runtime=runtime, metrics_path=metrics_path, checkpoint=checkpoint, desc=desc, progress=progress,
+                      tracker=tracker)
     return trainer.setup().train()
 
 
@@ -183,7 +185,8 @@ def memory_names(cfg: DecomposeConfig) -> list[str]:
 
 
 def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progress: bool = True,
-              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None) -> KoffModel:
+              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None,
+              tracker=None) -> KoffModel:
     """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
     `out` (None, or a process other than the main one: write nothing); returns the trained model.
     `teacher` is used when `cfg.train.distill` > 0."""
@@ -217,7 +220,7 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     if learned or not cfg.memory.empty:
         summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
                           learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint,
-                          runtime=runtime)
+                          runtime=runtime, tracker=tracker)
     else:  # a one-shot mask and no memories: nothing to train
         if metrics_path is not None:
             metrics_path.write_text("")
@@ -262,29 +265,44 @@ def _inputs(cfg: DecomposeConfig) -> list[Path]:
     return paths + list(cfg.general)
 
 
-def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool = False,
-              runtime: Runtime | None = None) -> Path:
+def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool | str = False,
+              runtime: Runtime | None = None, tracker=None) -> Path:
     """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
 
     With `cfg.reference`, dense + memories is trained the same way (same data, steps, seeds,
     memory initialisation; no gates) into OUTPUT/reference, the upper bound `evaluate` compares
     against. The run appears at `cfg.output` only when everything has been written, in one atomic
     swap; `overwrite` replaces only an earlier run. With `cfg.train.checkpoint_every`, the run is
-    built in OUTPUT.partial/ and `resume` continues it. In a multi-process launch every process
-    trains its shard; only the main one writes.
+    built in OUTPUT.partial/ and `resume` continues it. `resume="auto"` continues a partial run
+    when there is one and starts fresh otherwise (a finished run of the same configuration is left
+    as it is), so a requeued job can repeat its command line; without checkpoint_every it builds in
+    OUTPUT.partial/ all the same and checkpoints only when a stop signal comes (`koff.training.preemption`).
+    In a multi-process launch every process trains its shard; only the main one writes. `tracker`
+    (a `koff.training.tracking.Tracker`) gets every training record.
     """
 
     cfg.validate()
     runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
+    output = Path(cfg.output)
+    if resume == "auto":
+        if not cfg.train.checkpoint_every:  # the partial layout, with a checkpoint only when a stop signal comes
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=cfg.train.steps))
+        if (output / "koff.json").is_file() and same_config(output / "config.yaml", cfg):
+            if runtime.is_main:  # a requeued job whose run finished: nothing to do
+                notice(f"{output} is already complete (same configuration); nothing to do")
+            return output
+    elif resume not in (True, False):
+        raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
     check_no_test_leak(cfg.domains, cfg.general)
     reference = cfg.reference and cfg.prune and not cfg.memory.empty
     if cfg.train.distill > 0 and cfg.train.distill_from == "reference" and not reference:
         raise ConfigError("train.distill from the reference needs the dense + memories reference (reference: true, "
                           "prune, memories); train.distill_from: dense distils from the dense model instead")
-    output = Path(cfg.output)
     partial = output.with_name(output.name + ".partial")
     if not runtime.is_main:  # train alongside the main process; it alone checks folders and writes
-        _decompose_into(cfg, partial if cfg.train.checkpoint_every else None, reference, progress, runtime)
+        _decompose_into(cfg, partial if cfg.train.checkpoint_every else None, reference, progress, runtime, tracker)
         barrier(runtime)
         return output
     inputs = _inputs(cfg)
@@ -292,7 +310,7 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
         if resume:
             raise ArtifactError("--resume needs a run trained with train.checkpoint_every > 0")
         with atomic_output(output, kind="run", inputs=inputs, overwrite=overwrite) as tmp:
-            _decompose_into(cfg, tmp, reference, progress, runtime)
+            _decompose_into(cfg, tmp, reference, progress, runtime, tracker)
         barrier(runtime)
         return output
     check_output(output, "run", inputs, overwrite)
@@ -313,8 +331,8 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
 
             fresh = make_temp_dir(partial)
             atomic_write_text(fresh / ".koff-partial.yaml", dump_config(cfg))
-            os.rename(fresh, partial)
-        _decompose_into(cfg, partial, reference, progress, runtime)
+            swap_in(fresh, partial)
+        _decompose_into(cfg, partial, reference, progress, runtime, tracker)
         for folder in (partial, partial / "reference"):  # a finished run holds no training state
             remove_tree(folder / "checkpoint")
             clean_leftovers(folder / "checkpoint")
@@ -334,7 +352,7 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
 
 
 def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, progress: bool,
-                    runtime: Runtime) -> None:
+                    runtime: Runtime, tracker=None) -> None:
     """Train the reference (first: it is the teacher when distilling), then the run, in `folder`.
     A reference already finished there (its koff.json written) is reused."""
 
@@ -349,13 +367,13 @@ def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, 
             if ref is not None and runtime.is_main:
                 ref.mkdir(exist_ok=True)
             teacher = train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories",
-                                runtime=runtime)
+                                runtime=runtime, tracker=tracker.scoped("reference") if tracker is not None else None)
         if teacher is not None:
             teacher.requires_grad_(False)
         if not distil_reference:
             teacher = None
     if folder is None or not (folder / "koff.json").is_file():
-        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher, runtime=runtime,
+        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher, runtime=runtime, tracker=tracker,
                   desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
 
 
@@ -388,7 +406,7 @@ def _absolute(domain: Domain) -> Domain:
 
 def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
                reference: bool = True, overwrite: bool = False, progress: bool = True, model: str | None = None,
-               runtime: Runtime | None = None) -> Path:
+               runtime: Runtime | None = None, resume: bool | str = False, tracker=None) -> Path:
     """Train one new memory on a run's frozen backbone (mask fixed) and add it to the run.
 
     Uses the run's memory and training configuration (`steps` overrides the step count). Its
@@ -400,6 +418,10 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     Both memories are trained and written under temporary names first, then swapped in, the
     reference's first: the run's own memory, last, is what makes the memory part of the run. The
     run is locked meanwhile; `model` is the base model's folder if it moved.
+
+    Training happens in FOLDER/memories/.NAME.partial/: a stop signal (`koff.training.preemption`) or the
+    run's `train.checkpoint_every` leaves a checkpoint there, and `resume` (True or "auto")
+    continues it exactly; without `resume` an interrupted add-domain's checkpoint is refused.
     """
     import dataclasses
 
@@ -446,32 +468,88 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
         check_no_test_leak([domain], general, _known_tests(run, str(run_dir / "koff.json")))
 
         targets = [(run, run_dir)] + ([(ref, ref_dir)] if ref is not None else [])
-        staged: list[tuple[Path, Path]] = []
+        # each memory trains in FOLDER/memories/.NAME.partial/ (metrics, a checkpoint when one is due
+        # or a stop signal comes, and the finished memory in memory/), so an add-domain stopped by a
+        # scheduler continues with --resume; the run's memory folders change only in the swaps below
+        marker = {"domain": DomainRecord.of(domain, hashes=False).to_dict(), "train": dataclasses.asdict(train_cfg),
+                  "general": [str(p) for p in general], "reference": ref is not None}
+        partials = [folder / "memories" / f".{name}.partial" for _, folder in targets]
+        for part in partials:
+            _open_add_partial(part, marker, resume)
+        staged = [(part / "memory", folder / "memories" / name) for (_, folder), part in zip(targets, partials)]
         try:
-            for target, folder in targets:
-                final = folder / "memories" / name
-                tmp = make_temp_dir(final)
-                staged.append((tmp, final))
-                km, tok = build_model(target, model=model, memories=[], runtime=runtime)
-                streams = build_streams([domain], general, tok, train_cfg, leading_tokens(mem_cfg))
-                add_memories(km, [name], streams.leading, mem_cfg, train_cfg.seed)
-                metrics = tmp / "metrics.jsonl"
-                summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
-                                  memories=[name], progress=progress, runtime=runtime,
-                                  desc=f"add-domain {name}" + (" (reference)" if target is ref else ""))
-                check_finite(km, [name], f"add-domain {name}")
-                rec = memory_record(km, name, {"domain": name, "data": DomainRecord.of(domain).to_dict(),
-                                               "added_after": True, "trained_steps": train_cfg.steps,
-                                               "metrics": summary, "general": [str(p) for p in general]})
-                write_memory(tmp, rec, target.meta.base_model.source, extra={"metrics.jsonl": metrics.read_bytes()})
-            faults.point("add_domain.staged")
-            for tmp, final in reversed(staged):  # the reference's first; the run's own memory commits the add
-                check_output(final, "memory", overwrite=True)
-                old = swap_in(tmp, final)
-                if old is not None:
-                    remove_tree(old)
-                faults.point("add_domain.swapped")
-        finally:
-            for tmp, _ in staged:
-                remove_tree(tmp)
+            for (target, _), part in zip(targets, partials):
+                if not (part / "memory" / "memory.json").is_file():  # else: trained before an interruption
+                    _train_added(target, part, name, domain, general, train_cfg, mem_cfg, model, runtime, progress,
+                                 tracker, desc=f"add-domain {name}" + (" (reference)" if target is ref else ""))
+            barrier(runtime)
+        except preemption.Preempted:
+            raise  # its checkpoint stays for --resume
+        except BaseException:  # a failure or Ctrl-C leaves nothing behind, as before
+            for part in partials:
+                remove_tree(part)
+            raise
+        if not runtime.is_main:
+            return run_dir / "memories" / name
+        faults.point("add_domain.staged")
+        for done, final in reversed(staged):  # the reference's first; the run's own memory commits the add
+            check_output(final, "memory", overwrite=True)
+            old = swap_in(done, final)
+            if old is not None:
+                remove_tree(old)
+            faults.point("add_domain.swapped")
+        for part in partials:
+            remove_tree(part)
     return run_dir / "memories" / name
+
+
+def _train_added(target, part: Path, name: str, domain: Domain, general: list[Path], train_cfg: TrainConfig,
+                 mem_cfg: MemoryConfig, model, runtime: Runtime, progress: bool, tracker, desc: str) -> None:
+    """Train one new memory on `target`'s frozen backbone in the add-domain folder `part`
+    (resuming its checkpoint), and stage it complete as PART/memory."""
+    km, tok = build_model(target, model=model, memories=[], runtime=runtime)
+    streams = build_streams([domain], general, tok, train_cfg, leading_tokens(mem_cfg))
+    add_memories(km, [name], streams.leading, mem_cfg, train_cfg.seed)
+    metrics = part / "metrics.jsonl"
+    summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False, memories=[name],
+                      progress=progress, runtime=runtime, checkpoint=part / "checkpoint", tracker=tracker, desc=desc)
+    check_finite(km, [name], f"add-domain {name}")
+    if not runtime.is_main:
+        return
+    rec = memory_record(km, name, {"domain": name, "data": DomainRecord.of(domain).to_dict(), "added_after": True,
+                                   "trained_steps": train_cfg.steps, "metrics": summary,
+                                   "general": [str(p) for p in general]})
+    done = part / "memory"
+    tmp = make_temp_dir(done)
+    try:
+        write_memory(tmp, rec, target.meta.base_model.source, extra={"metrics.jsonl": metrics.read_bytes()})
+        swap_in(tmp, done)
+    finally:
+        remove_tree(tmp)
+
+
+def _open_add_partial(part: Path, marker: dict, resume: bool | str) -> None:
+    """Prepare an add-domain's training folder `part`: new (with its marker), or the folder of an
+    interrupted add-domain of the same memory and settings, continued when `resume` says so."""
+    import json
+
+    clean_leftovers(part / "checkpoint")
+    clean_leftovers(part / "memory")
+    path = part / "add-domain.json"
+    if part.is_dir():
+        try:
+            same = json.loads(path.read_text()) == marker
+        except (OSError, ValueError):
+            same = False
+        checkpoint = (part / "checkpoint" / "state.json").is_file()
+        progress = checkpoint or (part / "memory" / "memory.json").is_file()
+        if checkpoint and not same:
+            raise ArtifactError(f"{part} holds an interrupted add-domain with other settings; delete it to start over")
+        if checkpoint and not resume:
+            raise ArtifactError(f"{part} holds an interrupted add-domain: pass --resume to continue it, or delete it")
+        if same and progress and resume:
+            return
+        remove_tree(part)  # a killed add-domain's, with no checkpoint: it starts over, as add-domain always has
+        notice(f"removed {part}, left by an interrupted koff command")
+    part.mkdir(parents=True)
+    atomic_write_text(path, json.dumps(marker, indent=1, sort_keys=True))
