@@ -75,8 +75,10 @@ class LoopState:
     """Dynamic domain sampling: [loss sum, steps] per domain since the last weight update."""
     domain_rng: list | None = None
     """Dynamic domain sampling: state of the Python RNG that draws each domain step's domain."""
+    streams: dict[str, dict] = field(default_factory=dict)
+    """Exact position of each streaming data source (`koff.data.sources.StreamingBlockStream.state_dict`)."""
 
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("domain_weights", "domain_losses", "domain_rng")
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("domain_weights", "domain_losses", "domain_rng", "streams")
     """Fields a checkpoint written before they existed lacks (their defaults are what it meant)."""
 
     def state_dict(self) -> dict:
@@ -214,7 +216,8 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         loop = dataclasses.replace(self.loop, rng=list(self.rng.getstate()),
-                                   domain_rng=list(self.domain_rng.getstate()), positions=self._positions())
+                                   domain_rng=list(self.domain_rng.getstate()), positions=self._positions(),
+                                   streams={n: s.state_dict() for n, s in self._streams() if hasattr(s, "state_dict")})
         state = {
             "trainable": {n: p for n, p in self.km.named_parameters() if p.requires_grad},
             "optimizer": self.optimizer.state_dict(),
@@ -249,6 +252,13 @@ class Trainer:
             self.domain_rng.setstate((r[0], tuple(r[1]), r[2]))
         for name, taken in self.loop.positions.items():
             (self.streams.general if name == "__general__" else self.streams.domains[name]).taken = taken
+        for name, position in self.loop.streams.items():
+            (self.streams.general if name == "__general__" else self.streams.domains[name]).load_state_dict(position)
+
+    def _streams(self):
+        yield from self.streams.domains.items()
+        if self.streams.general is not None:
+            yield "__general__", self.streams.general
 
     def _positions(self) -> dict[str, int]:
         positions = {n: s.taken for n, s in self.streams.domains.items()}

@@ -61,18 +61,47 @@ def _packed(tokens: torch.Tensor, seq_len: int, what: str, files) -> torch.Tenso
                         f"fewer than one training block of train.seq_len = {seq_len}") from None
 
 
-def build_streams(domains: list[Domain], general: list[Path], tokenizer, cfg: TrainConfig,
-                  leading_tokens: int = 0) -> Streams:
+def build_streams(domains: list[Domain], general: list, tokenizer, cfg: TrainConfig,
+                  leading_tokens: int = 0, test_files: list[Path] | None = None) -> Streams:
     """Tokenise and pack every domain's train files (and the general files) deterministically,
-    keeping the first `leading_tokens` of each for the memories to start from."""
+    keeping the first `leading_tokens` of each for the memories to start from.
+    Dataset sources (`koff.data.sources`; in `Domain.datasets`, and `general` entries that are a
+    DatasetSource) come from the token cache, or stream; their rows are checked against every
+    document of `test_files` (default: the domains' test files)."""
+    from koff.data.sources import DatasetSource, StreamingBlockStream, source_tokens, test_hashes, validate_stream_sources
+
+    gen_files = [g for g in general if not isinstance(g, DatasetSource)]
+    gen_sets = [g for g in general if isinstance(g, DatasetSource)]
+    uses_datasets = bool(gen_sets) or any(d.datasets for d in domains)
+    tests = {}
+    if uses_datasets:
+        tests = test_hashes(test_files if test_files is not None else [p for d in domains for p in d.test])
     streams, leading = {}, {}
+
+    def stream(files, sets, text_field, what, seed, lead_name):
+        validate_stream_sources(files, sets, what)
+        if sets and sets[0].streaming:
+            s = StreamingBlockStream(sets[0], tokenizer, cfg.seq_len, cfg.batch_size, seed, tests, what)
+            leading[lead_name] = s.head_tokens(leading_tokens)
+            return s
+        tokens = source_tokens(files, sets, tokenizer, text_field, tests, what)
+        leading[lead_name] = tokens[:leading_tokens].long()
+        return BlockStream(_packed(tokens, cfg.seq_len, what, [*files, *(x.describe() for x in sets)]),
+                           cfg.batch_size, seed=seed)
+
     for i, d in enumerate(domains):
-        tokens = tokenize_files(d.train, tokenizer, d.text_field)
-        streams[d.name] = BlockStream(_packed(tokens, cfg.seq_len, f"domain {d.name!r}", d.train), cfg.batch_size,
-                                      seed=cfg.seed * 1000 + i)
-        leading[d.name] = tokens[:leading_tokens]
+        if not d.datasets:  # koff's own files: exactly as before
+            tokens = tokenize_files(d.train, tokenizer, d.text_field)
+            streams[d.name] = BlockStream(_packed(tokens, cfg.seq_len, f"domain {d.name!r}", d.train), cfg.batch_size,
+                                          seed=cfg.seed * 1000 + i)
+            leading[d.name] = tokens[:leading_tokens]
+        else:
+            streams[d.name] = stream(d.train, d.datasets, d.text_field, f"domain {d.name!r}", cfg.seed * 1000 + i,
+                                     d.name)
     gen = None
-    if general:
+    if gen_sets:
+        gen = stream(gen_files, gen_sets, "text", "the general data", cfg.seed * 1000 + 999, GENERAL_MEMORY)
+    elif general:
         tokens = tokenize_files(general, tokenizer)
         gen = BlockStream(_packed(tokens, cfg.seq_len, "the general data", general), cfg.batch_size,
                           seed=cfg.seed * 1000 + 999)
@@ -122,7 +151,7 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
     out = []
     for s in streams.domains.values():
         n = max(1, tokens_per_domain // seq_len)
-        blocks = s.blocks[:n]
+        blocks = s.head(n)
         out.extend(blocks[i: i + 8] for i in range(0, blocks.shape[0], 8))
     return out
 
@@ -179,7 +208,7 @@ def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
 def memory_names(cfg: DecomposeConfig) -> list[str]:
     """The memories a run trains: one per domain, plus the general memory with reg_memory general."""
     names = [d.name for d in cfg.domains]
-    if cfg.train.reg_memory == GENERAL_MEMORY and cfg.train.reg_every and cfg.general:
+    if cfg.train.reg_memory == GENERAL_MEMORY and cfg.train.reg_every and (cfg.general or cfg.general_datasets):
         names.append(GENERAL_MEMORY)
     return names
 
@@ -196,7 +225,7 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     base, tok, source = load_base(cfg.model, dtype=resolve_dtype(cfg.train.dtype), device=runtime.device)
     if cfg.memory.lora_rank:
         target_modules(base, cfg.memory.lora_targets)  # fail now, not after minutes of calibration
-    streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, leading_tokens(cfg.memory))
+    streams = build_streams(cfg.domains, [*cfg.general, *cfg.general_datasets], tok, cfg.train, leading_tokens(cfg.memory))
     check_leading_tokens(streams.leading, memory_names(cfg) if not cfg.memory.empty else [], cfg.memory)
     learned = prune and cfg.mask == "learned"
     gates = None
@@ -240,7 +269,8 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
         "sparsity": report,
         "domains": [d.name for d in cfg.domains],
         "default_memory": GENERAL_MEMORY if GENERAL_MEMORY in names and not cfg.memory.empty else None,
-        "data": {d.name: DomainRecord.of(d).to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]},
+        "data": {d.name: DomainRecord.of(d).to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]
+                                                                               + [g.describe() for g in cfg.general_datasets]},
         "training": cfg.to_dict() | {"prune": prune},
         "runtime": runtime.describe(),
         "metrics": summary,
@@ -262,6 +292,9 @@ def _inputs(cfg: DecomposeConfig) -> list[Path]:
     paths = [Path(cfg.model)] if cfg.model and Path(cfg.model).exists() else []
     for d in cfg.domains:
         paths += [*d.train, *d.test, *d.valid]
+    sets = [s for d in cfg.domains for s in d.datasets] + list(cfg.general_datasets)
+    paths += [Path(f) for s in sets for f in s.data_files if "://" not in f]
+    paths += [Path(s.path) for s in sets if Path(s.path).is_dir()]
     return paths + list(cfg.general)
 
 
@@ -431,7 +464,7 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"--steps must be a whole number >= 1, got {steps!r}")
     domain = _absolute(domain)
-    if not domain.train:
+    if not domain.train and not domain.datasets:
         raise ConfigError(f"--train: the new domain {domain.name!r} has no training files")
     with lock(run_dir):
         run = load_run(run_dir)
