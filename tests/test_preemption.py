@@ -112,9 +112,28 @@ def test_signal_during_the_reference_and_plain_resume(setup, llama_folder, tmp_p
     assert_same_run(runs["a"], runs["b"], reference=True)
 
 
+def _child_held_at(argv: list[str], log: str, hold: str) -> None:
+    """`_child`, holding at the fault point `hold` until a stop signal has arrived from outside
+    (so the signal's moment is known without any timing: the run cannot get past it first)."""
+    import koff.core.faults as faults
+    from koff.training import preemption
+
+    point = faults.point
+
+    def held(name: str) -> None:
+        if name == hold:
+            while preemption.received() is None:
+                time.sleep(0.01)
+        point(name)
+
+    faults.point = held
+    _child(argv, None, log, None)
+
+
 def test_real_sigterm_from_outside(setup, llama_folder, tmp_path):
-    """A SIGTERM sent at whatever moment (here: once 20 steps are logged) stops the run at a step
-    boundary; the resumed run is the uninterrupted one."""
+    """A SIGTERM sent by another process (here: once 20 steps are logged; the child holds at that
+    step boundary until the signal is there, so no timing decides where it lands) stops the run at
+    that step; the resumed run is the uninterrupted one."""
     _, data = setup
     for name in ("whole", "cut"):
         _write_cfg(tmp_path, llama_folder, data, name, steps=300)
@@ -122,20 +141,18 @@ def test_real_sigterm_from_outside(setup, llama_folder, tmp_path):
                          "--resume", "auto"]
     assert main(argv("whole")) == 0
     (tmp_path / "logs").mkdir()
-    p = _context().Process(target=_child, args=(argv("cut"), None, str(tmp_path / "logs" / "cut.txt"), None))
+    p = _context().Process(target=_child_held_at, args=(argv("cut"), str(tmp_path / "logs" / "cut.txt"),
+                                                        "train.step.19"))
     p.start()
     metrics = tmp_path / "cut.partial" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and p.is_alive():
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 20:
-            break
+    while p.is_alive() and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 20):
         time.sleep(0.01)
+    assert p.is_alive(), (tmp_path / "logs" / "cut.txt").read_text()
     os.kill(p.pid, signal.SIGTERM)
-    p.join(300)
+    p.join()
     log = (tmp_path / "logs" / "cut.txt").read_text()
     assert p.exitcode == EXIT_PREEMPTED, log
-    stopped_at = len(metrics.read_text().splitlines())
-    assert 20 <= stopped_at < 300
+    assert len(metrics.read_text().splitlines()) == 20, log  # stopped right after step 19
     assert main(argv("cut")) == 0
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
 
