@@ -87,7 +87,8 @@ def tree(root: Path) -> dict[str, str]:
 def is_temporary(rel: str) -> bool:
     name = rel.rsplit("/", 1)[-1]
     top = next((part for part in rel.split("/") if part.startswith(".")), None)
-    return top is not None and (".tmp-" in top or ".old-" in top or top.endswith(".lock")) or name == ".koff-partial.yaml"
+    return top is not None and (".tmp-" in top or ".old-" in top or top.endswith((".lock", ".partial"))) \
+        or name == ".koff-partial.yaml"
 
 
 def _strip_seconds(data: bytes) -> list[dict]:

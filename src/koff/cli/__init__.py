@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from types import ModuleType
 
@@ -23,6 +24,7 @@ from koff.cli import (
 from koff.cli.args import Parser
 from koff.core.errors import KoffError
 from koff.core.version import __version__
+from koff.training.preemption import EXIT_PREEMPTED, Preempted, handle_signals
 
 COMMANDS: tuple[ModuleType, ...] = (decompose, evaluate, demo, export, generate, add_domain, analyze, compare, plan,
                                     lm_eval, report, serve)
@@ -45,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; KoffErrors and file-system errors are one line on stderr and exit 2."""
     args = make_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with handle_signals() if getattr(args, "stoppable", False) else contextlib.nullcontext():
+            return args.func(args)
+    except Preempted as e:
+        print(f"koff: {e}", file=sys.stderr)
+        # 75 (EX_TEMPFAIL): checkpointed, run again with --resume auto; killed-by-signal's code when nothing was saved
+        return EXIT_PREEMPTED if e.saved else 128 + (e.signum or 15)
     except KoffError as e:
         print("koff: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, always
         return 2

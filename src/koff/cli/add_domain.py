@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
-from koff.cli.args import add_runtime_args, positive_int, runtime
+from koff.cli.args import (
+    add_resume_arg,
+    add_runtime_args,
+    add_tracking_args,
+    open_command_tracker,
+    positive_int,
+    report_to,
+    runtime,
+)
 from koff.core.errors import ConfigError
 from koff.core.names import check_memory_name
 from koff.data.text import Domain, bundled_domain, general_files
@@ -26,8 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, help="training steps (default: the run's)")
     p.add_argument("--no-reference", action="store_true", help="skip training it on the dense reference too")
     p.add_argument("--overwrite", action="store_true", help="replace a memory of the same name")
+    add_resume_arg(p, "add-domain")
     p.add_argument("--model", help="base model location, if it moved since the run was made")
     add_runtime_args(p)
+    add_tracking_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
     general = None
     if args.general:
         general = general_files() if args.general == ["bundled"] else [] if args.general == ["none"] else args.general
-    path = add_domain(args.run, domain, steps=args.steps, general=general, reference=not args.no_reference,
-                      overwrite=args.overwrite, model=args.model, runtime=runtime(args))
+    rt = runtime(args)
+    with contextlib.ExitStack() as stack:
+        tracker = open_command_tracker(args, report_to(args), args.run, f"{args.run.name}+{args.name}", None, rt)
+        if tracker is not None:
+            stack.enter_context(tracker)
+        path = add_domain(args.run, domain, steps=args.steps, general=general, reference=not args.no_reference,
+                          overwrite=args.overwrite, model=args.model, runtime=rt, resume=args.resume,
+                          tracker=tracker)
     print(f"wrote {path}")
     return 0

@@ -13,6 +13,8 @@ from koff.config.recipe import POSITIVE, MemoryConfig, TrainConfig, choices
 from koff.core.fields import field_docs
 from koff.core.runtime import DTYPES, Runtime
 from koff.evaluation.perplexity import EvalSettings
+from koff.training.preemption import EXIT_PREEMPTED
+from koff.training.tracking import TRACKERS, open_tracker, parse_report_to, tracking_dir
 
 MAX_NEW_TOKENS = 4096
 
@@ -187,3 +189,42 @@ def config_overrides(args: argparse.Namespace, section: str) -> dict:
         if key.startswith(section + ".") and value is not None:
             out[key.split(".", 1)[1]] = dict(value) if isinstance(value, list) and value and isinstance(value[0], tuple) else value
     return out
+
+
+def _resume(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {value!r}")
+    return value
+
+
+def add_resume_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """--resume [auto]: continue from a checkpoint; 'auto' also starts fresh when there is none."""
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume, metavar="auto",
+                   help=f"continue an interrupted {what} from its checkpoint; '--resume auto' also starts fresh when "
+                        "there is none (and checkpoints on SIGTERM/SIGUSR1 even without --checkpoint-every), so a "
+                        f"requeued job can repeat its command line. A stop signal exits {EXIT_PREEMPTED} after "
+                        "checkpointing")
+    p.set_defaults(stoppable=True)
+
+
+def add_tracking_args(p: argparse.ArgumentParser) -> None:
+    """--report-to and --tracking-dir."""
+    p.add_argument("--report-to", nargs="+", metavar="TRACKER", choices=[*TRACKERS, "none"],
+                   help=f"also log metrics, config and evaluation tables to {', '.join(TRACKERS)} (several allowed; "
+                        "default: the config's 'report_to', else none); metrics.jsonl is always written")
+    p.add_argument("--tracking-dir", type=Path,
+                   help="where file-based trackers write (default: OUTPUT/../tracking, or $KOFF_TRACKING_DIR)")
+
+
+def report_to(args, raw_config: dict | None = None) -> list[str]:
+    """--report-to, else the config's report_to (a command-line choice replaces the config's)."""
+    if args.report_to is not None:
+        return parse_report_to(args.report_to, "--report-to")
+    where = f"{args.config}: report_to" if getattr(args, "config", None) else "report_to"
+    return parse_report_to((raw_config or {}).get("report_to"), where)
+
+
+def open_command_tracker(args, names: list[str], output: Path, run_name: str, config: dict | None, rt):
+    """The tracker of a command (None: --report-to none, or not the main process)."""
+    return open_tracker(names, run_name, tracking_dir(output, getattr(args, "tracking_dir", None)), config,
+                        is_main=rt.is_main)

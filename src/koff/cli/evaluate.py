@@ -5,9 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from koff.cli.args import add_eval_args, add_runtime_args, eval_settings, name_files, positive_int, runtime
-from koff.evaluation.perplexity import evaluate_run, print_result
+from koff.cli.args import (
+    add_eval_args,
+    add_runtime_args,
+    add_tracking_args,
+    eval_settings,
+    name_files,
+    open_command_tracker,
+    positive_int,
+    report_to,
+    runtime,
+)
+from koff.evaluation.perplexity import evaluate_run, print_result, to_markdown
 from koff.evaluation.tasks import TASK_FILES
+from koff.training.tracking import log_evaluation
 
 NAME = "evaluate"
 HELP = "perplexity table of a run (dense, memories, backbone, swap matrix)"
@@ -33,12 +44,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for the dense model, the backbone and the run's default memory")
     p.add_argument("--tag", default="", help="write eval/perplexity-TAG.{json,md} (default: perplexity.{json,md})")
     add_runtime_args(p)
+    add_tracking_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = eval_settings(args)
-    result = evaluate_run(args.run, settings, model=args.model, runtime=runtime(args))
+    rt = runtime(args)
+    result = evaluate_run(args.run, settings, model=args.model, runtime=rt)
     print_result(result)
+    names = report_to(args)
+    if names:
+        with open_command_tracker(args, names, args.run, args.run.name, None, rt) as tracker:
+            log_evaluation(tracker, result, to_markdown(result),
+                           name="eval/perplexity" + (f"-{settings.tag}" if settings.tag else ""))
     stem = "perplexity" + (f"-{settings.tag}" if settings.tag else "")
     print(f"wrote {args.run / 'eval' / stem}.json and {stem}.md")
     return 0

@@ -269,6 +269,8 @@ class DecomposeConfig:
     general: list[Path] = field(default_factory=list)
     """General-domain files for the regularization steps (the bundled general sets when the config
     names none)."""
+    general_datasets: list = field(default_factory=list)
+    """General sources that are datasets (`koff.data.sources.DatasetSource`), read after `general`'s files."""
     target_sparsity: float = 0.2
     """s*: the fraction of FFN parameters the final mask removes."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -291,7 +293,7 @@ class DecomposeConfig:
 
         for d in self.domains:
             check_memory_name(d.name, f"domains.{d.name}")
-            if not d.train:
+            if not d.train and not d.datasets:
                 raise ConfigError(f"domain {d.name!r} has no training files")
         if self.mask not in MASKS:
             raise ConfigError(f"mask must be one of {MASKS}, got {self.mask!r}")
@@ -301,11 +303,12 @@ class DecomposeConfig:
         names = [d.name for d in self.domains]
         t.validate("train")
         m.validate("memory")
-        if t.reg_memory == "general" and not m.empty and t.reg_every and self.general:
+        has_general = bool(self.general or self.general_datasets)
+        if t.reg_memory == "general" and not m.empty and t.reg_every and has_general:
             if "general" in names:
                 raise ConfigError("train.reg_memory 'general' names its memory 'general', which is also a domain's name; "
                                   "rename that domain")
-        if t.reg_every and not self.general:
+        if t.reg_every and not has_general:
             raise ConfigError("regularization steps need general data (general: [...]) or train.reg_every: 0")
         if t.domain_sampling == "dynamic":
             missing = [n for n in names if n not in t.dbl_reference]
@@ -323,7 +326,7 @@ class DecomposeConfig:
         return {
             "model": self.model,
             "domains": {d.name: {k: v for k, v in d.to_dict().items() if k != "name"} for d in self.domains},
-            "general": [str(p) for p in self.general],
+            "general": [str(p) for p in self.general] + [{"dataset": g.to_dict()} for g in self.general_datasets],
             "target_sparsity": self.target_sparsity,
             "memory": dataclasses.asdict(self.memory),
             "train": dataclasses.asdict(self.train),
@@ -353,6 +356,30 @@ def _existing_file(value, where: str) -> Path:
     return p
 
 
+def _split_sources(entries: list, where: str, text_field: str = "text", base: Path | None = None):
+    """Training entries -> (data files, dataset sources): an entry is a file path, a dataset string
+    (hf:..., a .parquet/.arrow file, a save_to_disk folder) or a mapping {dataset: {...}}."""
+    from koff.data.sources import DatasetSource, source_from_string
+
+    files, sets = [], []
+    for i, e in enumerate(entries):
+        if isinstance(e, dict):
+            if set(e) != {"dataset"}:
+                raise ConfigError(f"{where}[{i}]: expected a file path or a mapping {{dataset: {{path: ...}}}}, "
+                                  f"got fields {sorted(map(str, e))}")
+            sets.append(DatasetSource.from_dict(e["dataset"], f"{where}[{i}].dataset", text_field))
+            continue
+        src = source_from_string(e, text_field) if isinstance(e, str) and e else None
+        if src is not None:
+            sets.append(src)
+        else:
+            files.append(_existing_file(e, where))
+    from koff.data.sources import validate_stream_sources
+
+    validate_stream_sources(files, sets, where)
+    return files, sets
+
+
 def parse_domains(raw, root: Path | None = None) -> list[Domain]:
     """Domains from config: a list of bundled names, or a mapping name -> {train, test, valid,
     text_field}, where a value may also be the string "bundled"."""
@@ -376,28 +403,34 @@ def parse_domains(raw, root: Path | None = None) -> list[Domain]:
         if spec is None or spec == "bundled":
             out.append(bundled_domain(name, root))
             continue
-        if not isinstance(spec, dict) or "train" not in spec:
-            raise ConfigError(f"domains.{name}: expected a mapping with a 'train' list of files")
-        unknown = sorted(str(k) for k in set(spec) - {"train", "test", "valid", "text_field", "test_subsets"})
+        if not isinstance(spec, dict) or ("train" not in spec and "dataset" not in spec):
+            raise ConfigError(f"domains.{name}: expected a mapping with a 'train' list of files (or a 'dataset')")
+        unknown = sorted(str(k) for k in set(spec) - {"train", "test", "valid", "text_field", "test_subsets", "dataset"})
         if unknown:
             raise ConfigError(f"domains.{name}: unknown field(s) {unknown}")
-        files = {}
-        for key in ("train", "test", "valid"):
-            v = spec.get(key) or []
-            v = [v] if isinstance(v, str) else v
-            if not isinstance(v, list):
-                raise ConfigError(f"domains.{name}.{key}: expected a list of file paths")
-            files[key] = [_existing_file(p, f"domains.{name}.{key}") for p in v]
         text_field = spec.get("text_field", "text")
         if not isinstance(text_field, str) or not text_field:
             raise ConfigError(f"domains.{name}.text_field: expected a JSONL field name, got {text_field!r}")
+        files, sets = {}, []
+        for key in ("train", "test", "valid"):
+            v = spec.get(key) or []
+            v = [v] if isinstance(v, (str, dict)) else v
+            if not isinstance(v, list):
+                raise ConfigError(f"domains.{name}.{key}: expected a list of file paths")
+            if key == "train":
+                if "dataset" in spec:  # shorthand: `dataset: {...}` is one more training source
+                    v = [*v, {"dataset": spec["dataset"]}]
+                plain, sets = _split_sources(v, f"domains.{name}.train", text_field)
+                files[key] = plain
+            else:
+                files[key] = [_existing_file(p, f"domains.{name}.{key}") for p in v]
         subsets = spec.get("test_subsets") or {}
         if not isinstance(subsets, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                     and v >= 0 for k, v in subsets.items()):
             raise ConfigError(f"domains.{name}.test_subsets: expected a mapping subset name -> number of leading "
                               f"test lines (>= 0), got {subsets!r}")
         out.append(Domain(name=name, train=files["train"], test=files["test"], valid=files["valid"],
-                          text_field=text_field, test_subsets=dict(subsets)))
+                          text_field=text_field, test_subsets=dict(subsets), datasets=sets))
     return out
 
 
@@ -414,6 +447,7 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
     for key in ("model", "output", "mask"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ConfigError(f"{source}: {key}: expected a string, got {raw[key]!r}")
+    general_sets: list = []
     try:
         domains = parse_domains(raw["domains"])
         general = raw.get("general", "bundled")
@@ -422,9 +456,9 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
         elif general is None or general == "none" or general == []:
             general = []
         elif isinstance(general, list):
-            general = [_existing_file(p, f"{source}: general") for p in general]
+            general, general_sets = _split_sources(general, f"{source}: general")
         else:
-            raise ConfigError(f"{source}: general: expected 'bundled', 'none' or a list of files")
+            raise ConfigError(f"{source}: general: expected 'bundled', 'none' or a list of files / datasets")
     except DataError as e:
         raise ConfigError(f"{source}: {e}") from None
     except ConfigError as e:
@@ -437,6 +471,7 @@ def config_from_dict(raw: dict, source: str = "config") -> DecomposeConfig:
         output=Path(raw.get("output") or "runs/koff"),
         model=raw.get("model"),
         general=general,
+        general_datasets=general_sets,
         target_sparsity=float(sparsity),
         memory=from_mapping(MemoryConfig, raw.get("memory"), f"{source}: memory"),
         train=from_mapping(TrainConfig, raw.get("train"), f"{source}: train"),

@@ -13,8 +13,12 @@ temporary folders an interrupted earlier command left for the same output and sa
 on stderr. Files and folders get the permissions the user's umask gives (a temporary folder is
 made private by `mkdtemp`; its mode is set from the umask before it is swapped in).
 
-The guarantees are against the process dying (SIGKILL, Ctrl-C, an exception), not against the
-machine losing power: nothing is fsynced.
+The guarantees hold against the process dying (SIGKILL, Ctrl-C, an exception) and against the
+machine losing power: before each rename that publishes an output (`atomic_write_bytes`,
+`swap_in`), every file of the new output and its folders are fsynced, and after it the parent
+folder (whose entry the rename changed), so a crash never leaves a renamed name pointing at data
+that never reached the disk. `KOFF_FSYNC=0` turns this off (a scratch file system, or tests that
+write thousands of outputs).
 """
 
 from __future__ import annotations
@@ -128,6 +132,46 @@ def clean_leftovers(final: Path, only_dead: bool = False) -> list[Path]:
     return removed
 
 
+# -- durability ----------------------------------------------------------------------------------
+
+
+def _fsync_enabled() -> bool:
+    return os.environ.get("KOFF_FSYNC", "1") != "0"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file's or folder's data and metadata to the disk (a folder: its entries)."""
+    if not _fsync_enabled():
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync a folder; the data files were
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (deepest first), then `root` itself."""
+    if not _fsync_enabled():
+        return
+    root = Path(root)
+    if root.is_dir() and not root.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            for name in filenames:
+                p = Path(dirpath) / name
+                if not p.is_symlink():
+                    fsync_path(p)
+            for name in dirnames:
+                p = Path(dirpath) / name
+                if not p.is_symlink():
+                    fsync_path(p)
+    if root.exists() and not root.is_symlink():
+        fsync_path(root)
+
+
 # -- atomic replacement --------------------------------------------------------------------------
 
 
@@ -156,20 +200,27 @@ def swap_in(new: Path, final: Path) -> Path | None:
     """Make the complete `new` (a sibling of `final`) appear at `final` in one step; returns the
     path now holding what `final` held before (for the caller to delete), or None."""
     new, final = Path(new), Path(final)
-    if not final.exists() and not final.is_symlink():
+    fsync_tree(new)  # the data on the disk before any name points at it
+    parents = {new.parent, final.parent}
+    try:
+        if not final.exists() and not final.is_symlink():
+            os.rename(new, final)
+            return None
+        if final.is_dir() == new.is_dir() and _exchange(new, final):
+            return new
+        if not final.is_dir():
+            os.replace(new, final)
+            return None
+        # no atomic exchange here: a crash between the two renames leaves the previous output at
+        # .NAME.old-*, which the next writer of this output puts back (clean_leftovers)
+        old = temp_name(final, "old")
+        os.rename(final, old)
         os.rename(new, final)
-        return None
-    if final.is_dir() == new.is_dir() and _exchange(new, final):
-        return new
-    if not final.is_dir():
-        os.replace(new, final)
-        return None
-    # no atomic exchange here: a crash between the two renames leaves the previous output at
-    # .NAME.old-*, which the next writer of this output puts back (clean_leftovers)
-    old = temp_name(final, "old")
-    os.rename(final, old)
-    os.rename(new, final)
-    return old
+        return old
+    finally:
+        for parent in parents:  # the renames themselves
+            if parent.is_dir():
+                fsync_path(parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -188,7 +239,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if _fsync_enabled():
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -440,6 +495,7 @@ def remove_tree(path: Path) -> None:
 
 
 __all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "check_folder", "check_not_locked", "check_output",
+           "fsync_path", "fsync_tree",
            "clean_leftovers", "kind_of", "updated_folder",
            "leftovers", "lock", "make_temp_dir", "notice", "register_kind", "remove_tree", "swap_in", "temp_name",
            "umask"]

@@ -52,18 +52,27 @@ class Domain:
     text_field: str = "text"
     test_subsets: dict[str, int] = field(default_factory=dict)
     """Named leading parts of the test text: subset name -> number of leading test lines."""
+    datasets: list = field(default_factory=list)
+    """Training sources that are datasets (`koff.data.sources.DatasetSource`), read after `train`'s files."""
 
     def to_dict(self) -> dict:
-        """The domain as it is stored in a config: name, files (as strings) and text field."""
-        return {"name": self.name, "train": [str(p) for p in self.train], "test": [str(p) for p in self.test],
+        """The domain as it is stored in a config: name, files (as strings), dataset sources and text field."""
+        train = [str(p) for p in self.train] + [{"dataset": s.to_dict()} for s in self.datasets]
+        return {"name": self.name, "train": train, "test": [str(p) for p in self.test],
                 "valid": [str(p) for p in self.valid], "text_field": self.text_field,
                 "test_subsets": dict(self.test_subsets)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Domain:
-        return cls(name=d["name"], train=[Path(p) for p in d["train"]], test=[Path(p) for p in d.get("test", [])],
-                   valid=[Path(p) for p in d.get("valid", [])], text_field=d.get("text_field", "text"),
-                   test_subsets=dict(d.get("test_subsets", {})))
+        from koff.data.dataset_source import DatasetSource
+
+        field_ = d.get("text_field", "text")
+        train = [p for p in d["train"] if not isinstance(p, dict)]
+        sets = [DatasetSource.from_dict(p["dataset"], f"domain {d['name']}", field_) for p in d["train"]
+                if isinstance(p, dict)]
+        return cls(name=d["name"], train=[Path(p) for p in train], test=[Path(p) for p in d.get("test", [])],
+                   valid=[Path(p) for p in d.get("valid", [])], text_field=field_,
+                   test_subsets=dict(d.get("test_subsets", {})), datasets=sets)
 
 
 def bundled_domain(lang: str, root: Path | None = None) -> Domain:
@@ -236,7 +245,13 @@ class BlockStream:
         start = self.taken * self.batch_size
         idx = [self._order(i // n)[i % n] for i in range(start, start + self.batch_size)]
         self.taken += 1
-        return self.blocks[torch.stack(idx)]
+        batch = self.blocks[torch.stack(idx)]
+        return batch if batch.dtype == torch.long else batch.long()  # memory-mapped dataset tokens are int32
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first `n` blocks in the text's own order (calibration statistics)."""
+        head = self.blocks[:n]
+        return head if head.dtype == torch.long else head.long()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:

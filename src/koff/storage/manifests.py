@@ -181,7 +181,8 @@ class DomainRecord:
     def of(cls, domain, hashes: bool = True) -> DomainRecord:
         """The record of a `koff.data.Domain` (with its test files' sha256)."""
 
-        return cls(name=domain.name, train=tuple(str(p) for p in domain.train), test=tuple(str(p) for p in domain.test),
+        train = tuple(str(p) for p in domain.train) + tuple(s.describe() for s in getattr(domain, "datasets", ()))
+        return cls(name=domain.name, train=train, test=tuple(str(p) for p in domain.test),
                    valid=tuple(str(p) for p in domain.valid), text_field=domain.text_field,
                    test_subsets=dict(domain.test_subsets),
                    test_sha256=tuple(file_sha256(p) for p in domain.test) if hashes else None)

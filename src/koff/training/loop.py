@@ -41,6 +41,7 @@ from koff.model.base_model import decoder_layers
 from koff.model.controllers import make_controller, target_at
 from koff.model.koff_model import KoffModel, lm_loss
 from koff.storage.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from koff.training import preemption
 
 DBL_SMOOTHING = 1e-4
 """Dynamic domain sampling mixes this much of the uniform distribution into the weights (as
@@ -74,8 +75,10 @@ class LoopState:
     """Dynamic domain sampling: [loss sum, steps] per domain since the last weight update."""
     domain_rng: list | None = None
     """Dynamic domain sampling: state of the Python RNG that draws each domain step's domain."""
+    streams: dict[str, dict] = field(default_factory=dict)
+    """Exact position of each streaming data source (`koff.data.sources.StreamingBlockStream.state_dict`)."""
 
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("domain_weights", "domain_losses", "domain_rng")
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("domain_weights", "domain_losses", "domain_rng", "streams")
     """Fields a checkpoint written before they existed lacks (their defaults are what it meant)."""
 
     def state_dict(self) -> dict:
@@ -95,7 +98,7 @@ class Trainer:
     def __init__(self, km: KoffModel, streams, cfg, target_sparsity: float, *, learn_gates: bool = True,
                  memories: list[str] | None = None, teacher: KoffModel | None = None,
                  runtime: Runtime | None = None, metrics_path: Path | None = None, checkpoint: Path | None = None,
-                 desc: str = "offload", progress: bool = True):
+                 desc: str = "offload", progress: bool = True, tracker=None):
         self.km, self.streams, self.cfg = km, streams, cfg
         self.target_sparsity = target_sparsity
         self.gates = km.gates if learn_gates else None
@@ -105,6 +108,8 @@ class Trainer:
         self.metrics_path = metrics_path if self.runtime.is_main else None
         self.checkpoint = checkpoint
         self.desc, self.progress = desc, progress and self.runtime.is_main
+        self.tracker = tracker if self.runtime.is_main else None
+        """A `koff.training.tracking.Tracker` that gets every metrics record (main process only)."""
         self.loop = LoopState()
 
     # -- setup -----------------------------------------------------------------------------------
@@ -211,7 +216,8 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         loop = dataclasses.replace(self.loop, rng=list(self.rng.getstate()),
-                                   domain_rng=list(self.domain_rng.getstate()), positions=self._positions())
+                                   domain_rng=list(self.domain_rng.getstate()), positions=self._positions(),
+                                   streams={n: s.state_dict() for n, s in self._streams() if hasattr(s, "state_dict")})
         state = {
             "trainable": {n: p for n, p in self.km.named_parameters() if p.requires_grad},
             "optimizer": self.optimizer.state_dict(),
@@ -246,6 +252,13 @@ class Trainer:
             self.domain_rng.setstate((r[0], tuple(r[1]), r[2]))
         for name, taken in self.loop.positions.items():
             (self.streams.general if name == "__general__" else self.streams.domains[name]).taken = taken
+        for name, position in self.loop.streams.items():
+            (self.streams.general if name == "__general__" else self.streams.domains[name]).load_state_dict(position)
+
+    def _streams(self):
+        yield from self.streams.domains.items()
+        if self.streams.general is not None:
+            yield "__general__", self.streams.general
 
     def _positions(self) -> dict[str, int]:
         positions = {n: s.taken for n, s in self.streams.domains.items()}
@@ -259,6 +272,20 @@ class Trainer:
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint, self.state_dict())
         barrier(self.runtime)
+
+    def _stop(self, step: int, saved: bool) -> None:
+        """A stop signal arrived: checkpoint the state after `step` (unless just done) and raise
+        `Preempted` (the command line exits with `preemption.EXIT_PREEMPTED`)."""
+        if self.checkpoint is None:
+            raise preemption.Preempted(f"{self.desc}: stopped by a signal after step {step}; nothing was saved "
+                                       "(train.checkpoint_every is 0: pass --checkpoint-every N or --resume auto "
+                                       "to make a run resumable)", preemption.received(), saved=False)
+        if not saved:
+            self.loop.seconds = time.time() - self._t0
+            self.save()
+        raise preemption.Preempted(f"{self.desc}: stopped by a signal after step {step} of {self.cfg.steps}; "
+                                   f"checkpoint written to {self.checkpoint}; run the same command with "
+                                   "--resume auto to continue", preemption.received())
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -282,11 +309,17 @@ class Trainer:
                     metrics.flush()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", t=f"{record['target'] or 0:.3f}",
                                 s="-" if record["expected_sparsity"] is None else f"{record['expected_sparsity']:.3f}")
+                if self.tracker is not None:
+                    self.tracker.log(record, step)
+                saved = False
                 if (self.checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
                         and step + 1 < cfg.steps):
                     loop.seconds = time.time() - self._t0
                     self.save()
+                    saved = True
                 faults.point(f"train.step.{step}")
+                if preemption.stop_requested(self.runtime):  # collective: every rank stops at this step
+                    self._stop(step, saved)
         finally:
             if metrics:
                 metrics.close()

@@ -38,6 +38,7 @@ from koff.model.memory import LoraSpec, target_modules
 from koff.model.memory.parts import PART_KINDS
 from koff.storage.manifests import DomainRecord
 from koff.storage.run_dir import build_model, load_run, memory_record, write_memory, write_run
+from koff.training import preemption
 from koff.training.loop import GENERAL_MEMORY, Trainer
 
 
@@ -60,18 +61,47 @@ def _packed(tokens: torch.Tensor, seq_len: int, what: str, files) -> torch.Tenso
                         f"fewer than one training block of train.seq_len = {seq_len}") from None
 
 
-def build_streams(domains: list[Domain], general: list[Path], tokenizer, cfg: TrainConfig,
-                  leading_tokens: int = 0) -> Streams:
+def build_streams(domains: list[Domain], general: list, tokenizer, cfg: TrainConfig,
+                  leading_tokens: int = 0, test_files: list[Path] | None = None) -> Streams:
     """Tokenise and pack every domain's train files (and the general files) deterministically,
-    keeping the first `leading_tokens` of each for the memories to start from."""
+    keeping the first `leading_tokens` of each for the memories to start from.
+    Dataset sources (`koff.data.sources`; in `Domain.datasets`, and `general` entries that are a
+    DatasetSource) come from the token cache, or stream; their rows are checked against every
+    document of `test_files` (default: the domains' test files)."""
+    from koff.data.sources import DatasetSource, StreamingBlockStream, source_tokens, test_hashes, validate_stream_sources
+
+    gen_files = [g for g in general if not isinstance(g, DatasetSource)]
+    gen_sets = [g for g in general if isinstance(g, DatasetSource)]
+    uses_datasets = bool(gen_sets) or any(d.datasets for d in domains)
+    tests = {}
+    if uses_datasets:
+        tests = test_hashes(test_files if test_files is not None else [p for d in domains for p in d.test])
     streams, leading = {}, {}
+
+    def stream(files, sets, text_field, what, seed, lead_name):
+        validate_stream_sources(files, sets, what)
+        if sets and sets[0].streaming:
+            s = StreamingBlockStream(sets[0], tokenizer, cfg.seq_len, cfg.batch_size, seed, tests, what)
+            leading[lead_name] = s.head_tokens(leading_tokens)
+            return s
+        tokens = source_tokens(files, sets, tokenizer, text_field, tests, what)
+        leading[lead_name] = tokens[:leading_tokens].long()
+        return BlockStream(_packed(tokens, cfg.seq_len, what, [*files, *(x.describe() for x in sets)]),
+                           cfg.batch_size, seed=seed)
+
     for i, d in enumerate(domains):
-        tokens = tokenize_files(d.train, tokenizer, d.text_field)
-        streams[d.name] = BlockStream(_packed(tokens, cfg.seq_len, f"domain {d.name!r}", d.train), cfg.batch_size,
-                                      seed=cfg.seed * 1000 + i)
-        leading[d.name] = tokens[:leading_tokens]
+        if not d.datasets:  # koff's own files: exactly as before
+            tokens = tokenize_files(d.train, tokenizer, d.text_field)
+            streams[d.name] = BlockStream(_packed(tokens, cfg.seq_len, f"domain {d.name!r}", d.train), cfg.batch_size,
+                                          seed=cfg.seed * 1000 + i)
+            leading[d.name] = tokens[:leading_tokens]
+        else:
+            streams[d.name] = stream(d.train, d.datasets, d.text_field, f"domain {d.name!r}", cfg.seed * 1000 + i,
+                                     d.name)
     gen = None
-    if general:
+    if gen_sets:
+        gen = stream(gen_files, gen_sets, "text", "the general data", cfg.seed * 1000 + 999, GENERAL_MEMORY)
+    elif general:
         tokens = tokenize_files(general, tokenizer)
         gen = BlockStream(_packed(tokens, cfg.seq_len, "the general data", general), cfg.batch_size,
                           seed=cfg.seed * 1000 + 999)
@@ -121,7 +151,7 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
     out = []
     for s in streams.domains.values():
         n = max(1, tokens_per_domain // seq_len)
-        blocks = s.blocks[:n]
+        blocks = s.head(n)
         out.extend(blocks[i: i + 8] for i in range(0, blocks.shape[0], 8))
     return out
 
@@ -129,7 +159,7 @@ def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) 
 def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: float, metrics_path: Path | None,
             learn_gates: bool = True, memories: list[str] | None = None, desc: str = "offload",
             progress: bool = True, teacher: KoffModel | None = None, checkpoint: Path | None = None,
-            runtime: Runtime | None = None) -> dict:
+            runtime: Runtime | None = None, tracker=None) -> dict:
     """Run the offloading loop on `km` in place (see `trainer.Trainer`); returns its summary.
 
     `learn_gates=False` keeps the gates as they are (no gates, or a fixed mask) and trains only
@@ -140,7 +170,8 @@ def offload(km: KoffModel, streams: Streams, cfg: TrainConfig, target_sparsity: 
     there at the start is resumed from exactly.
     """
     trainer = Trainer(km, streams, cfg, target_sparsity, learn_gates=learn_gates, memories=memories, teacher=teacher,
-                      runtime=runtime, metrics_path=metrics_path, checkpoint=checkpoint, desc=desc, progress=progress)
+                      runtime=runtime, metrics_path=metrics_path, checkpoint=checkpoint, desc=desc, progress=progress,
+                      tracker=tracker)
     return trainer.setup().train()
 
 
@@ -177,13 +208,14 @@ def _init_gates(base, streams: Streams, cfg: TrainConfig) -> NeuronGates:
 def memory_names(cfg: DecomposeConfig) -> list[str]:
     """The memories a run trains: one per domain, plus the general memory with reg_memory general."""
     names = [d.name for d in cfg.domains]
-    if cfg.train.reg_memory == GENERAL_MEMORY and cfg.train.reg_every and cfg.general:
+    if cfg.train.reg_memory == GENERAL_MEMORY and cfg.train.reg_every and (cfg.general or cfg.general_datasets):
         names.append(GENERAL_MEMORY)
     return names
 
 
 def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progress: bool = True,
-              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None) -> KoffModel:
+              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None,
+              tracker=None) -> KoffModel:
     """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
     `out` (None, or a process other than the main one: write nothing); returns the trained model.
     `teacher` is used when `cfg.train.distill` > 0."""
@@ -193,7 +225,7 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     base, tok, source = load_base(cfg.model, dtype=resolve_dtype(cfg.train.dtype), device=runtime.device)
     if cfg.memory.lora_rank:
         target_modules(base, cfg.memory.lora_targets)  # fail now, not after minutes of calibration
-    streams = build_streams(cfg.domains, cfg.general, tok, cfg.train, leading_tokens(cfg.memory))
+    streams = build_streams(cfg.domains, [*cfg.general, *cfg.general_datasets], tok, cfg.train, leading_tokens(cfg.memory))
     check_leading_tokens(streams.leading, memory_names(cfg) if not cfg.memory.empty else [], cfg.memory)
     learned = prune and cfg.mask == "learned"
     gates = None
@@ -217,7 +249,7 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     if learned or not cfg.memory.empty:
         summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
                           learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint,
-                          runtime=runtime)
+                          runtime=runtime, tracker=tracker)
     else:  # a one-shot mask and no memories: nothing to train
         if metrics_path is not None:
             metrics_path.write_text("")
@@ -237,7 +269,8 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
         "sparsity": report,
         "domains": [d.name for d in cfg.domains],
         "default_memory": GENERAL_MEMORY if GENERAL_MEMORY in names and not cfg.memory.empty else None,
-        "data": {d.name: DomainRecord.of(d).to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]},
+        "data": {d.name: DomainRecord.of(d).to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]
+                                                                               + [g.describe() for g in cfg.general_datasets]},
         "training": cfg.to_dict() | {"prune": prune},
         "runtime": runtime.describe(),
         "metrics": summary,
@@ -259,32 +292,50 @@ def _inputs(cfg: DecomposeConfig) -> list[Path]:
     paths = [Path(cfg.model)] if cfg.model and Path(cfg.model).exists() else []
     for d in cfg.domains:
         paths += [*d.train, *d.test, *d.valid]
+    sets = [s for d in cfg.domains for s in d.datasets] + list(cfg.general_datasets)
+    paths += [Path(f) for s in sets for f in s.data_files if "://" not in f]
+    paths += [Path(s.path) for s in sets if Path(s.path).is_dir()]
     return paths + list(cfg.general)
 
 
-def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool = False,
-              runtime: Runtime | None = None) -> Path:
+def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool | str = False,
+              runtime: Runtime | None = None, tracker=None) -> Path:
     """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
 
     With `cfg.reference`, dense + memories is trained the same way (same data, steps, seeds,
     memory initialisation; no gates) into OUTPUT/reference, the upper bound `evaluate` compares
     against. The run appears at `cfg.output` only when everything has been written, in one atomic
     swap; `overwrite` replaces only an earlier run. With `cfg.train.checkpoint_every`, the run is
-    built in OUTPUT.partial/ and `resume` continues it. In a multi-process launch every process
-    trains its shard; only the main one writes.
+    built in OUTPUT.partial/ and `resume` continues it. `resume="auto"` continues a partial run
+    when there is one and starts fresh otherwise (a finished run of the same configuration is left
+    as it is), so a requeued job can repeat its command line; without checkpoint_every it builds in
+    OUTPUT.partial/ all the same and checkpoints only when a stop signal comes (`koff.training.preemption`).
+    In a multi-process launch every process trains its shard; only the main one writes. `tracker`
+    (a `koff.training.tracking.Tracker`) gets every training record.
     """
 
     cfg.validate()
     runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
+    output = Path(cfg.output)
+    if resume == "auto":
+        if not cfg.train.checkpoint_every:  # the partial layout, with a checkpoint only when a stop signal comes
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=cfg.train.steps))
+        if (output / "koff.json").is_file() and same_config(output / "config.yaml", cfg):
+            if runtime.is_main:  # a requeued job whose run finished: nothing to do
+                notice(f"{output} is already complete (same configuration); nothing to do")
+            return output
+    elif resume not in (True, False):
+        raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
     check_no_test_leak(cfg.domains, cfg.general)
     reference = cfg.reference and cfg.prune and not cfg.memory.empty
     if cfg.train.distill > 0 and cfg.train.distill_from == "reference" and not reference:
         raise ConfigError("train.distill from the reference needs the dense + memories reference (reference: true, "
                           "prune, memories); train.distill_from: dense distils from the dense model instead")
-    output = Path(cfg.output)
     partial = output.with_name(output.name + ".partial")
     if not runtime.is_main:  # train alongside the main process; it alone checks folders and writes
-        _decompose_into(cfg, partial if cfg.train.checkpoint_every else None, reference, progress, runtime)
+        _decompose_into(cfg, partial if cfg.train.checkpoint_every else None, reference, progress, runtime, tracker)
         barrier(runtime)
         return output
     inputs = _inputs(cfg)
@@ -292,7 +343,7 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
         if resume:
             raise ArtifactError("--resume needs a run trained with train.checkpoint_every > 0")
         with atomic_output(output, kind="run", inputs=inputs, overwrite=overwrite) as tmp:
-            _decompose_into(cfg, tmp, reference, progress, runtime)
+            _decompose_into(cfg, tmp, reference, progress, runtime, tracker)
         barrier(runtime)
         return output
     check_output(output, "run", inputs, overwrite)
@@ -313,8 +364,8 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
 
             fresh = make_temp_dir(partial)
             atomic_write_text(fresh / ".koff-partial.yaml", dump_config(cfg))
-            os.rename(fresh, partial)
-        _decompose_into(cfg, partial, reference, progress, runtime)
+            swap_in(fresh, partial)
+        _decompose_into(cfg, partial, reference, progress, runtime, tracker)
         for folder in (partial, partial / "reference"):  # a finished run holds no training state
             remove_tree(folder / "checkpoint")
             clean_leftovers(folder / "checkpoint")
@@ -334,7 +385,7 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
 
 
 def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, progress: bool,
-                    runtime: Runtime) -> None:
+                    runtime: Runtime, tracker=None) -> None:
     """Train the reference (first: it is the teacher when distilling), then the run, in `folder`.
     A reference already finished there (its koff.json written) is reused."""
 
@@ -349,13 +400,13 @@ def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, 
             if ref is not None and runtime.is_main:
                 ref.mkdir(exist_ok=True)
             teacher = train_run(cfg, ref, prune=False, progress=progress, desc="reference: dense + memories",
-                                runtime=runtime)
+                                runtime=runtime, tracker=tracker.scoped("reference") if tracker is not None else None)
         if teacher is not None:
             teacher.requires_grad_(False)
         if not distil_reference:
             teacher = None
     if folder is None or not (folder / "koff.json").is_file():
-        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher, runtime=runtime,
+        train_run(cfg, folder, prune=cfg.prune, progress=progress, teacher=teacher, runtime=runtime, tracker=tracker,
                   desc=f"decompose s*={cfg.target_sparsity}" if cfg.prune else "dense + memories")
 
 
@@ -388,7 +439,7 @@ def _absolute(domain: Domain) -> Domain:
 
 def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
                reference: bool = True, overwrite: bool = False, progress: bool = True, model: str | None = None,
-               runtime: Runtime | None = None) -> Path:
+               runtime: Runtime | None = None, resume: bool | str = False, tracker=None) -> Path:
     """Train one new memory on a run's frozen backbone (mask fixed) and add it to the run.
 
     Uses the run's memory and training configuration (`steps` overrides the step count). Its
@@ -400,6 +451,10 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     Both memories are trained and written under temporary names first, then swapped in, the
     reference's first: the run's own memory, last, is what makes the memory part of the run. The
     run is locked meanwhile; `model` is the base model's folder if it moved.
+
+    Training happens in FOLDER/memories/.NAME.partial/: a stop signal (`koff.training.preemption`) or the
+    run's `train.checkpoint_every` leaves a checkpoint there, and `resume` (True or "auto")
+    continues it exactly; without `resume` an interrupted add-domain's checkpoint is refused.
     """
     import dataclasses
 
@@ -409,7 +464,7 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"--steps must be a whole number >= 1, got {steps!r}")
     domain = _absolute(domain)
-    if not domain.train:
+    if not domain.train and not domain.datasets:
         raise ConfigError(f"--train: the new domain {domain.name!r} has no training files")
     with lock(run_dir):
         run = load_run(run_dir)
@@ -446,32 +501,88 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
         check_no_test_leak([domain], general, _known_tests(run, str(run_dir / "koff.json")))
 
         targets = [(run, run_dir)] + ([(ref, ref_dir)] if ref is not None else [])
-        staged: list[tuple[Path, Path]] = []
+        # each memory trains in FOLDER/memories/.NAME.partial/ (metrics, a checkpoint when one is due
+        # or a stop signal comes, and the finished memory in memory/), so an add-domain stopped by a
+        # scheduler continues with --resume; the run's memory folders change only in the swaps below
+        marker = {"domain": DomainRecord.of(domain, hashes=False).to_dict(), "train": dataclasses.asdict(train_cfg),
+                  "general": [str(p) for p in general], "reference": ref is not None}
+        partials = [folder / "memories" / f".{name}.partial" for _, folder in targets]
+        for part in partials:
+            _open_add_partial(part, marker, resume)
+        staged = [(part / "memory", folder / "memories" / name) for (_, folder), part in zip(targets, partials)]
         try:
-            for target, folder in targets:
-                final = folder / "memories" / name
-                tmp = make_temp_dir(final)
-                staged.append((tmp, final))
-                km, tok = build_model(target, model=model, memories=[], runtime=runtime)
-                streams = build_streams([domain], general, tok, train_cfg, leading_tokens(mem_cfg))
-                add_memories(km, [name], streams.leading, mem_cfg, train_cfg.seed)
-                metrics = tmp / "metrics.jsonl"
-                summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False,
-                                  memories=[name], progress=progress, runtime=runtime,
-                                  desc=f"add-domain {name}" + (" (reference)" if target is ref else ""))
-                check_finite(km, [name], f"add-domain {name}")
-                rec = memory_record(km, name, {"domain": name, "data": DomainRecord.of(domain).to_dict(),
-                                               "added_after": True, "trained_steps": train_cfg.steps,
-                                               "metrics": summary, "general": [str(p) for p in general]})
-                write_memory(tmp, rec, target.meta.base_model.source, extra={"metrics.jsonl": metrics.read_bytes()})
-            faults.point("add_domain.staged")
-            for tmp, final in reversed(staged):  # the reference's first; the run's own memory commits the add
-                check_output(final, "memory", overwrite=True)
-                old = swap_in(tmp, final)
-                if old is not None:
-                    remove_tree(old)
-                faults.point("add_domain.swapped")
-        finally:
-            for tmp, _ in staged:
-                remove_tree(tmp)
+            for (target, _), part in zip(targets, partials):
+                if not (part / "memory" / "memory.json").is_file():  # else: trained before an interruption
+                    _train_added(target, part, name, domain, general, train_cfg, mem_cfg, model, runtime, progress,
+                                 tracker, desc=f"add-domain {name}" + (" (reference)" if target is ref else ""))
+            barrier(runtime)
+        except preemption.Preempted:
+            raise  # its checkpoint stays for --resume
+        except BaseException:  # a failure or Ctrl-C leaves nothing behind, as before
+            for part in partials:
+                remove_tree(part)
+            raise
+        if not runtime.is_main:
+            return run_dir / "memories" / name
+        faults.point("add_domain.staged")
+        for done, final in reversed(staged):  # the reference's first; the run's own memory commits the add
+            check_output(final, "memory", overwrite=True)
+            old = swap_in(done, final)
+            if old is not None:
+                remove_tree(old)
+            faults.point("add_domain.swapped")
+        for part in partials:
+            remove_tree(part)
     return run_dir / "memories" / name
+
+
+def _train_added(target, part: Path, name: str, domain: Domain, general: list[Path], train_cfg: TrainConfig,
+                 mem_cfg: MemoryConfig, model, runtime: Runtime, progress: bool, tracker, desc: str) -> None:
+    """Train one new memory on `target`'s frozen backbone in the add-domain folder `part`
+    (resuming its checkpoint), and stage it complete as PART/memory."""
+    km, tok = build_model(target, model=model, memories=[], runtime=runtime)
+    streams = build_streams([domain], general, tok, train_cfg, leading_tokens(mem_cfg))
+    add_memories(km, [name], streams.leading, mem_cfg, train_cfg.seed)
+    metrics = part / "metrics.jsonl"
+    summary = offload(km, streams, train_cfg, target.target_sparsity, metrics, learn_gates=False, memories=[name],
+                      progress=progress, runtime=runtime, checkpoint=part / "checkpoint", tracker=tracker, desc=desc)
+    check_finite(km, [name], f"add-domain {name}")
+    if not runtime.is_main:
+        return
+    rec = memory_record(km, name, {"domain": name, "data": DomainRecord.of(domain).to_dict(), "added_after": True,
+                                   "trained_steps": train_cfg.steps, "metrics": summary,
+                                   "general": [str(p) for p in general]})
+    done = part / "memory"
+    tmp = make_temp_dir(done)
+    try:
+        write_memory(tmp, rec, target.meta.base_model.source, extra={"metrics.jsonl": metrics.read_bytes()})
+        swap_in(tmp, done)
+    finally:
+        remove_tree(tmp)
+
+
+def _open_add_partial(part: Path, marker: dict, resume: bool | str) -> None:
+    """Prepare an add-domain's training folder `part`: new (with its marker), or the folder of an
+    interrupted add-domain of the same memory and settings, continued when `resume` says so."""
+    import json
+
+    clean_leftovers(part / "checkpoint")
+    clean_leftovers(part / "memory")
+    path = part / "add-domain.json"
+    if part.is_dir():
+        try:
+            same = json.loads(path.read_text()) == marker
+        except (OSError, ValueError):
+            same = False
+        checkpoint = (part / "checkpoint" / "state.json").is_file()
+        progress = checkpoint or (part / "memory" / "memory.json").is_file()
+        if checkpoint and not same:
+            raise ArtifactError(f"{part} holds an interrupted add-domain with other settings; delete it to start over")
+        if checkpoint and not resume:
+            raise ArtifactError(f"{part} holds an interrupted add-domain: pass --resume to continue it, or delete it")
+        if same and progress and resume:
+            return
+        remove_tree(part)  # a killed add-domain's, with no checkpoint: it starts over, as add-domain always has
+        notice(f"removed {part}, left by an interrupted koff command")
+    part.mkdir(parents=True)
+    atomic_write_text(path, json.dumps(marker, indent=1, sort_keys=True))
