@@ -3,11 +3,13 @@ tokenizer and text corpus, so that every code path runs in seconds without any d
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ARCHS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma3")
 """Tiny models of these families are built for the tests (see `tiny_config`)."""
@@ -164,3 +166,30 @@ def tiny_config_dict(model_folder: Path, data: dict, out: Path, langs=("en", "fr
         "train": {"steps": 8, "batch_size": 2, "seq_len": 16, "reg_every": 4, "calibration_tokens": 64,
                   "warmup_frac": 0.25, "consolidate_frac": 0.25, **train},
     }
+
+
+@pytest.fixture
+def grid(llama_folder, data_files, tmp_path, monkeypatch):
+    """A tiny grid config (dense, a one-shot mask, two trained methods, a sweep) and its folder."""
+    root = tmp_path / "data"
+    (root / "general").mkdir(parents=True)
+    (root / "general" / "arc_challenge.jsonl").write_text("\n".join(json.dumps(
+        {"query": "Question: the cat sat on", "choices": ["the mat", "le chat"], "gold": i % 2}) for i in range(4)) + "\n")
+    monkeypatch.setenv("KOFF_DATA", str(root))
+    base = tiny_config_dict(llama_folder, data_files, tmp_path / "unused", steps=3)
+    base.pop("output")
+    spec = {
+        "name": "tiny", "results": str(tmp_path / "results"), "work": str(tmp_path / "work"), "base": base,
+        "seeds": [0, 1],
+        "eval": {"block": 16, "max_tokens": 64, "tasks": {"arc_challenge": 4}, "swap_for": ["koff"]},
+        "methods": {
+            "dense": {"kind": "dense"},
+            "wanda-sp": {"mask": "wanda-sp", "memory": {"lora_rank": 0, "kv_tokens": 0}, "deterministic": True},
+            "wanda-sp+lora": {"mask": "wanda-sp", "memory": {"kv_tokens": 0}},
+            "koff": {},
+        },
+        "sweeps": {"sparsity": {"methods": ["koff", "wanda-sp"], "settings": [{"target_sparsity": 0.5}]}},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path, tmp_path

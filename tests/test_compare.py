@@ -9,32 +9,6 @@ from koff.core.errors import ConfigError
 from koff.experiments.compare import expand, load_grid
 
 
-@pytest.fixture
-def grid(llama_folder, data_files, tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    (root / "general").mkdir(parents=True)
-    (root / "general" / "arc_challenge.jsonl").write_text("\n".join(json.dumps(
-        {"query": "Question: the cat sat on", "choices": ["the mat", "le chat"], "gold": i % 2}) for i in range(4)) + "\n")
-    monkeypatch.setenv("KOFF_DATA", str(root))
-    base = tiny_config_dict(llama_folder, data_files, tmp_path / "unused", steps=3)
-    base.pop("output")
-    spec = {
-        "name": "tiny", "results": str(tmp_path / "results"), "work": str(tmp_path / "work"), "base": base,
-        "seeds": [0, 1],
-        "eval": {"block": 16, "max_tokens": 64, "tasks": {"arc_challenge": 4}, "swap_for": ["koff"]},
-        "methods": {
-            "dense": {"kind": "dense"},
-            "wanda-sp": {"mask": "wanda-sp", "memory": {"lora_rank": 0, "kv_tokens": 0}, "deterministic": True},
-            "wanda-sp+lora": {"mask": "wanda-sp", "memory": {"kv_tokens": 0}},
-            "koff": {},
-        },
-        "sweeps": {"sparsity": {"methods": ["koff", "wanda-sp"], "settings": [{"target_sparsity": 0.5}]}},
-    }
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path, tmp_path
-
-
 def test_grid_expansion(grid):
     path, _ = grid
     cells = expand(load_grid(path))
@@ -79,25 +53,6 @@ def test_grid_errors(tmp_path):
     (tmp_path / "g.yaml").write_text("base: {}\nmethods: {a: {}}\nsweeps: {s: {methods: [b], settings: [{}]}}\n")
     with pytest.raises(ConfigError, match="unknown method 'b'"):
         expand(load_grid(tmp_path / "g.yaml"))
-
-
-def test_claims_let_workers_share_a_grid(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from koff.experiments.compare import claim
-
-    lock = tmp_path / "cells" / "x.lock"
-    with claim(lock) as mine:
-        assert mine and lock.read_text() == str(os.getpid())
-        with claim(lock) as other:  # a live holder (this process) keeps it
-            assert other is False
-    assert not lock.exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_text(dead.stdout.strip())  # a finished process's claim is stale
-    with claim(lock) as mine:
-        assert mine
 
 
 def test_a_finished_run_counts_when_its_config_predates_a_new_default_field(tmp_path, llama_folder, data_files):
@@ -170,3 +125,20 @@ def test_a_cell_with_a_default_memory_scores_it_and_gives_it_the_tasks(grid):
     assert cell["ppl"]["en"]["default"]["test"]["ppl"] != cell["ppl"]["en"]["backbone"]["test"]["ppl"]
     km, tok = build_model(load_run(tmp / "work" / "koff__reg_memory=general__seed0"))
     assert cell["tasks"]["arc_challenge"] == score_task(km, tok, "arc_challenge", memory="general", max_items=4)
+
+
+def test_a_worker_stopped_by_sigterm_saves_its_cell_and_the_next_run_resumes_it_exactly(grid, tmp_path, monkeypatch):
+    path, tmp = grid
+    spec = yaml.safe_load(path.read_text())
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(yaml.safe_dump({**spec, "results": str(tmp / "alone"), "work": str(tmp / "alone-work")}))
+    assert main(["compare", str(alone), "--cell", "koff__seed0"]) == 0
+    monkeypatch.setenv("KOFF_FAULT", "train.step.0:term")  # a scheduler's SIGTERM during the first step
+    assert main(["compare", str(path), "--cell", "koff__seed0", "koff__seed1"]) == 75
+    assert not (tmp / "results" / "cells" / "koff__seed0.json").exists()
+    assert (tmp / "work" / "koff__seed0.partial" / "checkpoint").is_dir()
+    monkeypatch.delenv("KOFF_FAULT")
+    assert main(["compare", str(path), "--cell", "koff__seed0"]) == 0
+    got = json.loads((tmp / "results" / "cells" / "koff__seed0.json").read_text())
+    want = json.loads((tmp / "alone" / "cells" / "koff__seed0.json").read_text())
+    assert got["ppl"] == want["ppl"] and got["curves"] == want["curves"]

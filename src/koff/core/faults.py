@@ -3,8 +3,8 @@ SIGKILL (no cleanup, no exception handlers, no atexit, unflushed buffers lost).
 
 `KOFF_FAULT=<point>#<n>` dies at the n-th time the point is reached (a point reached once per
 trained model, e.g. `train.step.2` in a run and then in its reference); `KOFF_FAULT=<point>:int`
-sends SIGINT instead (a Ctrl-C arriving exactly there); `:term` and `:usr1` send SIGTERM / SIGUSR1
-(a scheduler's preemption notice arriving there). `KOFF_FAULT_RANK=R` limits the fault to the
+sends SIGINT instead (a Ctrl-C arriving exactly there); `:term`, `:usr1` and `:usr2` send SIGTERM /
+SIGUSR1 / SIGUSR2 (a scheduler's preemption notice arriving there; USR2 is submitit's). `KOFF_FAULT_RANK=R` limits the fault to the
 process of rank R in a multi-process launch (the others never see it). Points are named where koff writes:
 `train.step.N` (after optimizer step N and any checkpoint due there), `output.created` (an
 output's temporary folder made), `output.staged` (a new output complete in its temporary folder),
@@ -40,8 +40,9 @@ def point(name: str) -> None:
     rank = os.environ.get("KOFF_FAULT_RANK")
     if rank is not None and rank != os.environ.get("RANK", "0"):
         return
-    if how in ("int", "term", "usr1"):
-        os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM, "usr1": signal.SIGUSR1}[how])
+    signals = {"int": signal.SIGINT, "term": signal.SIGTERM, "usr1": signal.SIGUSR1, "usr2": signal.SIGUSR2}
+    if how in signals:
+        os.kill(os.getpid(), signals[how])
         return
     os.kill(os.getpid(), signal.SIGKILL)
     os._exit(EXIT_CODE)  # pragma: no cover - where SIGKILL cannot be sent to oneself

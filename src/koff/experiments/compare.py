@@ -9,17 +9,16 @@ atomically as they finish. `koff report DIR` turns the cells into tables and plo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from koff.config.recipe import config_from_dict, load_config, read_yaml
+from koff.config.recipe import config_from_dict, load_config, read_yaml, same_config
 from koff.core.atomic import atomic_write_text, remove_tree
+from koff.core.claims import claim
 from koff.core.errors import ConfigError
 from koff.core.version import __version__
 from koff.evaluation.perplexity import EvalSettings, block_nll, summarize, test_set
@@ -29,6 +28,7 @@ from koff.model.gates import sparsity_report
 from koff.model.koff_model import KoffModel
 from koff.storage.manifests import CellRecord
 from koff.storage.run_dir import build_model, load_run
+from koff.training import preemption
 from koff.training.pipeline import decompose
 
 
@@ -108,7 +108,8 @@ def load_grid(path: Path) -> dict:
     for key in ("base", "methods"):
         if not isinstance(spec.get(key), dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping")
-    unknown = sorted(str(k) for k in set(spec) - {"name", "results", "work", "base", "methods", "seeds", "sweeps", "eval"})
+    unknown = sorted(str(k) for k in set(spec) - {"name", "results", "work", "base", "methods", "seeds", "sweeps", "eval",
+                                               "cluster"})
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {unknown}")
     spec.setdefault("seeds", [0])
@@ -118,6 +119,9 @@ def load_grid(path: Path) -> dict:
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ConfigError(f"{path}: '{key}' must be a string, got {spec[key]!r}")
     _seeds(spec["seeds"], f"{path}: seeds")
+    if not isinstance(spec.setdefault("cluster", {}), dict) or not all(isinstance(k, str) for k in spec["cluster"]):
+        raise ConfigError(f"{path}: 'cluster' must be a mapping of submitit executor parameters (e.g. timeout_min: "
+                          f"240, slurm_partition: gpu), got {spec['cluster']!r}")
     for name, over in spec["methods"].items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{path}: methods: a method name must be a string, got {name!r}")
@@ -297,8 +301,8 @@ def finished_run(run_dir: Path, cfg) -> bool:
 
 def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkpoint_every: int = 0) -> Path:
     """Train (unless dense) and evaluate one cell; write RESULTS/cells/<id>.json atomically.
-    With `checkpoint_every`, training saves a resumable state that often, and a cell interrupted
-    earlier resumes from its last one."""
+    Training is always resumable: it saves its state every `checkpoint_every` steps (without it,
+    only when a stop signal comes), and a cell interrupted earlier resumes from its last state."""
 
     results = Path(spec.get("results", "results")) / "cells"
     work = Path(spec.get("work", "runs/grid"))
@@ -312,12 +316,8 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkp
         cfg = config_from_dict({**cell.config, "output": str(work / cell.id)}, cell.id)
         run_dir = work / cell.id
         if not finished_run(run_dir, cfg):  # a run trained earlier (e.g. before an interrupted evaluation) is reused
-            cfg.train.checkpoint_every = checkpoint_every
-            partial = run_dir.with_name(run_dir.name + ".partial")
-            resume = bool(checkpoint_every) and (partial / ".koff-partial.yaml").is_file()
-            if partial.exists() and not resume:
-
-                remove_tree(partial)  # an interrupted cell of another checkpoint setting: start it over
+            cfg.train.checkpoint_every, resume = _cadence(run_dir.with_name(run_dir.name + ".partial"), cfg,
+                                                          checkpoint_every)
             decompose(cfg, overwrite=True, progress=progress, runtime=runtime, resume=resume)
 
         summary = load_run(run_dir).meta.metrics
@@ -348,25 +348,67 @@ def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkp
     return out_path
 
 
+def _cadence(partial: Path, cfg, checkpoint_every: int) -> tuple[int, bool]:
+    """How often a cell's training checkpoints, and whether it resumes: an interrupted cell of the
+    same configuration resumes at the cadence it started with (the result does not depend on it);
+    any other partial run is removed. Without a cadence a cell still trains resumably and saves
+    only when a stop signal comes (a scheduler's preemption notice)."""
+    import dataclasses
+
+    every = checkpoint_every or cfg.train.steps
+    marker = partial / ".koff-partial.yaml"
+    if marker.is_file():
+        try:
+            started = load_config(marker, stored=True).train.checkpoint_every
+        except ConfigError:
+            started = None
+        if started and same_config(marker, dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, checkpoint_every=started))):
+            return started, True
+    if partial.exists():
+        remove_tree(partial)  # an interrupted cell of another configuration: start it over
+    return every, False
+
+
+def missing_cells(spec: dict, only: list[str] | None = None, ids: list[str] | None = None,
+                  limit: int | None = None) -> list[Cell]:
+    """The cells of a loaded grid that have no result yet: those whose id contains one of `only`,
+    or is one of `ids` (exactly), at most `limit` of them."""
+    results = Path(spec.get("results", "results")) / "cells"
+    cells = expand(spec)
+    if ids:
+        unknown = sorted(set(ids) - {c.id for c in cells})
+        if unknown:
+            raise ConfigError(f"{spec['_path']}: no cell has the id {unknown[0]!r} (see koff compare --dry-run)")
+        cells = [c for c in cells if c.id in ids]
+    todo = [c for c in cells if not (results / f"{c.id}.json").is_file()]
+    if only:
+        todo = [c for c in todo if any(o in c.id for o in only)]
+    return todo[:limit] if limit is not None else todo
+
+
 def compare(config: Path, only: list[str] | None = None, limit: int | None = None, progress: bool = True,
-            dry_run: bool = False, runtime=None, dtype: str | None = None, checkpoint_every: int = 0) -> list[str]:
-    """Run every missing cell of a grid (optionally only ids matching `only` substrings, at most
-    `limit` cells); returns the ids run (or, with `dry_run`, the ids that would run). `runtime`
-    sets the device (and evaluation dtype); `dtype` overrides every cell's `train.dtype`;
-    `checkpoint_every` makes each cell's training resumable (it changes no result)."""
+            dry_run: bool = False, runtime=None, dtype: str | None = None, checkpoint_every: int = 0,
+            ids: list[str] | None = None) -> list[str]:
+    """Run every missing cell of a grid (optionally only ids containing one of `only`, or exactly
+    `ids`; at most `limit` cells); returns the ids run (or, with `dry_run`, the ids that would
+    run). `runtime` sets the device (and evaluation dtype); `dtype` overrides every cell's
+    `train.dtype`; `checkpoint_every` makes each cell's training save that often (it changes no
+    result). Cells are claimed (`koff.core.claims`), so workers on any number of hosts sharing the
+    results folder can fill one grid. A stop signal (`koff.training.preemption`) checkpoints the
+    cell in training and raises `Preempted`; a signal during an evaluation stops before the next cell."""
     spec = load_grid(config)
     if dtype is not None:
         spec["base"] = _merge(spec["base"], {"train": {"dtype": dtype}})
     results = Path(spec.get("results", "results")) / "cells"
-    todo = [c for c in expand(spec) if not (results / f"{c.id}.json").is_file()]
-    if only:
-        todo = [c for c in todo if any(o in c.id for o in only)]
-    if limit is not None:
-        todo = todo[:limit]
+    todo = missing_cells(spec, only, ids, limit)
     if dry_run:
         return [c.id for c in todo]
     done = []
     for c in todo:
+        if preemption.received() is not None:
+            raise preemption.Preempted(f"koff compare: stopped by a signal after {len(done)} cell(s); the cells "
+                                       "left run when the same command runs again", preemption.received())
         if (results / f"{c.id}.json").is_file():
             continue  # another worker finished it meanwhile
         with claim(results / f"{c.id}.lock") as mine:
@@ -375,33 +417,3 @@ def compare(config: Path, only: list[str] | None = None, limit: int | None = Non
             run_cell(c, spec, progress, runtime, checkpoint_every)
             done.append(c.id)
     return done
-
-
-@contextlib.contextmanager
-def claim(lock: Path):
-    """Claim a cell for this process (several `koff compare` workers can share a grid).
-    Yields False when a live process holds the claim; a dead holder's claim is taken over."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or 0)
-                os.kill(holder, 0)
-                yield False  # alive: its cell
-                return
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # stale claim of a dead worker
-                continue
-            except PermissionError:
-                yield False
-                return
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False

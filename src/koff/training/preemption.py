@@ -60,9 +60,9 @@ def _handler(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def handle_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGUSR1 request a clean stop instead of killing the process.
-    Nested uses share one state; the previous handlers come back at the end of the outermost."""
+def handle_signals(signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
+    """Within the block, `signals` (SIGTERM and SIGUSR1) request a clean stop instead of killing the
+    process. Nested uses share one state; the previous handlers come back at the end of the outermost."""
     global _active
     import threading
 
@@ -72,7 +72,7 @@ def handle_signals() -> Iterator[None]:
     previous = {}
     if not _active:
         _received.clear()
-        for s in SIGNALS:
+        for s in signals:
             previous[s] = signal.signal(s, _handler)
     _active += 1
     try:
