@@ -99,6 +99,10 @@ def test_an_unknown_cluster_parameter_names_the_grid_and_the_valid_ones(grid, fa
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=r"grid.yaml: cluster \(or --cluster-param\): .*partitoin.*Valid arguments"):
         submit(path, "slurm", ids=["koff__seed0"])
+    spec["cluster"] = {"tasks_per_node": 4}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="a cell job runs one process"):
+        submit(path, "slurm", ids=["koff__seed0"])
     spec["cluster"] = ["gpu"]
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="'cluster' must be a mapping"):

@@ -93,6 +93,10 @@ def make_executor(kind: str, folder: Path, parameters: dict, where: str):
     """A submitit executor of `kind` writing its logs under `folder`, with `parameters` checked."""
     if kind not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    if any(parameters.get(k, 1) != 1 for k in ("nodes", "tasks_per_node", "slurm_ntasks_per_node")):
+        raise ConfigError(f"{where}: a cell job runs one process (nodes and tasks_per_node 1); a cell trained by "
+                          "several processes is a launch: run `koff compare --commands` lines under torchrun or "
+                          "accelerate launch in your own job script")
     submitit = _submitit()
     executor = submitit.AutoExecutor(folder=str(folder), cluster=kind)
     try:
