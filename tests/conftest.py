@@ -193,3 +193,19 @@ def grid(llama_folder, data_files, tmp_path, monkeypatch):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path, tmp_path
+
+
+RUN_FILES = ("backbone/gates.safetensors", "backbone/mask.safetensors", "memories/en/adapter_model.safetensors",
+             "memories/en/kv.safetensors", "memories/fr/kv.safetensors")
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in path.read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path, reference: bool = False) -> None:
+    """Two runs are the same run: byte-identical tensors, the same metrics but for wall time."""
+    files = RUN_FILES + (tuple(f"reference/{f}" for f in RUN_FILES if not f.startswith("backbone")) if reference else ())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert _metrics(a / "metrics.jsonl") == _metrics(b / "metrics.jsonl")

@@ -15,7 +15,7 @@ No hub is reachable from koff's machines, so `write_tasks` writes lm-eval task Y
 bundled general-domain files (ARC-Challenge, PIQA, OpenBookQA, COPA; the shared data folder) as
 local JSON datasets; lm-eval's hub tasks work too where a network is. Log-likelihoods come from
 `koff.tasks.continuation_scores`, the scorer behind koff's own task numbers, so lm-eval and
-`koff evaluate --tasks` agree on the same questions (tests/test_lmeval.py).
+`koff evaluate --tasks` agree on the same questions (tests/evaluation/test_lmeval.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ shared state changes.
 
 A fresh adapter draws its random A exactly as peft's `LoraLayer.update_layer` does (the same
 generator calls in the same module order), so runs are unchanged by the switch away from peft
-(tests/test_memory.py checks the two initialisations are equal).
+(tests/model/test_memory.py checks the two initialisations are equal).
 """
 
 from __future__ import annotations

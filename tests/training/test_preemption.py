@@ -9,7 +9,6 @@ step the run has reached.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,26 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_config_dict, write_domain_files
+from conftest import _metrics, assert_same_run, tiny_config_dict, write_domain_files
+from koff_process import _child, _context, koff
 from test_distributed import _launch
-from test_kill import _child, _context, koff
 
 from koff.cli import main
 from koff.training.preemption import EXIT_PREEMPTED
-
-RUN_FILES = ("backbone/gates.safetensors", "backbone/mask.safetensors", "memories/en/adapter_model.safetensors",
-             "memories/en/kv.safetensors", "memories/fr/kv.safetensors")
-
-
-def _metrics(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in path.read_text().splitlines()]
-
-
-def assert_same_run(a: Path, b: Path, reference: bool = False) -> None:
-    files = RUN_FILES + (tuple(f"reference/{f}" for f in RUN_FILES if not f.startswith("backbone")) if reference else ())
-    for f in files:
-        assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    assert _metrics(a / "metrics.jsonl") == _metrics(b / "metrics.jsonl")
 
 
 def _write_cfg(tmp: Path, llama_folder, data, name: str, steps: int = 10, reference: bool = False, **train) -> Path:

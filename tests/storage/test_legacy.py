@@ -1,5 +1,5 @@
-"""A run and an export written by an earlier koff (tests/data/legacy-0.1, made by
-tests/data/make_legacy_fixture.py on 2026-12-06, before the package was split into layers) still
+"""A run and an export written by an earlier koff (tests/fixtures/legacy-0.1, made by
+tests/fixtures/make_legacy_fixture.py on 2026-12-06, before the package was split into layers) still
 load, validate and give the same logits."""
 
 import shutil
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from koff import build_model, load_backbone, load_run
 
-LEGACY = Path(__file__).parent / "data" / "legacy-0.1"
+LEGACY = Path(__file__).parents[1] / "fixtures" / "legacy-0.1"
 
 
 @pytest.fixture(scope="module")

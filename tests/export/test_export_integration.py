@@ -25,7 +25,7 @@ REAL_TOL = 1e-3
 
 
 def _lines(n_per_lang=3):
-    root = os.environ.get("KOFF_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    root = os.environ.get("KOFF_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data"))
     out = []
     for lang in ("en", "fr", "es", "de"):
         with open(os.path.join(root, "text", lang, "test.txt"), encoding="utf-8") as f:

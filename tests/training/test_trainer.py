@@ -1,6 +1,6 @@
 """The trainer restructuring kept behaviour: fixed-seed tiny runs reproduce the loss sequence,
 memory choice, expected sparsity and final mask recorded with the trainer before it
-(tests/data/pinned_runs.json, written by the pre-restructuring `train.offload`)."""
+(tests/fixtures/pinned_runs.json, written by the pre-restructuring `train.offload`)."""
 
 import json
 from pathlib import Path
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from koff.config.recipe import config_from_dict
 from koff.training.pipeline import decompose
 
-PINNED = json.loads((Path(__file__).parent / "data" / "pinned_runs.json").read_text())
+PINNED = json.loads((Path(__file__).parents[1] / "fixtures" / "pinned_runs.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,12 @@ import torch
 
 datasets = pytest.importorskip("datasets")
 
-from conftest import corpus, tiny_config_dict, tiny_tokenizer  # noqa: E402
-from test_preemption import assert_same_run  # noqa: E402
+from conftest import (  # noqa: E402
+    assert_same_run,
+    corpus,
+    tiny_config_dict,
+    tiny_tokenizer,
+)
 
 import koff.data.sources as sources  # noqa: E402
 from koff.cli import make_parser  # noqa: E402

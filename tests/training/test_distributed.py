@@ -38,7 +38,7 @@ def _launch(cfg: dict, tmp: Path, procs: int = 2, extra: list[str] = (), env: di
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={_free_port()}",
            "-m", "koff", "decompose", "--config", str(path), "--device", "cpu", *extra]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
                 **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
 
