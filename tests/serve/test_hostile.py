@@ -49,7 +49,8 @@ def test_a_client_that_leaves_frees_its_place_and_is_not_a_server_error(tiny_run
         body = json.dumps(long).encode()
         before = server.metric("koff_queue_depth")
         s = _send_raw(server.port, _request_head("/v1/completions", len(body)) + body)
-        _wait_for(lambda: server.metric("koff_queue_depth") > before, timeout=5)  # queued behind the stream
+        assert _wait_for(lambda: server.metric("koff_queue_depth") > before, timeout=60), \
+            "the second request never queued behind the stream"  # closed any earlier, it would not be counted
         s.close()  # a non-streaming request whose client leaves is answered 499 at once, not after it ran
         counted = 'koff_requests_total{endpoint="/v1/completions",status="499"'
         assert _wait_for(lambda: server.metric(counted) >= 1, timeout=10), \

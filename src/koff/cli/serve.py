@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:  # the serve extra is optional: say what to install instead of an ImportError
         raise ServeError(f"koff serve needs {' and '.join(missing)}: pip install 'koff[serve]'")
-    from koff.serve.app import AppSettings  # fastapi and uvicorn: the serve extra
+    from koff.serve.state import AppSettings  # fastapi and uvicorn: the serve extra
     from koff.serve.scheduler import EngineConfig
     from koff.serve.server import serve
 
