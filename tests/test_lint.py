@@ -1,4 +1,4 @@
-"""ruff (lint + import order, configured in pyproject.toml) passes on the whole code base."""
+"""ruff (lint + import order) and mypy, both configured in pyproject.toml, pass on the code base."""
 
 import subprocess
 import sys
@@ -13,4 +13,13 @@ def test_ruff_is_clean():
     pytest.importorskip("ruff", reason="ruff comes with the test extra: pip install -e '.[test]'")
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "benchmarks"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
+
+
+def test_mypy_is_clean(tmp_path):
+    """mypy (configured in pyproject.toml) passes on src/koff; the modules not yet clean are listed
+    there, in one override, and leave it once they pass."""
+    pytest.importorskip("mypy", reason="mypy comes with the test extra: pip install -e '.[test]'")
+    out = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]

@@ -77,8 +77,8 @@ def _type_name(f: dataclasses.Field) -> str:
 def _field_default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         return f"`{f.default!r}`" if f.default is not None else "`null`"
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
         return "" if dataclasses.is_dataclass(value) else f"`{value!r}`"
     return "required"
 
@@ -88,7 +88,7 @@ def _section(title: str, cls: type, prefix: str) -> str:
     out = [f"## {title}\n\n{_cell(cls.__doc__ or '')}\n\n",
            "| key | type | default | choices | what it does |\n|---|---|---|---|---|\n"]
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING
                                     else None):
             out.append(f"| `{prefix}{f.name}` | section | | | see below |\n")
             continue

@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:  # the serve extra is optional: say what to install instead of an ImportError
         raise ServeError(f"koff serve needs {' and '.join(missing)}: pip install 'koff[serve]'")
-    from koff.serve.state import AppSettings  # fastapi and uvicorn: the serve extra
     from koff.serve.scheduler import EngineConfig
     from koff.serve.server import serve
+    from koff.serve.state import AppSettings  # fastapi and uvicorn: the serve extra
 
     key = args.api_key if args.api_key is not None else os.environ.get("KOFF_API_KEY") or None
     engine = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from koff.core.errors import ConfigError, DataError
 
@@ -104,7 +105,7 @@ class DatasetSource:
 
     def to_dict(self) -> dict:
         """The mapping a config stores (defaults left out; `num_proc`, which changes no token, too)."""
-        d = {"path": self.path}
+        d: dict[str, Any] = {"path": self.path}
         if self.name is not None:
             d["name"] = self.name
         d["split"] = self.split

@@ -45,7 +45,7 @@ def load_task(name: str, max_items: int | None = None, root: Path | None = None)
     path = Path(root or data_root()) / "general" / TASK_FILES[name]
     if not path.is_file():
         raise DataError(f"task file {path} does not exist (set KOFF_DATA to the shared data folder)")
-    items = []
+    items: list = []
     for i, r in read_jsonl(path):
         if max_items is not None and len(items) >= max_items:
             break

@@ -19,8 +19,10 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from koff.core.errors import ConfigError, KoffError
 from koff.experiments.compare import compare, load_grid, missing_cells
@@ -109,7 +111,7 @@ def make_executor(kind: str, folder: Path, parameters: dict, where: str):
 def submit(config: Path, executor: str, only: list[str] | None = None, limit: int | None = None,
            checkpoint_every: int = 0, device: str = "auto", dtype: str | None = None,
            parameters: dict | None = None, folder: Path | None = None, wait: bool = False,
-           ids: list[str] | None = None) -> list[tuple[str, object]]:
+           ids: list[str] | None = None) -> list[tuple[str, Any]]:
     """Submit one job per missing cell of the grid at `config` (selected as `compare` selects);
     returns (cell id, submitit job) pairs. With `wait`, blocks until every job ends and raises if
     one failed (naming it and its log)."""
@@ -135,7 +137,7 @@ def submit(config: Path, executor: str, only: list[str] | None = None, limit: in
     return [(c.id, job) for c, job in zip(cells, jobs)]
 
 
-def commands(config: Path, only: list[str] | None = None, limit: int | None = None, extra: list[str] = (),
+def commands(config: Path, only: list[str] | None = None, limit: int | None = None, extra: Sequence[str] = (),
              ids: list[str] | None = None) -> list[str]:
     """One shell command per missing cell of the grid (for a scheduler submitit does not drive):
     each runs exactly that cell, claims it, and resumes it if it was interrupted."""

@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from koff.config.recipe import config_from_dict, load_config, read_yaml, same_config
 from koff.core.atomic import atomic_write_text, remove_tree
@@ -97,7 +98,8 @@ def load_grid(path: Path) -> dict:
             raise ConfigError(f"{parent_file}: a grid that is extended cannot extend another one itself")
         spec.setdefault("base", parent.get("base"))
         names = spec.get("methods")
-        parent_methods = parent.get("methods") if isinstance(parent.get("methods"), dict) else {}
+        methods = parent.get("methods")
+        parent_methods: dict = methods if isinstance(methods, dict) else {}
         if names is None:
             spec["methods"] = parent_methods
         elif isinstance(names, list):
@@ -207,7 +209,7 @@ def expand(spec: dict) -> list[Cell]:
             for setting in sweep["settings"]:
                 for seed in seeds_for(method, sweep.get("seeds", spec["seeds"][:1])):
                     cells.append(make(method, name, seed, setting))
-    seen = {}
+    seen: dict[str, Cell] = {}
     for c in cells:  # the same cell may appear in two groups: run it once
         seen.setdefault(c.id, c)
     return list(seen.values())
@@ -263,14 +265,15 @@ def evaluate_cell(cell: Cell, run_dir: Path | None, eval_spec: dict, progress: b
             row["default"] = summarize(block_nll(km, ts.blocks, default, settings.batch_size,
                                                  f"{cell.id} {d.name}+{default}" if progress else None), ts)
         ppl[d.name] = row
-    swap = None
+    swap: dict[str, Any] | None = None
     wants_swap = ((cell.method in (eval_spec.get("swap_for") or []) and cell.group == "main")
                   or cell.group in (eval_spec.get("swap_groups") or []))
     if wants_swap and memories:
         names = [d.name for d in domains]
-        swap = {"memories": memories, "domains": names, "test": []}
+        tests: list = []
+        swap = {"memories": memories, "domains": names, "test": tests}
         for m in memories:
-            swap["test"].append([ppl[d.name]["own"]["test"]["ppl"] if m == d.name else
+            tests.append([ppl[d.name]["own"]["test"]["ppl"] if m == d.name else
                                  summarize(block_nll(km, sets[d.name].blocks, m, settings.batch_size),
                                            sets[d.name])["test"]["ppl"] for d in domains])
     tasks = {}
@@ -404,7 +407,7 @@ def compare(config: Path, only: list[str] | None = None, limit: int | None = Non
     todo = missing_cells(spec, only, ids, limit)
     if dry_run:
         return [c.id for c in todo]
-    done = []
+    done: list[str] = []
     for c in todo:
         if preemption.received() is not None:
             raise preemption.Preempted(f"koff compare: stopped by a signal after {len(done)} cell(s); the cells "

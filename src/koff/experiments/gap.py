@@ -192,8 +192,8 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
             ax.plot(xs, [statistics.fmean(v) for _, v in pts], marker="o", color=f"C{i}", label=method)
             for t, v in pts:
                 ax.scatter([t] * len(v), v, color=f"C{i}", s=10, alpha=0.5)
-        pts = [(tokens[s], r) for (m, s), per in rs.items() if m == "koff" for r in per.get(d, {}).values()]
-        tr = fit_trend(d, pts)
+        trend_points = [(tokens[s], r) for (m, s), per in rs.items() if m == "koff" for r in per.get(d, {}).values()]
+        tr = fit_trend(d, trend_points)
         if tr is not None:
             lo, hi = min(t for t, _ in pts), max(t for t, _ in pts) * 8
             grid = [lo * (hi / lo) ** (k / 50) for k in range(51)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,7 +89,7 @@ class Served:
     """A loaded backbone with its tokenizer and the memories found beside it."""
 
     km: KoffModel
-    tokenizer: object
+    tokenizer: Any
     backbone: Backbone
     memories: list[StoredMemory]
     context: int

@@ -9,13 +9,14 @@ be the start of a stop sequence. The pieces handed out add up to the final text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
 class TextStream:
     """The text of one request's continuation so far (tokens without the end-of-sequence token)."""
 
-    tokenizer: object
+    tokenizer: Any
     stop: tuple[str, ...] = ()
     tokens: list[int] = field(default_factory=list)
     text: str = ""

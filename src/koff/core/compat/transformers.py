@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 
 @functools.cache
-def _cache_kwarg_of(cls: type) -> str:
+def _cache_kwarg_of(cls: Any) -> str:
     params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -19,7 +19,7 @@ def cache_kwarg(model) -> str:
     """The name under which `model.forward` takes a KV cache: transformers 5.24 renamed
     `past_key_values` to `cache` (the old name warns and goes away in 5.40); the GPU machines koff
     is checked on carry 5.17, which knows only the old one."""
-    return _cache_kwarg_of(type(model))
+    return _cache_kwarg_of(cast(Any, type(model)))  # keyed by the class (mypy sees type[Any] as unhashable)
 
 
 def output_cache(output):
