@@ -23,3 +23,19 @@ def test_nothing_cites_a_file_outside_the_repository():
         text = path.read_text(encoding="utf-8", errors="replace")
         hits += [f"{rel}: {needle}" for needle in OUTSIDE if needle in text]
     assert not hits, "files that cite something outside the repository:\n" + "\n".join(hits)
+
+
+def test_no_function_is_over_60_lines_without_a_reason_beside_it():
+    """A long function says why on the line above its `def` (`# long: ...`); most should be split."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "src" / "koff").rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+                if not (first > 0 and lines[first - 1].strip().startswith("# long: ")):
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                                f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 60 lines with no '# long: <why>' line above them:\n" + "\n".join(long)

@@ -184,6 +184,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of the data order, the gate noise, the memories' initialisation and the regularization memory."""
 
+    # long: one check per field, each a line or two with its own message
     def validate(self, where: str = "train") -> None:
         """Check every field on its own (raises ConfigError naming `where`.FIELD)."""
         t = self

@@ -78,6 +78,7 @@ def write_tasks(folder: Path, root: Path | None = None) -> Path:
     return folder
 
 
+# long: it defines lm-eval's model class, created on first use because lm-eval is optional
 def _model_class():
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model

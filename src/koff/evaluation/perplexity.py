@@ -117,6 +117,7 @@ def _domains_of(run: Run, tests: dict[str, list[str]] | None = None) -> list[Dom
     return out
 
 
+# long: the evaluation protocol in order (dense, backbone, own memory, default memory, swap matrix); each step is a call
 def evaluate_run(run_dir: Path, settings: EvalSettings | None = None, model: str | None = None,
                  progress: bool = True, write: bool = True, runtime=None) -> dict:
     """Evaluate a run (see module docstring); writes eval/perplexity.{json,md} into the run.

@@ -176,6 +176,7 @@ def mask_report(pruned: torch.Tensor, result: Lape) -> dict:
             "per_layer": per_layer}
 
 
+# long: the analysis in order (LAPE, the run's mask, each baseline's mask, the tables); each step is a call
 def analyze_run(run_dir: Path, settings: LapeSettings | None = None, baselines: tuple[str, ...] = ("magnitude", "wanda-sp"),
                 model: str | None = None, progress: bool = True, write: bool = True, runtime=None) -> dict:
     """LAPE on the run's dense base model over the run's domains, then the enrichment of the

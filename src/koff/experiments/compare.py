@@ -89,24 +89,7 @@ def load_grid(path: Path) -> dict:
     be a list naming the ones to keep."""
     spec = read_yaml(path, "grid config")
     if "extends" in spec:
-        parent_path = spec.pop("extends")
-        if not isinstance(parent_path, str) or not parent_path:
-            raise ConfigError(f"{path}: 'extends' must be the path of another grid config, got {parent_path!r}")
-        parent_file = (Path(path).parent / parent_path)
-        parent = read_yaml(parent_file, f"grid config {parent_path!r} (extended by {path})")
-        if "extends" in parent:
-            raise ConfigError(f"{parent_file}: a grid that is extended cannot extend another one itself")
-        spec.setdefault("base", parent.get("base"))
-        names = spec.get("methods")
-        methods = parent.get("methods")
-        parent_methods: dict = methods if isinstance(methods, dict) else {}
-        if names is None:
-            spec["methods"] = parent_methods
-        elif isinstance(names, list):
-            unknown = [n for n in names if n not in parent_methods]
-            if unknown:
-                raise ConfigError(f"{path}: methods {unknown} are not methods of {parent_file}")
-            spec["methods"] = {n: parent_methods[n] for n in names}
+        _extend(spec, path)
     for key in ("base", "methods"):
         if not isinstance(spec.get(key), dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping")
@@ -124,7 +107,37 @@ def load_grid(path: Path) -> dict:
     if not isinstance(spec.setdefault("cluster", {}), dict) or not all(isinstance(k, str) for k in spec["cluster"]):
         raise ConfigError(f"{path}: 'cluster' must be a mapping of submitit executor parameters (e.g. timeout_min: "
                           f"240, slurm_partition: gpu), got {spec['cluster']!r}")
-    for name, over in spec["methods"].items():
+    _check_methods(spec["methods"], path)
+    _check_sweeps(spec["sweeps"], path)
+    _check_eval(spec["eval"], path)
+    spec["_path"] = str(path)
+    return spec
+
+
+def _extend(spec: dict, path: Path) -> None:
+    """Take `base` and `methods` from the grid `spec` extends."""
+    parent_path = spec.pop("extends")
+    if not isinstance(parent_path, str) or not parent_path:
+        raise ConfigError(f"{path}: 'extends' must be the path of another grid config, got {parent_path!r}")
+    parent_file = (Path(path).parent / parent_path)
+    parent = read_yaml(parent_file, f"grid config {parent_path!r} (extended by {path})")
+    if "extends" in parent:
+        raise ConfigError(f"{parent_file}: a grid that is extended cannot extend another one itself")
+    spec.setdefault("base", parent.get("base"))
+    names = spec.get("methods")
+    methods = parent.get("methods")
+    parent_methods: dict = methods if isinstance(methods, dict) else {}
+    if names is None:
+        spec["methods"] = parent_methods
+    elif isinstance(names, list):
+        unknown = [n for n in names if n not in parent_methods]
+        if unknown:
+            raise ConfigError(f"{path}: methods {unknown} are not methods of {parent_file}")
+        spec["methods"] = {n: parent_methods[n] for n in names}
+
+
+def _check_methods(methods: dict, path: Path) -> None:
+    for name, over in methods.items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{path}: methods: a method name must be a string, got {name!r}")
         if over is not None and not isinstance(over, dict):
@@ -133,9 +146,12 @@ def load_grid(path: Path) -> dict:
             raise ConfigError(f"{path}: methods.{name}.kind must be 'decompose' or 'dense', got {over['kind']!r}")
         if over and not isinstance(over.get("deterministic", False), bool):
             raise ConfigError(f"{path}: methods.{name}.deterministic must be true or false")
-    if not isinstance(spec["sweeps"], dict):
+
+
+def _check_sweeps(sweeps, path: Path) -> None:
+    if not isinstance(sweeps, dict):
         raise ConfigError(f"{path}: 'sweeps' must be a mapping name -> {{methods, settings}}")
-    for name, sweep in spec["sweeps"].items():
+    for name, sweep in sweeps.items():
         where = f"{path}: sweeps.{name}"
         if not isinstance(sweep, dict) or "methods" not in sweep or "settings" not in sweep:
             raise ConfigError(f"{where} needs 'methods' and 'settings'")
@@ -145,7 +161,9 @@ def load_grid(path: Path) -> dict:
             raise ConfigError(f"{where}.settings must be a list of override mappings")
         if "seeds" in sweep:
             _seeds(sweep["seeds"], f"{where}.seeds")
-    ev = spec["eval"]
+
+
+def _check_eval(ev, path: Path) -> None:
     if not isinstance(ev, dict):
         raise ConfigError(f"{path}: 'eval' must be a mapping")
     for key in ("block", "max_tokens", "batch_size"):
@@ -160,8 +178,6 @@ def load_grid(path: Path) -> dict:
         raise ConfigError(f"{path}: eval.swap_for must be a list of method names")
     if not isinstance(ev.get("swap_groups") or [], list):
         raise ConfigError(f"{path}: eval.swap_groups must be a list of sweep names")
-    spec["_path"] = str(path)
-    return spec
 
 
 def _seeds(seeds, where: str) -> None:

@@ -133,6 +133,7 @@ def stored_widths(widths: list[int], outtype: str) -> list[int]:
     return padded_widths(widths, align, minimum=align)
 
 
+# long: a linear list of GGUF keys and tensors in the order llama.cpp's loader reads them
 def write_gguf_model(model: torch.nn.Module, tokenizer, path: Path, outtype: str = "f16",
                      widths: list[int] | None = None, name: str = "koff backbone",
                      where: str = "tokenizer") -> dict[str, int]:

@@ -213,6 +213,7 @@ def memory_names(cfg: DecomposeConfig) -> list[str]:
     return names
 
 
+# long: the recipe's setup read top to bottom (data, model, gates, memories, trainer, save), as torchtune's recipes are
 def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progress: bool = True,
               desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None,
               tracker=None) -> KoffModel:
@@ -298,6 +299,7 @@ def _inputs(cfg: DecomposeConfig) -> list[Path]:
     return paths + list(cfg.general)
 
 
+# long: one transaction (resume rules, lock, partial run, publish by swap) whose crash safety is in its order
 def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool | str = False,
               runtime: Runtime | None = None, tracker=None) -> Path:
     """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
@@ -437,6 +439,7 @@ def _absolute(domain: Domain) -> Domain:
                                           for k in ("train", "test", "valid")})
 
 
+# long: one transaction (lock, partial folders, train, swap in, clean up) whose crash safety is in its order
 def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general: list[Path] | None = None,
                reference: bool = True, overwrite: bool = False, progress: bool = True, model: str | None = None,
                runtime: Runtime | None = None, resume: bool | str = False, tracker=None) -> Path:
