@@ -312,7 +312,7 @@ class DecomposeConfig:
         if t.reg_every and not has_general:
             raise ConfigError("regularization steps need general data (general: [...]) or train.reg_every: 0")
         if t.domain_sampling == "dynamic":
-            missing = [n for n in names if n not in t.dbl_reference]
+            missing = [n for n in names if n not in (t.dbl_reference or {})]
             if missing:
                 raise ConfigError(f"train.dbl_reference has no reference loss for domain(s) {missing}")
         if t.target_schedule == "overshoot" and self.prune and not t.target_peak > self.target_sparsity:

@@ -167,7 +167,7 @@ def check_no_test_leak(domains: Sequence[Domain], general: Sequence[Path] = (),
     `known_tests` adds test files recorded elsewhere (in a run's manifests, by sha256, so the check
     holds even where those files are gone): (domain, file, sha256) triples.
     """
-    test = {digest: (name, path) for name, path, digest in known_tests}
+    test: dict[str, tuple[str, str | Path]] = {digest: (name, path) for name, path, digest in known_tests}
     test.update({file_sha256(p): (d.name, p) for d in domains for p in d.test})
     for d in domains:
         for p in d.train:

@@ -59,7 +59,7 @@ def llama_cpp_pre(pre_tokenizer: dict | None) -> str | None:
         return "smollm"
     if len(steps) == 2 and _byte_level(steps[1], regex=False) and steps[0].get("type") == "Split" \
             and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
-        return _SPLITS.get((steps[0].get("pattern") or {}).get("Regex"))
+        return _SPLITS.get(str((steps[0].get("pattern") or {}).get("Regex")))
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ class KoffModel(nn.Module):
         super().__init__()
         base.requires_grad_(False)
         base.eval()
-        self.model = base
+        self.model: Any = base  # a transformers model: its methods, not nn.Module's __getattr__ types
         self.geometry = inspect_model(base)
         self.gates = gates
         if gates is not None:

@@ -160,8 +160,8 @@ def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ..
     if not isinstance(data, dict):
         return (), "text"
     files = data.get("train") or []
-    field_name = data.get("text_field") if isinstance(data.get("text_field"), str) else "text"
-    return tuple(str(f) for f in files if isinstance(f, str)), field_name
+    field = data.get("text_field")
+    return tuple(str(f) for f in files if isinstance(f, str)), field if isinstance(field, str) else "text"
 
 
 def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:

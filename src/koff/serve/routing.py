@@ -31,7 +31,7 @@ MAX_FIT_LINES = 5000
 """Documents per training file the classifier reads."""
 
 
-def token_counts(files: Sequence[Path], tokenizer, vocab: int, text_field: str = "text") -> torch.Tensor:
+def token_counts(files: Sequence[str | Path], tokenizer, vocab: int, text_field: str = "text") -> torch.Tensor:
     """How often each token id occurs in the training files of one memory: [vocab] float."""
 
     ids = tokenize_files([Path(f) for f in files], tokenizer, text_field, max_lines=MAX_FIT_LINES)
