@@ -79,7 +79,7 @@ class Run:
     memories: dict[str, MemoryRecord]
     bias: list[torch.Tensor] | None = None
     """FLAP bias compensation added to each layer's down_proj output (one-shot FLAP runs only)."""
-    backbone_lora: object = None
+    backbone_lora: LoraState | None = None
     """The backbone's shared LoRA adapter (a LoraState; `train.backbone_lora_rank` > 0 only)."""
 
     @property
@@ -173,7 +173,8 @@ def write_run(folder: Path, manifest: dict, keep: list[torch.Tensor] | None, log
         d.mkdir(parents=True)
         write_memory(d, rec, manifest.get("base_model", {}).get("source"))
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "koff_version": __version__, **manifest, "files": {}}
-    training = full.get("training") if isinstance(full.get("training"), dict) else {}
+    raw = full.get("training")
+    training: dict = raw if isinstance(raw, dict) else {}
     required = RunManifest.files_for(bool(full.get("pruned")), training.get("mask", "learned"),
                                      bool((training.get("train") or {}).get("backbone_lora_rank")))
     full["files"] = {rel: sha256_file(folder / rel) for rel in sorted(required)}
@@ -313,6 +314,7 @@ def _check_memories(meta: RunManifest, memories: dict[str, MemoryRecord], where:
         raise ArtifactError(f"{where}: default_memory {meta.default_memory!r} has no memories/<name> folder")
     for name, rec in memories.items():
         mwhere = f"memories/{name}/memory.json"
+        assert rec.meta is not None, mwhere  # a record read from disk always has its manifest
         for kind, part in PART_KINDS.items():
             section = rec.meta.parts.get(kind)
             if (section is not None) != part.enabled(cfg):

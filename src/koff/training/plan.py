@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,7 +142,7 @@ def make_plan(model: str | None = None, memory=None, batch_size: int = 4, seq_le
         raise ConfigError(f"batch size {batch_size} is not divisible by grad_accum {grad_accum} x processes {world_size}")
     micro = batch_size // parts
     config, name = model_config(model)
-    plan = None
+    plan: Plan | None = None
     for dtype_name in dtypes:
         dtype = resolve_dtype(dtype_name)
         km = _meta_model(config, memory, dtype)
@@ -177,6 +178,8 @@ def make_plan(model: str | None = None, memory=None, batch_size: int = 4, seq_le
                    "runtime": runtime_bytes()}
             est["total"] = sum(est.values())
             plan.estimates[dtype_name + ("+checkpointing" if ckpt else "")] = est
+    if plan is None:
+        raise ConfigError("a plan needs at least one dtype")
     return plan
 
 
@@ -230,20 +233,23 @@ def _measure_child(model: str | None, memory, micro_batch: int, seq_len: int, dt
 
     dev = resolve_device(device)
     base, _, _ = load_base(model, dtype=resolve_dtype(dtype), device=dev)
-    km = KoffModel(base, NeuronGates.for_model(base).to(dev))
+    gates = NeuronGates.for_model(base).to(dev)
+    km = KoffModel(base, gates)
     x = torch.randint(0, base.config.vocab_size, (micro_batch, seq_len), device=dev)
     km.create_memory("m", memory, x[0].cpu())
     if checkpointing:
         km.enable_gradient_checkpointing()
-    opt = torch.optim.Adam([{"params": list(km.gates.parameters()), "lr": 0.1}, {"params": km.memory_parameters("m")}])
+    groups: list[dict[str, Any]] = [{"params": list(gates.parameters()), "lr": 0.1},
+                                    {"params": km.memory_parameters("m")}]
+    opt = torch.optim.Adam(groups)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(steps):
-        km.gates.resample()
+        gates.resample()
         lm_loss(km(x, memory="m"), x).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        Projection().after_step(km.gates, 0.2)
+        Projection().after_step(gates, 0.2)
     queue.put({"peak_rss": _peak_rss(),
                "peak_cuda": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None})
 
