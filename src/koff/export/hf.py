@@ -145,7 +145,7 @@ def write_hf(pb: PrunedBackbone, out: Path, overwrite: bool = False) -> Path:
     return Path(out)
 
 
-def _base_config(folder: Path, manifest: dict):
+def _base_config(folder: Path, manifest):
     """The base family's config from config.json, without the folder's remote code."""
     from transformers import AutoConfig
 

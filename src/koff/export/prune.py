@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,8 +130,9 @@ class PrunedBackbone:
     """A run's backbone with pruned neurons deleted (and FLAP's bias folded in), ready to write."""
 
     run: Run
-    model: nn.Module
-    tokenizer: object
+    model: Any
+    """The pruned transformers model (typed Any: its methods, not nn.Module's `__getattr__` types)."""
+    tokenizer: Any
     source: str
     kept: list[torch.Tensor]
     dense_parameters: int

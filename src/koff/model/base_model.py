@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -185,8 +186,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def gated_mlps(model: nn.Module) -> list[nn.Module]:
-    """Each decoder layer's gated MLP (`down_proj(act(gate_proj(x)) * up_proj(x))`)."""
+def gated_mlps(model: nn.Module) -> list[Any]:
+    """Each decoder layer's gated MLP (`down_proj(act(gate_proj(x)) * up_proj(x))`); typed Any:
+    its `gate_proj` etc. are modules, which nn.Module's `__getattr__` types as `Tensor | Module`."""
     mlps = []
     for i, layer in enumerate(decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
@@ -199,7 +201,7 @@ def gated_mlps(model: nn.Module) -> list[nn.Module]:
     return mlps
 
 
-def plain_linear(module: nn.Module) -> nn.Module:
+def plain_linear(module: nn.Module) -> nn.Linear:
     """The plain linear layer behind a possibly peft-wrapped one."""
     return getattr(module, "base_layer", module)
 
