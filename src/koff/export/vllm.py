@@ -72,6 +72,8 @@ def deci_config(pb: PrunedBackbone, widths: list[int]) -> dict:
         path = Path(d) / "configuration_decilm.py"
         path.write_text(remote_source("configuration_decilm.py"))
         spec = importlib.util.spec_from_file_location("_koff_configuration_decilm", path)
+        if spec is None or spec.loader is None:  # only for a path Python cannot import: never a .py file
+            raise RuntimeError(f"cannot import {path}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         try:
@@ -127,7 +129,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 def serve_command(out: Path, memories: list[str], max_rank: int | None) -> str:
     """The `vllm serve` line for this export (untested here: vLLM needs a GPU)."""
     cmd = f"vllm serve {out} --trust-remote-code"
-    if memories:
+    if memories and max_rank is not None:
         rank = next((r for r in VLLM_LORA_RANKS if r >= max_rank), max_rank)
         mods = " ".join(f"{n}={Path(out) / 'memories' / n}" for n in memories)
         cmd += f" --enable-lora --max-lora-rank {rank} --max-loras {len(memories)} --lora-modules {mods}"
