@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -172,13 +173,17 @@ class NeuronGates(nn.Module):
     def resample(self, generator: torch.Generator | None = None) -> None:
         """Draw a fresh z for every gate (training); switches to "sample" mode."""
         self.mode = "sample"
-        self._u = [uniform_noise(la, generator) for la in self.log_alpha]
-        self._z = [hard_concrete(la, u) for la, u in zip(self.log_alpha, self._u)]
+        noise = [uniform_noise(la, generator) for la in self.log_alpha]
+        self._u = list(noise)
+        self._z = [hard_concrete(la, u) for la, u in zip(self.log_alpha, noise)]
 
     def refresh(self) -> None:
         """The same z as the last `resample`, recomputed from its noise with a fresh autograd
         graph: each micro-batch of an accumulated step backpropagates through its own copy."""
-        self._z = [hard_concrete(la, u) for la, u in zip(self.log_alpha, self._u)]
+        noise = [u for u in self._u if u is not None]
+        if len(noise) != len(self._u):
+            raise RuntimeError("NeuronGates.refresh() needs the noise of a resample() first")
+        self._z = [hard_concrete(la, u) for la, u in zip(self.log_alpha, noise)]
 
     def set_mask(self, keep: Sequence[torch.Tensor]) -> None:
         """Use a fixed keep-mask (True = keep); switches to "mask" mode."""
@@ -197,7 +202,8 @@ class NeuronGates(nn.Module):
         """Expected fraction of prunable parameters removed (differentiable)."""
         kept = torch.zeros((), dtype=torch.float64, device=self.log_alpha[0].device)
         total = 0.0
-        for la, n in zip(self.log_alpha, self.params_per_neuron.tolist()):
+        per_neuron = cast(torch.Tensor, self.params_per_neuron)  # a buffer: nn.Module's __getattr__ types it Tensor | Module
+        for la, n in zip(self.log_alpha, per_neuron.tolist()):
             p = keep_probability((la + shift).clamp(*self.log_alpha_range)) if shift else keep_probability(la)
             kept = kept + p.sum().double() * n
             total += la.numel() * n
@@ -231,7 +237,7 @@ def sparsity_report(model: nn.Module, keep: Sequence[torch.Tensor] | None, targe
 
     counts = parameter_counts(model)
     per_neuron = ffn_params_per_neuron(model)
-    removed_neurons = [0 if keep is None else int((~k.bool()).sum()) for k in (keep or [None] * len(per_neuron))]
+    removed_neurons = [int((~k.bool()).sum()) for k in keep] if keep else [0] * len(per_neuron)
     removed = sum(r * n for r, n in zip(removed_neurons, per_neuron))
     non_emb = counts["total"] - counts["embeddings"]
     return {
