@@ -294,6 +294,7 @@ def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, t
     where = out / EXPORT_MANIFEST
     m = _export_manifest(out)
     mine = _export_backbone(out)
+    assert mine.keep is not None  # an export's backbone always records its kept neurons (_export_backbone)
     base = require(m, "base_model", dict, str(where))
     _check_same_backbone(mine.fingerprint, mine.keep, mine.dense_widths, backbone, where)
     entry = require(require(m, "memories", dict, str(where)), folder.name, dict, f"{where} memories")
