@@ -17,7 +17,7 @@ deleted with it.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ class BackboneLora(LoraPart):
     def prepare(self, call: Call) -> None:
         if not call.use_gates:
             return  # the dense base model: no backbone repair
-        ad = self.adapters[NAME]
+        ad: Any = self.adapters[NAME]  # its lora_A / lora_B are ParameterLists, not what __getattr__ types
         call.state[self.kind] = {p: (ad.lora_A[i], ad.lora_B[i], ad.scaling) for i, p in enumerate(ad.paths)}
 
     def state(self) -> LoraState:
@@ -71,6 +71,6 @@ def fold_into(base: nn.Module, state: LoraState) -> None:
     computed in float32, then cast to the weight's dtype)."""
     scaling = state.scaling
     for path, (a, b) in state.modules().items():
-        linear = base.get_submodule(path)
+        linear: Any = base.get_submodule(path)
         w = linear.weight
         w.copy_((w.float() + scaling * (b.float() @ a.float()).to(w.device)).to(w.dtype))
