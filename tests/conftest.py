@@ -199,6 +199,19 @@ RUN_FILES = ("backbone/gates.safetensors", "backbone/mask.safetensors", "memorie
              "memories/en/kv.safetensors", "memories/fr/kv.safetensors")
 
 
+def uninterrupted_cell(grid_path: Path, cell: str) -> dict:
+    """Run one cell of the `grid` fixture's grid alone, into results and work folders of its own,
+    and return its record: what an interrupted run of the same cell must reproduce."""
+    from koff.cli import main
+
+    root = grid_path.parent
+    alone = root / "alone.yaml"
+    alone.write_text(yaml.safe_dump({**yaml.safe_load(grid_path.read_text()), "results": str(root / "alone"),
+                                     "work": str(root / "alone-work")}))
+    assert main(["compare", str(alone), "--cell", cell]) == 0
+    return json.loads((root / "alone" / "cells" / f"{cell}.json").read_text())
+
+
 def _metrics(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in path.read_text().splitlines()]
 

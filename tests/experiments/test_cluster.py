@@ -7,6 +7,7 @@ import stat
 
 import pytest
 import yaml
+from conftest import uninterrupted_cell
 
 from koff.cli import main
 from koff.core.errors import ConfigError
@@ -52,12 +53,9 @@ def test_commands_print_one_line_per_missing_cell_and_each_runs_exactly_that_cel
     assert "no cell has the id 'koff__seed9'" in capsys.readouterr().err
 
 
-def test_a_preempted_local_job_is_requeued_and_its_cell_equals_an_uninterrupted_run(grid, tmp_path, monkeypatch, capsys):
+def test_a_preempted_local_job_is_requeued_and_its_cell_equals_an_uninterrupted_run(grid, monkeypatch, capsys):
     path, tmp = grid
-    spec = yaml.safe_load(path.read_text())
-    alone = tmp_path / "alone.yaml"  # the same cell, run here without interruption
-    alone.write_text(yaml.safe_dump({**spec, "results": str(tmp / "alone"), "work": str(tmp / "alone-work")}))
-    assert main(["compare", str(alone), "--cell", "koff__seed0"]) == 0
+    reference = uninterrupted_cell(path, "koff__seed0")
 
     monkeypatch.setenv("KOFF_FAULT", "train.step.1:usr2")  # submitit's preemption notice, after step 1 of 3
     assert main(["compare", str(path), "--executor", "local", "--cell", "koff__seed0", "dense__seed0",
@@ -68,7 +66,6 @@ def test_a_preempted_local_job_is_requeued_and_its_cell_equals_an_uninterrupted_
     assert sorted(cells) == ["dense__seed0", "koff__seed0"]
     logs = "".join(p.read_text(errors="replace") for p in (tmp / "results" / "jobs").rglob("*_log.*"))
     assert "SIGUSR2 received" in logs and "Requeued" in logs  # stopped by koff, then requeued by submitit
-    reference = json.loads((tmp / "alone" / "cells" / "koff__seed0.json").read_text())
     assert _ppl(cells["koff__seed0"]) == _ppl(reference)
     assert cells["koff__seed0"]["curves"] == reference["curves"]
     assert not list((tmp / "results" / "cells").glob("*.lock"))

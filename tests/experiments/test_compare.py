@@ -2,7 +2,7 @@ import json
 
 import pytest
 import yaml
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, uninterrupted_cell
 
 from koff.cli import main
 from koff.core.errors import ConfigError
@@ -127,12 +127,9 @@ def test_a_cell_with_a_default_memory_scores_it_and_gives_it_the_tasks(grid):
     assert cell["tasks"]["arc_challenge"] == score_task(km, tok, "arc_challenge", memory="general", max_items=4)
 
 
-def test_a_worker_stopped_by_sigterm_saves_its_cell_and_the_next_run_resumes_it_exactly(grid, tmp_path, monkeypatch):
+def test_a_worker_stopped_by_sigterm_saves_its_cell_and_the_next_run_resumes_it_exactly(grid, monkeypatch):
     path, tmp = grid
-    spec = yaml.safe_load(path.read_text())
-    alone = tmp_path / "alone.yaml"
-    alone.write_text(yaml.safe_dump({**spec, "results": str(tmp / "alone"), "work": str(tmp / "alone-work")}))
-    assert main(["compare", str(alone), "--cell", "koff__seed0"]) == 0
+    want = uninterrupted_cell(path, "koff__seed0")
     monkeypatch.setenv("KOFF_FAULT", "train.step.0:term")  # a scheduler's SIGTERM during the first step
     assert main(["compare", str(path), "--cell", "koff__seed0", "koff__seed1"]) == 75
     assert not (tmp / "results" / "cells" / "koff__seed0.json").exists()
@@ -140,5 +137,4 @@ def test_a_worker_stopped_by_sigterm_saves_its_cell_and_the_next_run_resumes_it_
     monkeypatch.delenv("KOFF_FAULT")
     assert main(["compare", str(path), "--cell", "koff__seed0"]) == 0
     got = json.loads((tmp / "results" / "cells" / "koff__seed0.json").read_text())
-    want = json.loads((tmp / "alone" / "cells" / "koff__seed0.json").read_text())
     assert got["ppl"] == want["ppl"] and got["curves"] == want["curves"]

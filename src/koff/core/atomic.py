@@ -75,13 +75,16 @@ def _owner_alive(leftover: Path) -> bool:
         pid = int(leftover.name.rsplit("-", 2)[-2])
     except (ValueError, IndexError):
         return False
-    if pid == os.getpid():
-        return True
+    return pid == os.getpid() or pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this PID runs on this machine (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # someone else's live process
         return True
     return True
 
@@ -494,7 +497,7 @@ def remove_tree(path: Path) -> None:
     _remove(Path(path))
 
 
-__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "check_folder", "check_not_locked", "check_output",
+__all__ = ["pid_alive", "atomic_output", "atomic_write_bytes", "atomic_write_text", "check_folder", "check_not_locked", "check_output",
            "fsync_path", "fsync_tree",
            "clean_leftovers", "kind_of", "updated_folder",
            "leftovers", "lock", "make_temp_dir", "notice", "register_kind", "remove_tree", "swap_in", "temp_name",

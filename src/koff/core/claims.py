@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from koff.core.atomic import pid_alive
+
 HEARTBEAT_S = 30.0
 """How often a held claim's file is touched."""
 
@@ -64,17 +66,7 @@ class Holder:
 
     def alive(self) -> bool:
         """On this host: whether the PID runs. On another host: unknown, so True (the heartbeat decides)."""
-        if self.host != socket.gethostname():
-            return True
-        if self.pid <= 0:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # someone else's live process
-            return True
-        return True
+        return self.host != socket.gethostname() or (self.pid > 0 and pid_alive(self.pid))
 
 
 def _age(path: Path) -> float | None:
@@ -127,14 +119,12 @@ class _Heartbeat(threading.Thread):
         super().__init__(daemon=True, name=f"koff-claim-heartbeat {path.name}")
         self.path, self.token, self.every = path, token, every
         self.stop = threading.Event()
-        self.lost = False
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
             holder = Holder.read(self.path)
             if holder is None or holder.token != self.token:
-                self.lost = True  # taken over (we looked dead): stop touching someone else's claim
-                return
+                return  # taken over (we looked dead): stop touching someone else's claim
             with contextlib.suppress(OSError):
                 os.utime(self.path)
 

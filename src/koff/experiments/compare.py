@@ -10,6 +10,7 @@ atomically as they finish. `koff report DIR` turns the cells into tables and plo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from koff.config.recipe import config_from_dict, load_config, read_yaml, same_config
+from koff.config.recipe import config_from_dict, load_config, read_yaml
 from koff.core.atomic import atomic_write_text, remove_tree
 from koff.core.claims import claim
 from koff.core.errors import ConfigError
@@ -304,18 +305,20 @@ def finished_run(run_dir: Path, cfg) -> bool:
     as parsed (defaults filled in), so a run written before a config field was added still counts
     when the new field has its default. How often it was checkpointed does not matter: resuming
     from a checkpoint is exact."""
-    import dataclasses
-
-
     config = run_dir / "config.yaml"
-    if not ((run_dir / "koff.json").is_file() and config.is_file()):
-        return False
+    return (run_dir / "koff.json").is_file() and config.is_file() and _stored_cadence(config, cfg) is not None
+
+
+def _stored_cadence(path: Path, cfg) -> int | None:
+    """The `train.checkpoint_every` of the config koff wrote at `path` when that config is `cfg`
+    but for it (compared as parsed, defaults filled in); None when it differs or cannot be read."""
     try:
-        done = load_config(config, stored=True)
+        stored = load_config(path, stored=True)
     except ConfigError:
-        return False
-    same = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=done.train.checkpoint_every))
-    return done.to_dict() == same.to_dict()
+        return None
+    every = stored.train.checkpoint_every
+    same = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=every))
+    return every if stored.to_dict() == same.to_dict() else None
 
 
 def run_cell(cell: Cell, spec: dict, progress: bool = True, runtime=None, checkpoint_every: int = 0) -> Path:
@@ -372,21 +375,13 @@ def _cadence(partial: Path, cfg, checkpoint_every: int) -> tuple[int, bool]:
     same configuration resumes at the cadence it started with (the result does not depend on it);
     any other partial run is removed. Without a cadence a cell still trains resumably and saves
     only when a stop signal comes (a scheduler's preemption notice)."""
-    import dataclasses
-
-    every = checkpoint_every or cfg.train.steps
     marker = partial / ".koff-partial.yaml"
-    if marker.is_file():
-        try:
-            started = load_config(marker, stored=True).train.checkpoint_every
-        except ConfigError:
-            started = None
-        if started and same_config(marker, dataclasses.replace(cfg, train=dataclasses.replace(
-                cfg.train, checkpoint_every=started))):
-            return started, True
+    started = _stored_cadence(marker, cfg) if marker.is_file() else None
+    if started:
+        return started, True
     if partial.exists():
         remove_tree(partial)  # an interrupted cell of another configuration: start it over
-    return every, False
+    return checkpoint_every or cfg.train.steps, False
 
 
 def missing_cells(spec: dict, only: list[str] | None = None, ids: list[str] | None = None,
