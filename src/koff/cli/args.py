@@ -131,7 +131,7 @@ def add_eval_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> 
     p.add_argument("--eval-batch-size", type=positive_int, default=8)
 
 
-def eval_settings(args):
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
     """The EvalSettings the evaluation flags give."""
 
     tests: dict[str, list[str]] = {}

@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import math
 import textwrap
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from koff.core.errors import ArtifactError, ConfigError
 
@@ -67,6 +67,16 @@ def integer(obj: dict, key: str, where: str, minimum: int | None = None) -> int:
     if minimum is not None and v < minimum:
         raise ArtifactError(f"{where}: field '{key}' must be >= {minimum}, got {v}")
     return v
+
+
+@overload
+def number(obj: dict, key: str, where: str, lo: float | None = None, hi: float | None = None,
+           required: Literal[True] = True) -> float: ...
+
+
+@overload
+def number(obj: dict, key: str, where: str, lo: float | None = None, hi: float | None = None, *,
+           required: bool) -> float | None: ...
 
 
 def number(obj: dict, key: str, where: str, lo: float | None = None, hi: float | None = None,

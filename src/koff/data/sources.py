@@ -51,6 +51,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -241,8 +242,8 @@ class StreamingBlockStream:
         self.rng = random.Random(seed)
         self.buffer: list[str] = []
         self.pending: list[int] = []
-        self._ds = None
-        self._it = None
+        self._ds: Any = None  # a datasets.IterableDataset, once opened
+        self._it: Iterator[dict] | None = None
         self._rows_read = 0
 
     # position ---------------------------------------------------------------------------------
@@ -259,19 +260,19 @@ class StreamingBlockStream:
         self.rng.setstate((r[0], tuple(r[1]), r[2]))
         self._open(state["source"])
 
-    def _open(self, source_state: dict | None = None) -> None:
-        self._ds = self.source.load(streaming=True)
+    def _open(self, source_state: dict | None = None) -> Iterator[dict]:
+        ds: Any = self.source.load(streaming=True)
         if source_state is not None:
-            self._ds.load_state_dict(source_state)
-        self._it = iter(self._ds)
+            ds.load_state_dict(source_state)
+        self._ds, self._it = ds, iter(ds)
+        return self._it
 
     # reading ------------------------------------------------------------------------------------
     def _row(self) -> str | None:
         """The next row's text (None: the source is exhausted for this epoch)."""
-        if self._it is None:
-            self._open()
+        it = self._it if self._it is not None else self._open()
         try:
-            row = next(self._it)
+            row = next(it)
         except StopIteration:
             return None
         text = row.get(self.source.text_field)

@@ -50,13 +50,14 @@ def _fmt(ms: tuple[float, float, int] | None, digits: int = 1, pct: bool = False
     return f"{m * scale:.{digits}f}"
 
 
-def cell_ppl(cell: dict, domain: str, which: str = "best") -> float | None:
+def cell_ppl(cell: dict, domain: str, which: str = "best") -> float:
     """A cell's perplexity on a domain: with its own memory when it has one ("best"), the backbone
     alone ("backbone"), or what a request naming no domain gets ("no-domain": the run's default
     memory when it has one, `train.reg_memory: general`, else the backbone alone)."""
     row = cell["ppl"].get(domain)
     if row is None:
-        return None
+        raise ArtifactError(f"cell {cell.get('id')!r}: no perplexity on domain {domain!r} "
+                            f"(it has {sorted(cell['ppl'])}); cells of one table must share their domains")
     if which == "best" and "own" in row:
         return row["own"]["test"]["ppl"]
     if which == "no-domain" and "default" in row:
@@ -229,7 +230,7 @@ def _caption(cells: list[dict], group: str = "main") -> str:
 
 def _leaves(setting: dict, path: tuple = ()) -> dict[tuple, object]:
     """A setting's overrides as {key path: value}, e.g. {("train", "controller"): "lagrangian"}."""
-    out = {}
+    out: dict[tuple, object] = {}
     for k in sorted(setting):
         v = setting[k]
         out.update(_leaves(v, path + (k,)) if isinstance(v, dict) else {path + (k,): v})

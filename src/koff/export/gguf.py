@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,10 +147,11 @@ def write_gguf_model(model: torch.nn.Module, tokenizer, path: Path, outtype: str
 
     if outtype not in OUTTYPES:
         raise ArtifactError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    config = model.config
+    lm: Any = model  # a transformers model: its config and layers, not nn.Module's __getattr__ types
+    config = lm.config
     check_architecture(config)
     state = state_for_saving(model)
-    own = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    own = [layer.mlp.gate_proj.out_features for layer in lm.model.layers]
     widths = widths if widths is not None else stored_widths(own, outtype)
     state = pad_ffn_state(state, widths)
     vocab_rows = state["model.embed_tokens.weight"].shape[0]

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ def bundled_gguf_path() -> Path:
         ) from None
     for f in dist.files or []:
         if str(f).endswith(".gguf"):
-            path = Path(dist.locate_file(f))
+            path = Path(str(dist.locate_file(f)))
             if path.is_file():
                 return path
     raise ModelError(f"package '{_GGUF_PACKAGE}' is installed but holds no .gguf file")
@@ -72,7 +72,7 @@ def default_model_path() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{_CONVERTED_NAME}.tmp-", dir=out.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to save a GGUF-loaded model while its quantizer is attached; the
         # weights are already dequantized to float32, so the quantizer is only a label here.
         model.hf_quantizer = None
@@ -126,7 +126,7 @@ def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     hf_logging.disable_progress_bar()  # koff shows its own progress
     source = resolve_model(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         raise ModelError(f"cannot load model '{source}': {e}") from e
@@ -178,7 +178,9 @@ class Geometry:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers of a causal LM (through a peft wrapper, if any)."""
-    m = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    # Any: transformers/peft methods reached through nn.Module.__getattr__, typed Tensor | Module
+    lm: Any = model
+    m = lm.get_base_model() if callable(getattr(lm, "get_base_model", None)) else lm
     decoder = m.get_decoder() if hasattr(m, "get_decoder") else getattr(m, "model", None)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -203,13 +205,14 @@ def gated_mlps(model: nn.Module) -> list[Any]:
 
 def plain_linear(module: nn.Module) -> nn.Linear:
     """The plain linear layer behind a possibly peft-wrapped one."""
-    return getattr(module, "base_layer", module)
+    return cast(nn.Linear, getattr(module, "base_layer", module))
 
 
 def inspect_model(model: nn.Module) -> Geometry:
     """Read the geometry koff needs, failing with a clear message on unsupported models."""
     mlps = gated_mlps(model)
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config: Any = model.config
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return Geometry(
@@ -218,7 +221,7 @@ def inspect_model(model: nn.Module) -> Geometry:
         intermediate_sizes=tuple(plain_linear(m.down_proj).in_features for m in mlps),
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        architecture=(model.config.architectures or [type(model).__name__])[0],
+        architecture=(config.architectures or [type(model).__name__])[0],
         model_type=cfg.model_type,
     )
 
@@ -246,7 +249,8 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
             continue
         seen.add(id(p))
         total += p.numel()
-    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    lm: Any = model
+    inp, out = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
     emb = inp.numel() + (0 if out is inp else out.numel())
     ffn = 0
     for mlp in gated_mlps(model):

@@ -46,6 +46,8 @@ class Controller(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def to_device(self, device: torch.device | str) -> Controller: ...
+
 
 CONTROLLERS: dict[str, Callable[..., Controller]] = {}
 """name -> constructor taking the TrainConfig."""
@@ -92,19 +94,19 @@ def target_at(step: int, total_steps: int, target: float, warmup_frac: float, sc
 
 
 @register_controller("lagrangian")
-class Lagrangian(nn.Module):
+class Lagrangian:
     """lambda1 * (s - t) + lambda2 * (s - t)^2 (+ rho * (s - t)^2 when augmented).
 
     The multipliers are ordinary parameters with their own Adam that *maximises*
     (`maximize=True`), which is how the saddle point is sought; it steps after the main optimizer.
+    Not an nn.Module: its `state_dict` holds the optimizer too, which nn.Module's must not.
     """
 
     def __init__(self, train_cfg=None):
-        super().__init__()
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
         self.rho = self.quadratic(train_cfg)
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=train_cfg.lr_lambda if train_cfg is not None else 1.0,
+        self.optimizer = torch.optim.Adam([self.lambda1, self.lambda2], lr=train_cfg.lr_lambda if train_cfg is not None else 1.0,
                                           maximize=True)
 
     @staticmethod
@@ -137,8 +139,10 @@ class Lagrangian(nn.Module):
             self.lambda2.copy_(state["lambda2"].reshape(()))
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def to_device(self, device) -> Lagrangian:
-        self.to(device)
+    def to_device(self, device: torch.device | str) -> Lagrangian:
+        with torch.no_grad():  # in place, as nn.Module.to does: the optimizer keeps its parameters
+            for p in (self.lambda1, self.lambda2):
+                p.data = p.data.to(device)
         return self
 
 
@@ -182,7 +186,7 @@ class Projection:
     def load_state_dict(self, state: dict) -> None:
         self.last_shift, self.total_shift = float(state["last_shift"]), float(state["total_shift"])
 
-    def to_device(self, device) -> Projection:
+    def to_device(self, device: torch.device | str) -> Projection:
         return self
 
 

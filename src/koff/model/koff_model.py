@@ -10,8 +10,8 @@ or copied, and concurrent calls cannot race.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from koff.core.errors import ConfigError
 from koff.core.names import check_memory_name
 from koff.model.base_model import decoder_layers, inspect_model
 from koff.model.gates import NeuronGates
-from koff.model.memory import PART_KINDS, Call, Prefix, capture_kv, current_call, routed
+from koff.model.memory import PART_KINDS, Call, MemoryPart, Prefix, capture_kv, current_call, routed
 
 MemorySpec = str | None | Sequence[str | None]
 
@@ -39,7 +39,8 @@ class KoffModel(nn.Module):
         self.gates = gates
         if gates is not None:
             gates.attach(self.model)
-        self.parts = nn.ModuleDict({kind: cls(base) for kind, cls in PART_KINDS.items()})
+        # a ModuleDict (so the parts' tensors are the module's), typed by what it holds
+        self.parts = cast("Mapping[str, MemoryPart]", nn.ModuleDict({kind: cls(base) for kind, cls in PART_KINDS.items()}))
         self.backbone_lora = None
         """The backbone's own LoRA adapter, shared by every memory (`koff.backbone_lora`), or None."""
 

@@ -30,14 +30,14 @@ from typing import Any
 import torch
 
 from koff.core.errors import ArtifactError, DataError, ServeError
-from koff.core.fields import require
 from koff.core.files import load_tensors, read_json, sha256_file
 from koff.core.names import check_memory_name
 from koff.export import load_backbone
 from koff.model.koff_model import KoffModel
 from koff.model.memory import STATE_CLASSES
 from koff.serve.routing import token_counts
-from koff.storage.run_dir import build_model, geometry_from_manifest, load_memory, load_run
+from koff.storage.manifests import BackboneManifest, MemoryManifest, RunManifest
+from koff.storage.run_dir import build_model, load_memory, load_run
 
 RUN_MANIFEST = "koff.json"
 EXPORT_MANIFEST = "koff_backbone.json"
@@ -140,28 +140,26 @@ def _load_run(path: Path, runtime) -> Served:
 
     run = load_run(path)
     km, tok = build_model(run, runtime=runtime, memories=[])
-    base = run.manifest["base_model"]
-    backbone = Backbone("run", path, base["fingerprint"], None if run.keep is None else tuple(run.keep),
-                        tuple(base["intermediate_sizes"]), sliced=False)
+    base = run.meta.base_model
+    backbone = Backbone("run", path, base.fingerprint, None if run.keep is None else tuple(run.keep),
+                        tuple(base.intermediate_sizes), sliced=False)
     memories = [StoredMemory(name, dict(rec.parts), str(path / "memories" / name), _memory_info(rec.parts),
-                             *_training_text(run.manifest, rec.info, name))
+                             *_training_text(run.meta, rec.meta, name))
                 for name, rec in run.memories.items()]
     return Served(km, tok, backbone, memories, _context(km))
 
 
-def _training_text(manifest: dict, info: dict, name: str) -> tuple[tuple[str, ...], str]:
+def _training_text(run: RunManifest, memory: MemoryManifest | None, name: str) -> tuple[tuple[str, ...], str]:
     """The training files of memory `name`: from its memory.json (a memory added later) or its
     run's koff.json (a memory of the decomposition; the run's default memory trained on the general
     data)."""
-    general = (manifest.get("data") or {}).get("general")
-    if name == manifest.get("default_memory") and isinstance(general, list) and not isinstance(info.get("data"), dict):
-        return tuple(str(f) for f in general if isinstance(f, str)), "text"
-    data = info.get("data") if isinstance(info.get("data"), dict) else (manifest.get("data") or {}).get(name)
-    if not isinstance(data, dict):
+    own = memory.data if memory is not None else None
+    if own is None and name == run.default_memory:
+        return run.general, "text"
+    record = own if own is not None else run.data.get(name)
+    if record is None:
         return (), "text"
-    files = data.get("train") or []
-    field = data.get("text_field")
-    return tuple(str(f) for f in files if isinstance(f, str)), field if isinstance(field, str) else "text"
+    return record.train, record.text_field
 
 
 def fit_router(stored: StoredMemory, tokenizer, vocab: int) -> None:
@@ -190,23 +188,19 @@ def _load_export(path: Path, runtime) -> Served:
     return Served(km, tok, backbone, memories, _context(km))
 
 
-def _export_manifest(out: Path) -> dict:
+def _export_manifest(out: Path) -> BackboneManifest:
+    """The export's typed manifest; only the files a caller reads are hashed (by that caller), not
+    the backbone's weights on every memory load."""
     where = out / EXPORT_MANIFEST
-    m = read_json(where)
-    if m.get("format") != "koff.backbone":
-        raise ArtifactError(f"{where}: field 'format' must be 'koff.backbone', got {m.get('format')!r}")
-    return m
+    return BackboneManifest.from_dict(read_json(where), str(where))
 
 
-def _export_backbone(out: Path) -> Backbone:
+def _export_backbone(out: Path, m: BackboneManifest | None = None) -> Backbone:
     where = out / EXPORT_MANIFEST
-    m = _export_manifest(out)
-    base = require(m, "base_model", dict, str(where))
-    fp = require(base, "fingerprint", str, f"{where} base_model")
-    dense = require(base, "intermediate_sizes", list, f"{where} base_model")
-    files = require(m, "files", dict, str(where))
+    m = m if m is not None else _export_manifest(out)
+    fp, dense = m.base_model.fingerprint, m.base_model.intermediate_sizes
     kept_file = out / "kept_neurons.safetensors"
-    _check_hash(kept_file, files.get("kept_neurons.safetensors"), where)
+    _check_hash(kept_file, m.files.get("kept_neurons.safetensors"), where)
     kept = load_tensors(kept_file)
     keep = []
     for i, w in enumerate(dense):
@@ -266,16 +260,13 @@ def _check_same_backbone(fp: str, keep, widths, backbone: Backbone, where: Path)
 
 def _run_memory(folder: Path, run_dir: Path, backbone: Backbone) -> tuple[dict, tuple]:
     where = run_dir / RUN_MANIFEST
-    m = read_json(where)
-    if m.get("format") != "koff.run":
-        raise ArtifactError(f"{where}: field 'format' must be 'koff.run', got {m.get('format')!r}")
-    base = require(m, "base_model", dict, str(where))
-    fp = require(base, "fingerprint", str, f"{where} base_model")
-    geometry = geometry_from_manifest(base, f"{where} base_model")
+    m = RunManifest.from_dict(read_json(where), str(where))
+    fp = m.base_model.fingerprint
+    geometry = m.base_model.geometry()
     keep = None
-    if require(m, "pruned", bool, str(where)):
+    if m.pruned:
         mask_file = run_dir / "backbone" / "mask.safetensors"
-        _check_hash(mask_file, require(m, "files", dict, str(where)).get("backbone/mask.safetensors"), where)
+        _check_hash(mask_file, m.files.get("backbone/mask.safetensors"), where)
         tensors = load_tensors(mask_file)
         keep = []
         for i, w in enumerate(geometry.intermediate_sizes):
@@ -287,28 +278,27 @@ def _run_memory(folder: Path, run_dir: Path, backbone: Backbone) -> tuple[dict, 
     rec = load_memory(folder, geometry)
     states = {kind: state.fit_ffn(backbone.keep, to_sliced=True) if backbone.sliced else state
               for kind, state in rec.parts.items()}
-    return states, _training_text(m, rec.info, folder.name)
+    return states, _training_text(m, rec.meta, folder.name)
 
 
 def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, tuple]:
     where = out / EXPORT_MANIFEST
     m = _export_manifest(out)
-    mine = _export_backbone(out)
+    mine = _export_backbone(out, m)
     assert mine.keep is not None  # an export's backbone always records its kept neurons (_export_backbone)
-    base = require(m, "base_model", dict, str(where))
     _check_same_backbone(mine.fingerprint, mine.keep, mine.dense_widths, backbone, where)
-    entry = require(require(m, "memories", dict, str(where)), folder.name, dict, f"{where} memories")
-    files = require(entry, "files", dict, f"{where} memories.{folder.name}")
-    if not files:
-        raise ArtifactError(f"{where}: memory {folder.name!r} lists no files")
+    entry = m.memories.get(folder.name)
+    if entry is None:
+        raise ArtifactError(f"{where} memories: missing field {folder.name!r}")
+    files = entry.files  # never empty: ExportedMemory refuses an entry that lists no files
     for rel, digest in files.items():
         _check_hash(folder / rel, digest, where)
-    geometry = geometry_from_manifest(base, f"{where} base_model")
+    geometry = m.base_model.geometry()
     here = f"{where} memories.{folder.name}"
     states: dict = {}
     for kind, state_cls in STATE_CLASSES.items():  # an export carries a part when it lists all its files
         if all(f in files for f in state_cls.FILES):
-            state = state_cls.load(folder, state_cls.section_from_files(folder, entry, here), here, geometry)
+            state = state_cls.load(folder, state_cls.section_from_files(folder, entry.to_dict(), here), here, geometry)
             states[kind] = state if backbone.sliced else state.fit_ffn(mine.keep, to_sliced=False)
     if not states:
         raise ArtifactError(f"{where}: memory {folder.name!r} lists the files of no memory part "
@@ -316,15 +306,15 @@ def _export_memory(folder: Path, out: Path, backbone: Backbone) -> tuple[dict, t
     return states, _source_run_text(m, folder.name)
 
 
-def _source_run_text(export_manifest: dict, name: str) -> tuple:
+def _source_run_text(export_manifest: BackboneManifest, name: str) -> tuple:
     """An export's memory's training files, from the run it was exported from (if still there)."""
-    source = export_manifest.get("source_run")
-    if not isinstance(source, str) or not (Path(source) / RUN_MANIFEST).is_file():
+    source = export_manifest.source_run
+    if source is None or not (Path(source) / RUN_MANIFEST).is_file():
         return (), "text"
+    run_file, memory_file = Path(source) / RUN_MANIFEST, Path(source) / "memories" / name / "memory.json"
     try:
-        manifest = read_json(Path(source) / RUN_MANIFEST)
-        info = read_json(Path(source) / "memories" / name / "memory.json") \
-            if (Path(source) / "memories" / name / "memory.json").is_file() else {}
-    except ArtifactError:
+        run = RunManifest.from_dict(read_json(run_file), str(run_file))
+        memory = MemoryManifest.from_dict(read_json(memory_file), str(memory_file)) if memory_file.is_file() else None
+    except ArtifactError:  # the run changed since the export: the router does without its text
         return (), "text"
-    return _training_text(manifest, info, name)
+    return _training_text(run, memory, name)

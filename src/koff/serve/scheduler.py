@@ -31,9 +31,10 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -161,7 +162,8 @@ class _Row:
 @dataclass
 class _Batch:
     rows: list[_Row]
-    cache: object
+    cache: Any
+    """The rows' transformers cache (a DynamicCache; Any: its layers' API is transformers')."""
     mask: torch.Tensor
     """[B, C] bool: real slots of each row's cache (prefix, prompt, generated)."""
     pos: torch.Tensor
@@ -277,7 +279,7 @@ class Engine:
             self._wake.notify()
         return {"name": name, "status": "unloading" if pending else "unloaded", "requests": pending}
 
-    def start(self, memories: list[StoredMemory] = ()) -> Engine:
+    def start(self, memories: Sequence[StoredMemory] = ()) -> Engine:
         for stored in memories:
             self._install(stored)
         self._thread = threading.Thread(target=self._loop, name="koff-scheduler", daemon=True)
@@ -340,12 +342,13 @@ class Engine:
             except Exception:  # keeps serving; the memory stays installed but unnameable
                 log.exception("removing an unloaded memory failed")
             self._admit()
-            if self._batch is not None:
+            batch = self._batch
+            if batch is not None:
                 try:
-                    self._step()
+                    self._step(batch)
                 except Exception as e:  # a bug or out of memory: fail the rows it hit, keep serving
                     log.exception("decoding step failed")
-                    self._fail(self._batch.rows, f"internal error while decoding: {type(e).__name__}: {e}")
+                    self._fail(batch.rows, f"internal error while decoding: {type(e).__name__}: {e}")
                     self._batch = None
                     self._running = 0
         self._shutdown()
@@ -432,7 +435,8 @@ class Engine:
                                                  f"{type(e).__name__}: {e}", status=500))
                     self._release(name)
             return
-        self._finish_rows()
+        if self._batch is not None:
+            self._finish_rows(self._batch)
 
     def _resolve(self, jobs: list[Job], names: list) -> None:
         """Replace each AUTO in `names` by the router's choice (False: no memory left to choose)."""
@@ -501,8 +505,7 @@ class Engine:
         self._accept(batch, self._sample(logits, rows))
         return batch
 
-    def _step(self) -> None:
-        b = self._batch
+    def _step(self, b: _Batch) -> None:
         attention = torch.cat([b.mask, torch.ones(len(b.rows), 1, dtype=torch.bool, device=self.device)], dim=1)
         logits = self._forward(b.last[:, None], b.call, b.cache, attention, b.pos[:, None])
         b.mask, b.pos = attention, b.pos + 1
@@ -512,7 +515,7 @@ class Engine:
             self.metrics.observe("batch_rows", len(b.rows))
             self.metrics.inc("decode_steps_total")
         self._accept(b, self._sample(logits, b.rows))
-        self._finish_rows()
+        self._finish_rows(b)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         out = logits.argmax(-1).tolist()
@@ -545,8 +548,7 @@ class Engine:
                 row.finish = "length"
         batch.last = torch.tensor(tokens, device=self.device)
 
-    def _finish_rows(self) -> None:
-        b = self._batch
+    def _finish_rows(self, b: _Batch) -> None:
         done = [i for i, r in enumerate(b.rows) if r.finish or r.job.cancelled]
         if not done:
             return

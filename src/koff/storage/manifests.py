@@ -216,7 +216,7 @@ class TrainingRecord:
 
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
-        sections = {}
+        sections: dict[str, Any] = {}
         for key, section_cls in (("memory", MemoryConfig), ("train", TrainConfig)):
             raw = require(d, key, dict, where)
             if key == "train":  # written by a koff before the field existed: what it meant then
@@ -253,8 +253,8 @@ class Sparsity:
     def from_dict(cls, d: dict, where: str) -> Sparsity:
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: expected an object, got {type(d).__name__}")
-        vals = [number(d, k, where, 0.0, 1.0) for k in cls.KEYS]
-        return cls(*vals, rest=_extra(d, cls.KEYS))
+        ffn, global_, without_embeddings = (number(d, k, where, 0.0, 1.0) for k in cls.KEYS)
+        return cls(ffn, global_, without_embeddings, rest=_extra(d, cls.KEYS))
 
     def to_dict(self) -> dict:
         return {**self.rest, "ffn": self.ffn, "global": self.global_,
@@ -380,7 +380,7 @@ class RunManifest:
         return m
 
     def to_dict(self) -> dict:
-        data = {name: rec.to_dict() for name, rec in self.data.items()}
+        data: dict[str, Any] = {name: rec.to_dict() for name, rec in self.data.items()}
         if self.general or "general" not in data:
             data["general"] = list(self.general)
         d = {"format": RUN_FORMAT, "format_version": self.format_version, "koff_version": self.koff_version,

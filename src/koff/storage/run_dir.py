@@ -45,7 +45,7 @@ from koff.model.gates import NeuronGates
 from koff.model.koff_model import KoffModel
 from koff.model.memory import PART_KINDS, STATE_CLASSES
 from koff.model.memory.lora import LoraSection, LoraState
-from koff.storage.manifests import FORMAT_VERSION, RUN_FORMAT, BaseModelInfo, MemoryManifest, RunManifest
+from koff.storage.manifests import FORMAT_VERSION, RUN_FORMAT, MemoryManifest, RunManifest
 
 FORMAT = RUN_FORMAT
 
@@ -220,11 +220,6 @@ def load_memory(folder: Path, geometry: Geometry, against: str = "the base model
     for kind, section in meta.parts.items():
         rec.parts[kind] = STATE_CLASSES[kind].load(folder, section, where, geometry, against)
     return rec
-
-
-def geometry_from_manifest(base: dict, where: str) -> Geometry:
-
-    return BaseModelInfo.from_dict(base, where).geometry()
 
 
 def _layer_tensors(path: Path, dtype: torch.dtype, name: str, shapes: list[list[int]]) -> list[torch.Tensor]:

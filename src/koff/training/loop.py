@@ -29,9 +29,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from koff.core import faults
@@ -145,7 +146,8 @@ class Trainer:
             groups.append({"params": list(self.gates.parameters()), "lr": cfg.lr_gates, "name": "gates"})
         groups += self.km.param_groups(self.names, cfg)
         backbone = self.km.backbone_lora
-        self.backbone_params = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
+        self.backbone_params: list[nn.Parameter] = (
+            [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else [])
         if self.backbone_params:
             groups.append({"params": self.backbone_params, "lr": cfg.lr_lora, "name": "backbone_lora"})
         if not groups:
@@ -218,15 +220,16 @@ class Trainer:
         loop = dataclasses.replace(self.loop, rng=list(self.rng.getstate()),
                                    domain_rng=list(self.domain_rng.getstate()), positions=self._positions(),
                                    streams={n: s.state_dict() for n, s in self._streams() if hasattr(s, "state_dict")})
-        state = {
+        state: dict[str, Any] = {
             "trainable": {n: p for n, p in self.km.named_parameters() if p.requires_grad},
             "optimizer": self.optimizer.state_dict(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "noise": self.noise.get_state(),
             "loop": loop.state_dict(),
         }
-        if self.km.gates is not None and self.km.gates.mode == "mask":
-            state["mask"] = [m.to(torch.uint8) for m in self.km.gates.mask]
+        gates = self.km.gates
+        if gates is not None and gates.mode == "mask" and gates.mask is not None:
+            state["mask"] = [m.to(torch.uint8) for m in gates.mask]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -242,11 +245,14 @@ class Trainer:
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
         if state.get("mask") is not None:
+            if self.km.gates is None:
+                raise ArtifactError(f"{self.checkpoint}: the checkpoint holds a fixed mask but the model has no gates")
             self.km.gates.set_mask([t.bool() for t in state["mask"]])
         self.noise.set_state(state["noise"])
         self.loop = LoopState.from_state_dict(state["loop"])
-        r = self.loop.rng
-        self.rng.setstate((r[0], tuple(r[1]), r[2]))
+        if self.loop.rng is not None:
+            r = self.loop.rng
+            self.rng.setstate((r[0], tuple(r[1]), r[2]))
         if self.loop.domain_rng is not None:
             r = self.loop.domain_rng
             self.domain_rng.setstate((r[0], tuple(r[1]), r[2]))
@@ -269,6 +275,8 @@ class Trainer:
     def save(self) -> None:
         """Write a checkpoint (main process only; the others wait for it)."""
 
+        if self.checkpoint is None:
+            raise ValueError(f"{self.desc}: this trainer has no checkpoint path to save to")
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint, self.state_dict())
         barrier(self.runtime)
@@ -358,14 +366,14 @@ class Trainer:
         target = target_at(step, cfg.steps, self.target_sparsity, cfg.warmup_frac, cfg.target_schedule,
                            cfg.target_peak, cfg.regrow_frac)
         consolidating = gates is not None and step >= self.consolidate_from
-        if consolidating and not loop.fixed:
+        if gates is not None and consolidating and not loop.fixed:
             gates.set_mask(gates.final_mask(self.target_sparsity, scope=cfg.mask_scope))
             loop.fixed = True
             if not self.trains_memories:
                 return None
         batch, domain, memory, regularize = self.next_batch(step)
         learning_gates = gates is not None and not consolidating
-        if learning_gates:
+        if gates is not None and learning_gates:
             gates.resample(self.noise)
         trainable = learning_gates or (memory is not None and memory in self.names) or bool(self.backbone_params)
         loss = self._forward_backward(batch, memory, target if learning_gates else None, trainable,
@@ -375,7 +383,7 @@ class Trainer:
                 self._sync_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if learning_gates:
+        if gates is not None and self.controller is not None and learning_gates:
             self.controller.after_step(gates, target)
         if not math.isfinite(loss):
             raise ConfigError(f"training diverged at step {step} (loss {loss}): lower the learning rates "
@@ -391,7 +399,7 @@ class Trainer:
                  else "regrow" if target > self.target_sparsity else "main")
         record = {"step": step, "phase": phase, "kind": "general" if regularize else "domain", "domain": key,
                   "memory": memory, "loss": loss, "target": target if gates is not None else None,
-                  "expected_sparsity": (gates.expected_sparsity().item() if learning_gates
+                  "expected_sparsity": (gates.expected_sparsity().item() if gates is not None and learning_gates
                                         else (self.target_sparsity if consolidating else None)),
                   "global_batch": cfg.batch_size, "seconds": round(time.time() - self._t0, 3)}
         if self.controller is not None:
@@ -433,10 +441,10 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         accum = cfg.grad_accum
         shards = batch.view(accum, rt.world_size, self.micro_batch, batch.shape[-1])[:, rt.rank]
-        total_loss = None
+        losses: list[torch.Tensor] = []
         for j in range(accum):
             x = shards[j].to(rt.device)
-            if j and target is not None and trainable:
+            if j and target is not None and trainable and self.gates is not None:
                 self.gates.refresh()  # same z, fresh graph (the last backward freed the previous one)
             sync = contextlib.nullcontext()
             if rt.distributed and not self._reduce_grads and j < accum - 1:
@@ -457,13 +465,14 @@ class Trainer:
                     kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), dim=-1), target_logp,
                                                     log_target=True, reduction="none").sum(-1).mean()
                     total = (1 - cfg.distill) * loss + cfg.distill * kl
-                if target is not None:
+                if target is not None and self.controller is not None and self.gates is not None:
                     total = total + self.controller.penalty(self.gates.expected_sparsity(), target)
                 if accum > 1:
                     total = total / accum
                 if trainable:
                     total.backward()
-            total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+            losses.append(loss.detach())
+        total_loss = sum(losses[1:], losses[0])  # in step order, as the micro-batches ran
         if accum > 1:
             total_loss = total_loss / accum
         if rt.distributed:

@@ -5,6 +5,7 @@ creation and the run's manifest around the offloading loop, which lives in `trai
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def check_finite(km: KoffModel, names: list[str], what: str) -> None:
 
 def calibration_batches(streams: Streams, tokens_per_domain: int, seq_len: int) -> list[torch.Tensor]:
     """The first `tokens_per_domain` tokens (whole blocks) of each domain's packed train text."""
-    out = []
+    out: list[torch.Tensor] = []
     for s in streams.domains.values():
         n = max(1, tokens_per_domain // seq_len)
         blocks = s.head(n)
@@ -187,7 +188,7 @@ def _oneshot_gates(base, streams: Streams, kind: str, sparsity: float, cfg: Trai
                                   log_alpha_range=(-cfg.log_alpha_limit, cfg.log_alpha_limit))
     gates.set_mask(keep)
     gates.requires_grad_(False)
-    if kind == "flap":
+    if kind == "flap" and stats is not None:  # (FLAP is not "magnitude": its stats were collected)
         gates.set_bias(flap_compensation(base, stats, keep))
     return gates
 
@@ -245,7 +246,7 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
         torch.manual_seed(cfg.train.seed + 101)  # after the memories: their initialisation is unchanged
         km.set_backbone_lora(BackboneLora.fresh(base, LoraSpec(cfg.train.backbone_lora_rank, None,
                                                                tuple(cfg.memory.lora_targets))).to(runtime.device))
-    metrics_path = out / "metrics.jsonl" if writes else None
+    metrics_path = out / "metrics.jsonl" if out is not None and writes else None
     checkpoint = out / "checkpoint" if cfg.train.checkpoint_every and out is not None else None
     if learned or not cfg.memory.empty:
         summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
@@ -255,9 +256,9 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
         if metrics_path is not None:
             metrics_path.write_text("")
         summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
-    if not writes:
+    if out is None or not writes:
         return km
-    keep = gates.mask if prune else None
+    keep = gates.mask if gates is not None else None  # gates exist exactly when the run prunes
     geo = inspect_model(base)
     report = sparsity_report(base, keep, cfg.target_sparsity if prune else 0.0)
     manifest = {
@@ -279,8 +280,8 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     check_finite(km, km.memory_names, f"{out}")
     records = [memory_record(km, n, {"domain": n if n != GENERAL_MEMORY else None, "trained_steps": cfg.train.steps})
                for n in km.memory_names]
-    write_run(out, manifest, keep, list(gates.log_alpha) if prune else None, records, dump_config(cfg),
-              bias=gates.bias if prune else None,
+    write_run(out, manifest, keep, list(gates.log_alpha) if gates is not None else None, records, dump_config(cfg),
+              bias=gates.bias if gates is not None else None,
               backbone_lora=km.backbone_lora.state() if km.backbone_lora is not None else None)
     faults.point("run.written")
     if checkpoint is not None:  # kept until koff.json is written, so a crash before resumes from it
@@ -321,8 +322,6 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
     output = Path(cfg.output)
     if resume == "auto":
         if not cfg.train.checkpoint_every:  # the partial layout, with a checkpoint only when a stop signal comes
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=cfg.train.steps))
         if (output / "koff.json").is_file() and same_config(output / "config.yaml", cfg):
             if runtime.is_main:  # a requeued job whose run finished: nothing to do
@@ -433,10 +432,11 @@ def _known_tests(run, where: str) -> list[tuple[str, str, str]]:
 
 
 def _absolute(domain: Domain) -> Domain:
-    import dataclasses
+    def absolute(paths: list[Path]) -> list[Path]:
+        return [Path(os.path.abspath(p)) for p in paths]
 
-    return dataclasses.replace(domain, **{k: [Path(os.path.abspath(p)) for p in getattr(domain, k)]
-                                          for k in ("train", "test", "valid")})
+    return dataclasses.replace(domain, train=absolute(domain.train), test=absolute(domain.test),
+                               valid=absolute(domain.valid))
 
 
 # long: one transaction (lock, partial folders, train, swap in, clean up) whose crash safety is in its order
@@ -459,9 +459,6 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
     run's `train.checkpoint_every` leaves a checkpoint there, and `resume` (True or "auto")
     continues it exactly; without `resume` an interrupted add-domain's checkpoint is refused.
     """
-    import dataclasses
-
-
     run_dir = Path(run_dir)
     check_memory_name(domain.name, "--name")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):

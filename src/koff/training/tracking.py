@@ -120,22 +120,22 @@ class _TensorBoard(Backend):
         self.logdir = directory / "tensorboard" / name
         self.writer = tb.SummaryWriter(log_dir=str(self.logdir))
 
-    def scalars(self, values, step):
+    def scalars(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
 
-    def text(self, key, value, step):
+    def text(self, key: str, value: str, step: int) -> None:
         self.writer.add_text(key, value, step)
 
-    def config(self, config):
+    def config(self, config: dict) -> None:
         import yaml
 
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
-    def table(self, name, rows, markdown):
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
         self.writer.add_text(name, markdown, 0)
 
-    def close(self):
+    def close(self) -> None:
         self.writer.flush()
         self.writer.close()
 
@@ -151,23 +151,23 @@ class _Wandb(Backend):
         self.run.define_metric("koff/step")
         self.run.define_metric("*", step_metric="koff/step")
 
-    def scalars(self, values, step):
+    def scalars(self, values: dict[str, float], step: int) -> None:
         # W&B drops rows whose step is not above the last one, and a decompose logs the reference's
         # steps 0..N, then the run's 0..N: W&B counts its own steps, koff's is the x-axis "koff/step"
         self.run.log({**values, "koff/step": step})
 
-    def text(self, key, value, step):
+    def text(self, key: str, value: str, step: int) -> None:
         self.run.summary[key] = value  # W&B keeps one value per key in the summary; the scalars carry the curve
 
-    def config(self, config):
+    def config(self, config: dict) -> None:
         self.run.config.update(config, allow_val_change=True)
 
-    def table(self, name, rows, markdown):
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
         cols = list(dict.fromkeys(k for r in rows for k in r))
         self.run.log({name: self.wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
         self.run.summary[f"{name}_markdown"] = markdown
 
-    def close(self):
+    def close(self) -> None:
         self.run.finish()
 
 
@@ -185,13 +185,13 @@ class _MLflow(Backend):
         self.run = mlflow.start_run(run_id=found[0].info.run_id) if found else mlflow.start_run(
             run_name=name, tags={"koff_run_id": _run_id(name)})
 
-    def scalars(self, values, step):
+    def scalars(self, values: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics({_mlflow_key(k): v for k, v in values.items()}, step=step)
 
-    def text(self, key, value, step):
+    def text(self, key: str, value: str, step: int) -> None:
         self.mlflow.set_tag(_mlflow_key(key), value)
 
-    def config(self, config):
+    def config(self, config: dict) -> None:
         params: dict = {}
 
         def walk(prefix: str, d: Mapping) -> None:  # every leaf as written (6 stays "6")
@@ -205,11 +205,11 @@ class _MLflow(Backend):
         self.mlflow.log_params({_mlflow_key(k): str(v)[:6000] for k, v in params.items()})
         self.mlflow.log_dict(config, "config.json")
 
-    def table(self, name, rows, markdown):
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
         self.mlflow.log_dict({"rows": rows}, f"{name}.json")
         self.mlflow.log_text(markdown, f"{name}.md")
 
-    def close(self):
+    def close(self) -> None:
         self.mlflow.end_run()
 
 
@@ -229,20 +229,20 @@ class _Trackio(Backend):
                                 config=config or {}, resume="allow", embed=False, auto_log_gpu=False,
                                 auto_log_cpu=False)
 
-    def scalars(self, values, step):
+    def scalars(self, values: dict[str, float], step: int) -> None:
         self.trackio.log(values, step=step)
 
-    def text(self, key, value, step):
+    def text(self, key: str, value: str, step: int) -> None:
         pass  # trackio plots numbers; the text fields stay in metrics.jsonl
 
-    def config(self, config):
+    def config(self, config: dict) -> None:
         pass  # given to trackio.init
 
-    def table(self, name, rows, markdown):
+    def table(self, name: str, rows: list[dict], markdown: str) -> None:
         cols = list(dict.fromkeys(k for r in rows for k in r))
         self.trackio.log({name: self.trackio.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
 
-    def close(self):
+    def close(self) -> None:
         self.trackio.finish()
 
 

@@ -12,10 +12,10 @@ On disk: `kv.safetensors` with "keys" and "values", float32 [layers, kv_heads, m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -58,7 +58,8 @@ class KVMemory(nn.Module):
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.keys.shape)
+        layers, heads, tokens, head_dim = self.keys.shape
+        return layers, heads, tokens, head_dim
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class KVSection:
         return cls(tokens=tokens, num_frozen_tokens=frozen, shape=None if shape is None else tuple(shape))
 
     def to_dict(self) -> dict:
-        d = {"tokens": self.tokens, "num_frozen_tokens": self.num_frozen_tokens}
+        d: dict[str, Any] = {"tokens": self.tokens, "num_frozen_tokens": self.num_frozen_tokens}
         if self.shape is not None:
             d["shape"] = list(self.shape)
         return d
@@ -227,7 +228,7 @@ def build_prefix(memories: Sequence[KVMemory | None], dtype: torch.dtype | None 
 
 
 @register_part
-class KVPart(MemoryPart):
+class KVPart(MemoryPart[KVState]):
     """The KV memories of every memory of a KoffModel; a call's rows get them as a cache prefix."""
 
     kind: ClassVar[str] = "kv"
@@ -235,7 +236,8 @@ class KVPart(MemoryPart):
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
-        self.memories = nn.ModuleDict()
+        # a ModuleDict (the memories' tensors are the part's), typed by what it holds
+        self.memories = cast("MutableMapping[str, KVMemory]", nn.ModuleDict())
 
     def names(self) -> list[str]:
         return list(self.memories)
@@ -292,7 +294,7 @@ class KVPart(MemoryPart):
 
     def prepare(self, call: Call) -> None:
         dtype = next(self._base.parameters()).dtype
-        call.prefix = build_prefix([self.memories[n] if n in self.memories else None for n in call.rows], dtype)
+        call.prefix = build_prefix([self.memories[n] if n is not None and n in self.memories else None for n in call.rows], dtype)
 
 
 def prefix_cache(memories: Sequence[KVMemory | None], config) -> tuple[object | None, torch.Tensor, torch.Tensor]:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -317,7 +317,7 @@ class _Mixed:
 
 
 @register_part
-class LoraPart(MemoryPart):
+class LoraPart(MemoryPart[LoraState]):
     """The LoRA adapters of every memory of a KoffModel, and the hooks that apply them."""
 
     kind: ClassVar[str] = "lora"
@@ -325,7 +325,8 @@ class LoraPart(MemoryPart):
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
-        self.adapters = nn.ModuleDict()
+        # a ModuleDict (the adapters' tensors are the part's), typed by what it holds
+        self.adapters = cast("MutableMapping[str, LoraAdapter]", nn.ModuleDict())
         self._hooked: dict[str, object] = {}
 
     # -- memories --------------------------------------------------------------------------------
@@ -408,9 +409,9 @@ class LoraPart(MemoryPart):
                     rank = ad.lora_A[ad.index[path]].shape[0]
                     span[n] = (start, start + rank)
                     start += rank
-                for i, n in enumerate(rows):
-                    if n in span:
-                        select[i, span[n][0]: span[n][1]] = self.adapters[n].scaling
+                for i, row in enumerate(rows):
+                    if row is not None and row in span:
+                        select[i, span[row][0]: span[row][1]] = self.adapters[row].scaling
                 selectors[key] = select
             state[path] = _Mixed(a, b, selectors[key])
         call.state[self.kind] = state

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -139,7 +139,11 @@ class PartState:
         return self
 
 
-class MemoryPart(nn.Module):
+S = TypeVar("S", bound=PartState)
+"""A part kind's stored state class."""
+
+
+class MemoryPart(nn.Module, Generic[S]):
     """The container of one part kind inside a KoffModel: that kind's tensors for every memory,
     and the hooks that apply them to the rows of a call that name a memory.
 
@@ -149,6 +153,7 @@ class MemoryPart(nn.Module):
 
     kind: ClassVar[str]
     state_class: ClassVar[type[PartState]]
+    _base: Any  # the transformers model; typed Any as nn.Module.__getattr__ would type it Tensor | Module
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -185,11 +190,11 @@ class MemoryPart(nn.Module):
         """Add memory `name` from this kind's own in-memory form (`KoffModel.add_memory`)."""
         raise NotImplementedError
 
-    def install(self, name: str, state: PartState) -> None:
+    def install(self, name: str, state: S) -> None:
         """Add memory `name` from a stored state (checked against the base model)."""
         raise NotImplementedError
 
-    def snapshot(self, name: str) -> PartState:
+    def snapshot(self, name: str) -> S:
         """Memory `name`'s tensors as a stored state (detached, on the CPU)."""
         raise NotImplementedError
 
