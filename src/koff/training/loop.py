@@ -112,6 +112,8 @@ class Trainer:
         self.tracker = tracker if self.runtime.is_main else None
         """A `koff.training.tracking.Tracker` that gets every metrics record (main process only)."""
         self.loop = LoopState()
+        self.backbone_params: list[nn.Parameter] = []
+        """The backbone's shared LoRA tensors, when it has one (set by `setup`)."""
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -146,8 +148,7 @@ class Trainer:
             groups.append({"params": list(self.gates.parameters()), "lr": cfg.lr_gates, "name": "gates"})
         groups += self.km.param_groups(self.names, cfg)
         backbone = self.km.backbone_lora
-        self.backbone_params: list[nn.Parameter] = (
-            [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else [])
+        self.backbone_params = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
         if self.backbone_params:
             groups.append({"params": self.backbone_params, "lr": cfg.lr_lora, "name": "backbone_lora"})
         if not groups:

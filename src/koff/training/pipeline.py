@@ -9,6 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -214,16 +215,24 @@ def memory_names(cfg: DecomposeConfig) -> list[str]:
     return names
 
 
-# long: the recipe's setup read top to bottom (data, model, gates, memories, trainer, save), as torchtune's recipes are
-def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progress: bool = True,
-              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None,
-              tracker=None) -> KoffModel:
-    """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
-    `out` (None, or a process other than the main one: write nothing); returns the trained model.
-    `teacher` is used when `cfg.train.distill` > 0."""
+@dataclass
+class _Recipe:
+    """What `train_run` sets up before training: the base model, its data and the model it trains."""
 
-    runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
-    writes = out is not None and runtime.is_main
+    base: Any
+    tokenizer: Any
+    source: str
+    streams: Streams
+    gates: NeuronGates | None
+    """Exactly when the run prunes: learned (trained with the memories) or one-shot (fixed)."""
+    km: KoffModel
+    names: list[str]
+    learned: bool
+
+
+def _setup(cfg: DecomposeConfig, prune: bool, runtime: Runtime) -> _Recipe:
+    """Data, base model, gates, memories and the backbone's LoRA, in the order that fixes every
+    random initialisation."""
     base, tok, source = load_base(cfg.model, dtype=resolve_dtype(cfg.train.dtype), device=runtime.device)
     if cfg.memory.lora_rank:
         target_modules(base, cfg.memory.lora_targets)  # fail now, not after minutes of calibration
@@ -242,27 +251,21 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
     if not cfg.memory.empty:
         add_memories(km, names, streams.leading, cfg.memory, cfg.train.seed)
     if prune and cfg.train.backbone_lora_rank:
-
         torch.manual_seed(cfg.train.seed + 101)  # after the memories: their initialisation is unchanged
         km.set_backbone_lora(BackboneLora.fresh(base, LoraSpec(cfg.train.backbone_lora_rank, None,
                                                                tuple(cfg.memory.lora_targets))).to(runtime.device))
-    metrics_path = out / "metrics.jsonl" if out is not None and writes else None
-    checkpoint = out / "checkpoint" if cfg.train.checkpoint_every and out is not None else None
-    if learned or not cfg.memory.empty:
-        summary = offload(km, streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
-                          learn_gates=learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint,
-                          runtime=runtime, tracker=tracker)
-    else:  # a one-shot mask and no memories: nothing to train
-        if metrics_path is not None:
-            metrics_path.write_text("")
-        summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
-    if out is None or not writes:
-        return km
-    keep = gates.mask if gates is not None else None  # gates exist exactly when the run prunes
-    geo = inspect_model(base)
-    report = sparsity_report(base, keep, cfg.target_sparsity if prune else 0.0)
+    return _Recipe(base, tok, source, streams, gates, km, names, learned)
+
+
+def _save(out: Path, cfg: DecomposeConfig, r: _Recipe, summary: dict, prune: bool, runtime: Runtime) -> None:
+    """Write the trained run into `out`: koff.json (last, so a folder without it is unfinished),
+    the backbone's mask and gates, every memory, the config."""
+    gates = r.gates
+    keep = gates.mask if gates is not None else None
+    geo = inspect_model(r.base)
+    report = sparsity_report(r.base, keep, cfg.target_sparsity if prune else 0.0)
     manifest = {
-        "base_model": {"source": source, "fingerprint": fingerprint(source), "architecture": geo.architecture,
+        "base_model": {"source": r.source, "fingerprint": fingerprint(r.source), "architecture": geo.architecture,
                        "model_type": geo.model_type, "num_layers": geo.num_layers, "hidden_size": geo.hidden_size,
                        "intermediate_sizes": list(geo.intermediate_sizes), "num_kv_heads": geo.num_kv_heads,
                        "head_dim": geo.head_dim},
@@ -270,23 +273,49 @@ def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progre
         "pruned": prune,
         "sparsity": report,
         "domains": [d.name for d in cfg.domains],
-        "default_memory": GENERAL_MEMORY if GENERAL_MEMORY in names and not cfg.memory.empty else None,
+        "default_memory": GENERAL_MEMORY if GENERAL_MEMORY in r.names and not cfg.memory.empty else None,
         "data": {d.name: DomainRecord.of(d).to_dict() for d in cfg.domains} | {"general": [str(p) for p in cfg.general]
                                                                                + [g.describe() for g in cfg.general_datasets]},
         "training": cfg.to_dict() | {"prune": prune},
         "runtime": runtime.describe(),
         "metrics": summary,
     }
+    km = r.km
     check_finite(km, km.memory_names, f"{out}")
     records = [memory_record(km, n, {"domain": n if n != GENERAL_MEMORY else None, "trained_steps": cfg.train.steps})
                for n in km.memory_names]
     write_run(out, manifest, keep, list(gates.log_alpha) if gates is not None else None, records, dump_config(cfg),
               bias=gates.bias if gates is not None else None,
               backbone_lora=km.backbone_lora.state() if km.backbone_lora is not None else None)
+
+
+def train_run(cfg: DecomposeConfig, out: Path | None, prune: bool = True, progress: bool = True,
+              desc: str = "decompose", teacher: KoffModel | None = None, runtime: Runtime | None = None,
+              tracker=None) -> KoffModel:
+    """Train one run (pruned, or dense + memories) and write it into the existing, empty folder
+    `out` (None, or a process other than the main one: write nothing); returns the trained model.
+    `teacher` is used when `cfg.train.distill` > 0. A recipe in three steps: setup, train, save."""
+
+    runtime = runtime or Runtime.from_env(dtype=cfg.train.dtype)
+    writes = out is not None and runtime.is_main
+    r = _setup(cfg, prune, runtime)
+    metrics_path = out / "metrics.jsonl" if out is not None and writes else None
+    checkpoint = out / "checkpoint" if cfg.train.checkpoint_every and out is not None else None
+    if r.learned or not cfg.memory.empty:
+        summary = offload(r.km, r.streams, cfg.train, cfg.target_sparsity if prune else 0.0, metrics_path,
+                          learn_gates=r.learned, desc=desc, progress=progress, teacher=teacher, checkpoint=checkpoint,
+                          runtime=runtime, tracker=tracker)
+    else:  # a one-shot mask and no memories: nothing to train
+        if metrics_path is not None:
+            metrics_path.write_text("")
+        summary = {"steps": 0, "seconds": 0.0, "final_loss": {}}
+    if out is None or not writes:
+        return r.km
+    _save(out, cfg, r, summary, prune, runtime)
     faults.point("run.written")
     if checkpoint is not None:  # kept until koff.json is written, so a crash before resumes from it
         remove_tree(checkpoint)
-    return km
+    return r.km
 
 
 def _inputs(cfg: DecomposeConfig) -> list[Path]:
