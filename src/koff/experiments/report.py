@@ -471,8 +471,13 @@ def controller_runs(cells: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {k: sorted(v, key=lambda c: c["seed"]) for k, v in sorted(runs.items()) if methods.count(k[0]) > 1}
 
 
-def _footer(fig, text: str) -> None:
-    fig.text(0.01, 0.005, text.replace("`", ""), fontsize=6, wrap=True)
+def _finish(fig, plt, caption: str, path: Path, bottom: float) -> Path:
+    """Put the cells' caption under a figure (in the `bottom` fraction left free), write it, close it."""
+    fig.text(0.01, 0.005, caption.replace("`", ""), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _ppl_vs_sparsity(cells: list[dict], out: Path, domains: list[str], plt) -> Path | None:
@@ -506,12 +511,7 @@ def _ppl_vs_sparsity(cells: list[dict], out: Path, domains: list[str], plt) -> P
         ax.set_yscale("log")
         ax.set_title("Perplexity vs sparsity (own memory where the method has one)")
         ax.legend(fontsize=7)
-        _footer(fig, _caption(cells))
-        fig.tight_layout(rect=(0, 0.05, 1, 1))
-        path = out / "ppl_vs_sparsity.png"
-        save_figure(fig, path)
-        plt.close(fig)
-        return path
+        return _finish(fig, plt, _caption(cells), out / "ppl_vs_sparsity.png", bottom=0.05)
     return None
 
 
@@ -533,12 +533,7 @@ def _swap_heatmap(cells: list[dict], out: Path, domains: list[str], plt) -> Path
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=9)
         fig.colorbar(im, ax=ax, label="PPL")
         ax.set_title(f"Swap matrix: {c['method']} seed {c['seed']}")
-        _footer(fig, _caption(cells))
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-        path = out / "swap_matrix.png"
-        save_figure(fig, path)
-        plt.close(fig)
-        return path
+        return _finish(fig, plt, _caption(cells), out / "swap_matrix.png", bottom=0.08)
     return None
 
 
@@ -562,12 +557,7 @@ def _kept_per_layer(cells: list[dict], out: Path, domains: list[str], plt) -> Pa
         ax.set_ylabel("fraction of FFN neurons kept")
         ax.set_title("Kept FFN neurons per layer (mean over seeds)")
         ax.legend(fontsize=7, ncol=2)
-        _footer(fig, _caption(cells))
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-        path = out / "kept_per_layer.png"
-        save_figure(fig, path)
-        plt.close(fig)
-        return path
+        return _finish(fig, plt, _caption(cells), out / "kept_per_layer.png", bottom=0.06)
     return None
 
 
@@ -597,12 +587,7 @@ def _training_curves(cells: list[dict], out: Path, domains: list[str], plt) -> P
         for a in axes:
             a.set_xlabel("step")
         axes[1].legend(fontsize=6)
-        _footer(fig, _caption(cells))
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
-        path = out / "training_curves.png"
-        save_figure(fig, path)
-        plt.close(fig)
-        return path
+        return _finish(fig, plt, _caption(cells), out / "training_curves.png", bottom=0.07)
     return None
 
 
@@ -636,12 +621,7 @@ def _controllers_figure(cells: list[dict], out: Path, domains: list[str], plt) -
         axes[1].set_xlabel("layer")
         for a in axes:
             a.legend(fontsize=7)
-        _footer(fig, _caption(cells, "controller"))
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
-        path = out / "controllers.png"
-        save_figure(fig, path)
-        plt.close(fig)
-        return path
+        return _finish(fig, plt, _caption(cells, "controller"), out / "controllers.png", bottom=0.07)
     return None
 
 
