@@ -17,7 +17,8 @@ the same registry) and offers
   penalty(s_hat, t)       added to the loss on every step that learns gates,
   after_step(gates, t)    after the optimizer step (its own multiplier update, a projection, the clamp),
   log()                   the fields logged per step in metrics.jsonl,
-  state_dict() / load_state_dict()   everything a resumed run needs (tensors and numbers).
+  state_dict() / load_state_dict()   everything a resumed run needs (tensors and numbers),
+  to_device(device)       its tensors on the training device (returns the controller).
 A new controller is a class registered with `@register_controller("name")` whose constructor takes
 the TrainConfig.
 """

@@ -329,7 +329,6 @@ def _inputs(cfg: DecomposeConfig) -> list[Path]:
     return paths + list(cfg.general)
 
 
-# long: one transaction (resume rules, lock, partial run, publish by swap) whose crash safety is in its order
 def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = True, resume: bool | str = False,
               runtime: Runtime | None = None, tracker=None) -> Path:
     """Decompose the base model into a backbone + memories and write the run to `cfg.output`.
@@ -380,38 +379,49 @@ def decompose(cfg: DecomposeConfig, overwrite: bool = False, progress: bool = Tr
     with lock(output):
         clean_leftovers(output)
         clean_leftovers(partial)
-        marker = partial / ".koff-partial.yaml"
-        if partial.exists():
-            if not marker.is_file():
-                raise ArtifactError(f"{partial} is not a resumable partial run (it has no .koff-partial.yaml; an "
-                                    "interrupted --overwrite leaves the run it replaced there): delete it")
-            if not resume:
-                raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
-            if not same_config(marker, cfg):
-                raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
-            clean_leftovers(marker)
-        else:  # created with its marker in one rename, so a partial folder always says what it is
-
-            fresh = make_temp_dir(partial)
-            atomic_write_text(fresh / ".koff-partial.yaml", dump_config(cfg))
-            swap_in(fresh, partial)
+        _open_partial(partial, cfg, bool(resume))
         _decompose_into(cfg, partial, reference, progress, runtime, tracker)
-        for folder in (partial, partial / "reference"):  # a finished run holds no training state
-            remove_tree(folder / "checkpoint")
-            clean_leftovers(folder / "checkpoint")
-        faults.point("decompose.publish")
-        check_output(output, "run", (), overwrite)
-        old = swap_in(partial, output)
-        if old == partial:  # the replaced run is now at OUTPUT.partial: move it out of --resume's way
-            trash = temp_name(output, "old")
-            os.rename(partial, trash)
-            old = trash
-        faults.point("decompose.published")
-        if old is not None:
-            remove_tree(old)
-        (output / ".koff-partial.yaml").unlink(missing_ok=True)
+        _publish(partial, output, overwrite)
     barrier(runtime)
     return output
+
+
+def _open_partial(partial: Path, cfg: DecomposeConfig, resume: bool) -> None:
+    """Continue OUTPUT.partial (with `resume`, same configuration) or create it, with its marker
+    in one rename, so that a partial folder always says what it is."""
+    marker = partial / ".koff-partial.yaml"
+    if partial.exists():
+        if not marker.is_file():
+            raise ArtifactError(f"{partial} is not a resumable partial run (it has no .koff-partial.yaml; an "
+                                "interrupted --overwrite leaves the run it replaced there): delete it")
+        if not resume:
+            raise ArtifactError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+        if not same_config(marker, cfg):
+            raise ArtifactError(f"{partial} was started with another configuration; delete it to start over")
+        clean_leftovers(marker)
+        return
+    fresh = make_temp_dir(partial)
+    atomic_write_text(fresh / ".koff-partial.yaml", dump_config(cfg))
+    swap_in(fresh, partial)
+
+
+def _publish(partial: Path, output: Path, overwrite: bool) -> None:
+    """Swap the finished OUTPUT.partial in at OUTPUT (under the caller's lock), dropping its
+    training state first and the run it replaced (with `overwrite`) after."""
+    for folder in (partial, partial / "reference"):  # a finished run holds no training state
+        remove_tree(folder / "checkpoint")
+        clean_leftovers(folder / "checkpoint")
+    faults.point("decompose.publish")
+    check_output(output, "run", (), overwrite)
+    old = swap_in(partial, output)
+    if old == partial:  # the replaced run is now at OUTPUT.partial: move it out of --resume's way
+        trash = temp_name(output, "old")
+        os.rename(partial, trash)
+        old = trash
+    faults.point("decompose.published")
+    if old is not None:
+        remove_tree(old)
+    (output / ".koff-partial.yaml").unlink(missing_ok=True)
 
 
 def _decompose_into(cfg: DecomposeConfig, folder: Path | None, reference: bool, progress: bool,
@@ -500,32 +510,9 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
         name = domain.name
         ref = run.reference if reference else None
         ref_dir = run_dir / "reference"
-        for folder in (run_dir, ref_dir):
-            clean_leftovers(folder / "memories" / name)
-        if name in run.memories and not overwrite:
-            raise ConfigError(f"{run_dir}: a memory named {name!r} exists already (pass --overwrite to replace it)")
-        orphan = ref_dir / "memories" / name
-        if name not in run.memories and orphan.is_dir():
-            notice(f"{orphan} was left by an interrupted add-domain (the run has no memory {name!r}); "
-                   + ("replacing it" if ref is not None else "removing it"))
-            if ref is None:
-                remove_tree(orphan)
-        meta = run.meta
-        mem_cfg = meta.training.memory
-        if mem_cfg.empty:
-            raise ConfigError(f"{run_dir}: the run was trained without memories; there is nothing to add")
-        train_cfg = dataclasses.replace(meta.training.train, reg_memory="domain")
-        if steps is not None:
-            train_cfg = dataclasses.replace(train_cfg, steps=steps)
-        if general is None:
-            general = [Path(p) for p in meta.general]
-            for p in general:
-                if not p.is_file():
-                    raise DataError(f"the run's general data {p} (recorded in {run_dir / 'koff.json'}) is missing; "
-                                    "pass --general FILES, or --general none")
-        general = [Path(os.path.abspath(p)) for p in general]
-        if not general:
-            train_cfg = dataclasses.replace(train_cfg, reg_every=0)
+        _clear_name(run, run_dir, ref_dir, name, overwrite, keep_orphan=ref is not None)
+        mem_cfg = run.meta.training.memory
+        train_cfg, general = _added_training(run, run_dir, steps, general)
         runtime = runtime or Runtime.from_env(dtype=train_cfg.dtype)
         check_no_test_leak([domain], general, _known_tests(run, str(run_dir / "koff.json")))
 
@@ -563,6 +550,42 @@ def add_domain(run_dir: Path, domain: Domain, steps: int | None = None, general:
         for part in partials:
             remove_tree(part)
     return run_dir / "memories" / name
+
+
+def _clear_name(run, run_dir: Path, ref_dir: Path, name: str, overwrite: bool, keep_orphan: bool) -> None:
+    """Make room for memory `name`: refuse an existing one (unless `overwrite`), and drop a
+    reference memory an interrupted add-domain left without the run's (unless it is retrained)."""
+    for folder in (run_dir, ref_dir):
+        clean_leftovers(folder / "memories" / name)
+    if name in run.memories and not overwrite:
+        raise ConfigError(f"{run_dir}: a memory named {name!r} exists already (pass --overwrite to replace it)")
+    orphan = ref_dir / "memories" / name
+    if name not in run.memories and orphan.is_dir():
+        notice(f"{orphan} was left by an interrupted add-domain (the run has no memory {name!r}); "
+               + ("replacing it" if keep_orphan else "removing it"))
+        if not keep_orphan:
+            remove_tree(orphan)
+
+
+def _added_training(run, run_dir: Path, steps: int | None, general: list[Path] | None) -> tuple[TrainConfig, list[Path]]:
+    """The training config of a memory added to `run` (the run's own; its general steps train the
+    new memory) and its general data (the run's, unless given; absolute paths)."""
+    meta = run.meta
+    if meta.training.memory.empty:
+        raise ConfigError(f"{run_dir}: the run was trained without memories; there is nothing to add")
+    train_cfg = dataclasses.replace(meta.training.train, reg_memory="domain")
+    if steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, steps=steps)
+    if general is None:
+        general = [Path(p) for p in meta.general]
+        for p in general:
+            if not p.is_file():
+                raise DataError(f"the run's general data {p} (recorded in {run_dir / 'koff.json'}) is missing; "
+                                "pass --general FILES, or --general none")
+    general = [Path(os.path.abspath(p)) for p in general]
+    if not general:
+        train_cfg = dataclasses.replace(train_cfg, reg_every=0)
+    return train_cfg, general
 
 
 def _train_added(target, part: Path, name: str, domain: Domain, general: list[Path], train_cfg: TrainConfig,
