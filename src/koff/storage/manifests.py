@@ -202,10 +202,8 @@ class TrainingRecord:
     """The configuration a run was trained with (koff.json `training`): its memory and train
     sections typed and validated, the rest (domains, files, output) kept as recorded."""
 
-    memory: Any
-    """koff.config.MemoryConfig"""
-    train: Any
-    """koff.config.TrainConfig"""
+    memory: MemoryConfig
+    train: TrainConfig
     mask: str = "learned"
     prune: bool = True
     reference: bool = True
