@@ -159,11 +159,14 @@ class NeuronGates(nn.Module):
             if self.mode == "off" or not _gates_on():
                 return None
             if self.mode == "mask":
+                if self._mask is None:
+                    raise RuntimeError("gates are in 'mask' mode but set_mask() was not called")
                 z = self._mask[layer]
             else:
-                z = self._z[layer]
-                if z is None:
+                sampled = self._z[layer]
+                if sampled is None:
                     raise RuntimeError("gates are in 'sample' mode but resample() was not called")
+                z = sampled
             x = args[0]
             return (x * z.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
 

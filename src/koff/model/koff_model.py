@@ -217,7 +217,7 @@ def _checkpointed(forward, index: int, cache_type: type):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         call = current_call()
-        cache = next((v for v in kwargs.values() if isinstance(v, cache_type)), None)
+        cache: Any = next((v for v in kwargs.values() if isinstance(v, cache_type)), None)  # a transformers Cache
         slot = cache.layers[index] if cache is not None and index < len(cache.layers) else None
         before = cache_layer_state(slot)
 

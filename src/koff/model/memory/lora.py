@@ -64,7 +64,8 @@ class LoraSpec:
         """This LoRA as a peft LoraConfig (task CAUSAL_LM, no dropout, no bias)."""
         from peft import LoraConfig
 
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha if self.alpha is not None else 2 * self.rank,
+        # peft annotates lora_alpha as int, but uses it only in scaling = alpha / r: a float works
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha if self.alpha is not None else 2 * self.rank,  # type: ignore[arg-type]
                           target_modules=list(self.targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
     def peft_config(self) -> dict:
