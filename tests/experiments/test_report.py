@@ -288,6 +288,7 @@ def test_report_opens_with_the_gap_section_and_keeps_the_previous_default(tmp_pa
     md = report(tmp_path).read_text()
     assert md.index("## The gap to dense + memories against training length") < md.index("## Main table")
     assert "| koff | 300 | 0.15 M | 0 | 1.200 | 1.100 | 1.150 |" in md
+    assert "| en | 1 | no fit: it needs at least 3 points, all above 1, at 2 or more lengths |" in md
     assert "## The previous default recipe (controller projection, reg_memory domain)" in md
     assert "| koff | 0 | 40.0 | 30.0 | 35.0 |" in md
     assert (tmp_path / "gap" / "gap.json").is_file()

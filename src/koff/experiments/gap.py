@@ -144,7 +144,8 @@ def section(cells: list[dict], command: str) -> tuple[list[str], dict]:
                      "trends": {}}
     for d, tr in trends.items():
         if tr is None:
-            lines.append(f"| {d} | – | not enough points above 1 at two or more lengths | – | – |")
+            n = sum(1 for (m, _), per in rs.items() if m == "koff" for _ in per.get(d, {}).values())
+            lines.append(f"| {d} | {n} | no fit: it needs at least 3 points, all above 1, at 2 or more lengths | – | – |")
             continue
         flat = tr.b_low <= 0
         at = {}
