@@ -143,27 +143,35 @@ def section(cells: list[dict], command: str) -> tuple[list[str], dict]:
     numbers: dict = {"ratios": {f"{m}@{s}": {d: dict(v) for d, v in per.items()} for (m, s), per in rs.items()},
                      "trends": {}}
     for d, tr in trends.items():
-        if tr is None:
-            n = sum(1 for (m, _), per in rs.items() if m == "koff" for _ in per.get(d, {}).values())
-            lines.append(f"| {d} | {n} | no fit: it needs at least 3 points, all above 1, at 2 or more lengths | – | – |")
-            continue
-        flat = tr.b_low <= 0
-        at = {}
-        for target in (1.10, 1.05):
-            mid = tr.tokens_at(target)
-            slow = None if flat else tr.tokens_at(target, tr.b_low)
-            fast = tr.tokens_at(target, tr.b_high)
-            at[target] = (mid, fast, slow)
-        def cell(target: float, at: dict = at) -> str:
-            mid, fast, slow = at[target]
-            if mid is None:
-                return "never: the fitted gap does not shrink"
-            return f"{_fmt_tokens(mid)} tokens ({_fmt_tokens(fast)} – {_fmt_tokens(slow) if slow else 'never'})"
-        lines.append(f"| {d} | {tr.points} | {tr.b:.2f} ({tr.b_low:.2f} – {tr.b_high:.2f}){' · may be flat' if flat else ''}"
-                     f" | {cell(1.10)} | {cell(1.05)} |")
-        numbers["trends"][d] = {"a": tr.a, "b": tr.b, "b_interval": [tr.b_low, tr.b_high], "points": tr.points,
-                                "tokens_at_1.10": at[1.10][0], "tokens_at_1.05": at[1.05][0]}
+        points = sum(1 for (m, _), per in rs.items() if m == "koff" for _ in per.get(d, {}).values())
+        row, fitted = _trend_row(d, tr, points)
+        lines.append(row)
+        if fitted is not None:
+            numbers["trends"][d] = fitted
     return lines, numbers
+
+
+def _trend_row(domain: str, tr: Trend | None, points: int) -> tuple[str, dict | None]:
+    """One language's row of the trend table, and its numbers (None where nothing was fitted)."""
+    if tr is None:
+        return f"| {domain} | {points} | no fit: it needs at least 3 points, all above 1, at 2 or more lengths | – | – |", None
+    flat = tr.b_low <= 0
+    at = {}
+    for target in (1.10, 1.05):
+        mid = tr.tokens_at(target)
+        slow = None if flat else tr.tokens_at(target, tr.b_low)
+        fast = tr.tokens_at(target, tr.b_high)
+        at[target] = (mid, fast, slow)
+
+    def cell(target: float) -> str:
+        mid, fast, slow = at[target]
+        if mid is None:
+            return "never: the fitted gap does not shrink"
+        return f"{_fmt_tokens(mid)} tokens ({_fmt_tokens(fast)} – {_fmt_tokens(slow) if slow else 'never'})"
+    row = (f"| {domain} | {tr.points} | {tr.b:.2f} ({tr.b_low:.2f} – {tr.b_high:.2f}){' · may be flat' if flat else ''}"
+           f" | {cell(1.10)} | {cell(1.05)} |")
+    return row, {"a": tr.a, "b": tr.b, "b_interval": [tr.b_low, tr.b_high], "points": tr.points,
+                 "tokens_at_1.10": at[1.10][0], "tokens_at_1.05": at[1.05][0]}
 
 
 def _ms(values: list[float]) -> str:
