@@ -131,10 +131,7 @@ def section(cells: list[dict], command: str) -> tuple[list[str], dict]:
         means = [statistics.fmean(per[d][s] for d in domains if s in per.get(d, {})) for s in seeds]
         lines.append(f"| {method} | {steps:,} | {tokens.get(steps, 0) / 1e6:.2f} M | {','.join(map(str, seeds))} | "
                      + " | ".join(cols) + f" | {_ms(means)} |")
-    trends = {}
-    for d in domains:
-        pts = [(tokens[steps], r) for (m, steps), per in rs.items() if m == "koff" for r in per.get(d, {}).values()]
-        trends[d] = fit_trend(d, pts)
+    points = {d: _koff_points(rs, tokens, d) for d in domains}
     lines += ["", "Fitted trend of koff's gap per language, ratio − 1 = a · T^(−b) (T: training tokens; least "
               "squares over every seed's point; 90% interval of b from the residuals). Where b's interval reaches "
               "0 the data cannot tell a closing gap from a flat one.", "",
@@ -142,13 +139,17 @@ def section(cells: list[dict], command: str) -> tuple[list[str], dict]:
               "|---|---:|---|---|---|"]
     numbers: dict = {"ratios": {f"{m}@{s}": {d: dict(v) for d, v in per.items()} for (m, s), per in rs.items()},
                      "trends": {}}
-    for d, tr in trends.items():
-        points = sum(1 for (m, _), per in rs.items() if m == "koff" for _ in per.get(d, {}).values())
-        row, fitted = _trend_row(d, tr, points)
+    for d, pts in points.items():
+        row, fitted = _trend_row(d, fit_trend(d, pts), len(pts))
         lines.append(row)
         if fitted is not None:
             numbers["trends"][d] = fitted
     return lines, numbers
+
+
+def _koff_points(rs: dict, tokens: dict[int, int], domain: str) -> list[tuple[int, float]]:
+    """Every seed's (training tokens, ratio) of koff on one language: what its trend is fitted to."""
+    return [(tokens[steps], r) for (m, steps), per in rs.items() if m == "koff" for r in per.get(domain, {}).values()]
 
 
 def _trend_row(domain: str, tr: Trend | None, points: int) -> tuple[str, dict | None]:
@@ -201,8 +202,7 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
             ax.plot(xs, [statistics.fmean(v) for _, v in pts], marker="o", color=f"C{i}", label=method)
             for t, v in pts:
                 ax.scatter([t] * len(v), v, color=f"C{i}", s=10, alpha=0.5)
-        trend_points = [(tokens[s], r) for (m, s), per in rs.items() if m == "koff" for r in per.get(d, {}).values()]
-        tr = fit_trend(d, trend_points)
+        tr = fit_trend(d, _koff_points(rs, tokens, d))
         if tr is not None:
             lo, hi = min(t for t, _ in pts), max(t for t, _ in pts) * 8
             grid = [lo * (hi / lo) ** (k / 50) for k in range(51)]
