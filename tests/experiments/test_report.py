@@ -247,7 +247,7 @@ def _gap_cell(method, seed, steps, own):
     return c
 
 
-def test_gap_table_and_trend_from_paired_cells():
+def test_gap_table_and_trend_from_paired_cells(tmp_path):
     from koff.experiments import gap
 
     # koff's gap halves every 4x tokens (b = 0.5): 1.4 at 300 steps, 1.2 at 1,200, 1.141 at 2,400
@@ -265,6 +265,8 @@ def test_gap_table_and_trend_from_paired_cells():
     # ratio - 1 = 0.4 at 153,600 tokens, halving every 4x: 0.1 at 16x (2.46 M), 0.05 at 64x
     assert tr["tokens_at_1.10"] == pytest.approx(153600 * 16, rel=1e-6)
     assert tr["tokens_at_1.05"] == pytest.approx(153600 * 64, rel=1e-6)
+    # the plot draws the trend over koff's points even when the one-shot baseline has none yet
+    assert gap.plot(cells, tmp_path, "caption").stat().st_size > 0
 
 
 def test_gap_trend_says_when_it_may_be_flat():
@@ -273,6 +275,18 @@ def test_gap_trend_says_when_it_may_be_flat():
     tr = fit_trend("en", [(1e5, 1.30), (1e5, 1.25), (4e5, 1.31), (8e5, 1.24)])
     assert tr.b_low <= 0  # no decrease the data can tell apart from noise
     assert fit_trend("en", [(1e5, 1.3), (4e5, 1.2)]) is None  # two points: nothing to fit an interval to
+
+
+def test_gap_trend_interval_turns_about_the_points_not_the_intercept():
+    from koff.experiments.gap import fit_trend
+
+    pts = [(153600, 1.48), (153600, 1.45), (614400, 1.44)]
+    tr = fit_trend("en", pts)
+    fast, mid = tr.tokens_at(1.10, tr.b_high), tr.tokens_at(1.10)
+    assert tr.b_high > tr.b > 0
+    # every slope in the interval still meets 1.10 past the measured points, the steepest first
+    assert 614400 < fast < mid
+    assert tr.tokens_at(1.10) == pytest.approx((tr.a / 0.10) ** (1 / tr.b), rel=1e-9)
 
 
 def test_report_opens_with_the_gap_section_and_keeps_the_previous_default(tmp_path, cells):

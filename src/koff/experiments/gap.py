@@ -70,13 +70,20 @@ class Trend:
     b_high: float
     """The 90% interval of b (Student t over the fit's residuals)."""
     points: int
+    centre_tokens: float
+    """The geometric mean of the points' tokens, where the fitted line is pinned (see tokens_at)."""
+    centre_gap: float
+    """The fitted ratio - 1 at centre_tokens (the geometric mean of the points' ratio - 1)."""
 
     def tokens_at(self, ratio: float, b: float | None = None) -> float | None:
-        """Training tokens where the fitted ratio reaches `ratio` (None where it never does)."""
+        """Training tokens where the fitted ratio reaches `ratio` (None where it never does). With
+        another slope `b` (an end of its interval) the line turns about the points' centre, which the
+        least-squares line passes through; keeping `a` instead would move the whole line away from
+        the data and put a steep slope's crossing before the first measured step."""
         b = self.b if b is None else b
         if b <= 0:
             return None
-        return (self.a / (ratio - 1)) ** (1 / b)
+        return self.centre_tokens * (self.centre_gap / (ratio - 1)) ** (1 / b)
 
 
 def fit_trend(domain: str, points: list[tuple[int, float]]) -> Trend | None:
@@ -92,12 +99,15 @@ def fit_trend(domain: str, points: list[tuple[int, float]]) -> Trend | None:
     dof = len(pts) - 2
     half = stats.t.ppf(0.95, dof) * fit.stderr if dof > 0 else math.inf
     b = -fit.slope
-    return Trend(domain=domain, a=math.exp(fit.intercept), b=b, b_low=b - half, b_high=b + half, points=len(pts))
+    return Trend(domain=domain, a=math.exp(fit.intercept), b=b, b_low=b - half, b_high=b + half, points=len(pts),
+                 centre_tokens=math.exp(statistics.fmean(x)), centre_gap=math.exp(statistics.fmean(y)))
 
 
 def _fmt_tokens(t: float | None) -> str:
     if t is None or not math.isfinite(t):
         return "never (flat)"
+    if t >= 1e12:  # beyond any training run: the order of magnitude is all that is meaningful
+        return f"{t:.1e}"
     if t >= 1e9:
         return f"{t / 1e9:.3g} B"
     return f"{t / 1e6:.3g} M"
@@ -202,9 +212,11 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
             ax.plot(xs, [statistics.fmean(v) for _, v in pts], marker="o", color=f"C{i}", label=method)
             for t, v in pts:
                 ax.scatter([t] * len(v), v, color=f"C{i}", s=10, alpha=0.5)
-        tr = fit_trend(d, _koff_points(rs, tokens, d))
+        koff = _koff_points(rs, tokens, d)
+        tr = fit_trend(d, koff)
         if tr is not None:
-            lo, hi = min(t for t, _ in pts), max(t for t, _ in pts) * 8
+            # the trend is drawn over koff's own points and 8x beyond: the range it was fitted on
+            lo, hi = min(t for t, _ in koff), max(t for t, _ in koff) * 8
             grid = [lo * (hi / lo) ** (k / 50) for k in range(51)]
             ax.plot(grid, [1 + tr.a * g ** (-tr.b) for g in grid], "k:", lw=1, label=f"koff trend, b = {tr.b:.2f}")
         for level in (1.10, 1.05):
