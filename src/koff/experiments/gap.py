@@ -223,6 +223,7 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
             ax.axhline(level, color="gray", lw=0.6, ls="--")
         ax.axhline(1.0, color="gray", lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labelled minor ticks overlap on a 1-2 decade axis
         ax.set_xlabel("training tokens")
         ax.set_title(d)
         ax.set_ylabel("own-memory PPL / dense + memories PPL")
