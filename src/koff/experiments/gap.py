@@ -215,7 +215,7 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
         koff = _koff_points(rs, tokens, d)
         tr = fit_trend(d, koff)
         if tr is not None:
-            # the trend is drawn over koff's own points and 8x beyond: the range it was fitted on
+            # over the span of koff's points, the ones it was fitted to, and 8x past the last
             lo, hi = min(t for t, _ in koff), max(t for t, _ in koff) * 8
             grid = [lo * (hi / lo) ** (k / 50) for k in range(51)]
             ax.plot(grid, [1 + tr.a * g ** (-tr.b) for g in grid], "k:", lw=1, label=f"koff trend, b = {tr.b:.2f}")
