@@ -64,7 +64,6 @@ class Trend:
     """ratio - 1 = a * T^-b fitted to one language's points (T: training tokens)."""
 
     domain: str
-    a: float
     b: float
     b_low: float
     b_high: float
@@ -74,6 +73,15 @@ class Trend:
     """The geometric mean of the points' tokens, where the fitted line is pinned (see tokens_at)."""
     centre_gap: float
     """The fitted ratio - 1 at centre_tokens (the geometric mean of the points' ratio - 1)."""
+
+    @property
+    def a(self) -> float:
+        """The power law's scale, a = gap at the centre * centre^b: derived, so the line is stored once."""
+        return self.centre_gap * self.centre_tokens ** self.b
+
+    def ratio_at(self, tokens: float) -> float:
+        """The fitted ratio after `tokens` training tokens."""
+        return 1 + self.centre_gap * (self.centre_tokens / tokens) ** self.b
 
     def tokens_at(self, ratio: float, b: float | None = None) -> float | None:
         """Training tokens where the fitted ratio reaches `ratio` (None where it never does). With
@@ -99,7 +107,7 @@ def fit_trend(domain: str, points: list[tuple[int, float]]) -> Trend | None:
     dof = len(pts) - 2
     half = stats.t.ppf(0.95, dof) * fit.stderr if dof > 0 else math.inf
     b = -fit.slope
-    return Trend(domain=domain, a=math.exp(fit.intercept), b=b, b_low=b - half, b_high=b + half, points=len(pts),
+    return Trend(domain=domain, b=b, b_low=b - half, b_high=b + half, points=len(pts),
                  centre_tokens=math.exp(statistics.fmean(x)), centre_gap=math.exp(statistics.fmean(y)))
 
 
@@ -218,7 +226,7 @@ def plot(cells: list[dict], out: Path, caption: str) -> Path | None:
             # over the span of koff's points, the ones it was fitted to, and 8x past the last
             lo, hi = min(t for t, _ in koff), max(t for t, _ in koff) * 8
             grid = [lo * (hi / lo) ** (k / 50) for k in range(51)]
-            ax.plot(grid, [1 + tr.a * g ** (-tr.b) for g in grid], "k:", lw=1, label=f"koff trend, b = {tr.b:.2f}")
+            ax.plot(grid, [tr.ratio_at(g) for g in grid], "k:", lw=1, label=f"koff trend, b = {tr.b:.2f}")
         for level in (1.10, 1.05):
             ax.axhline(level, color="gray", lw=0.6, ls="--")
         ax.axhline(1.0, color="gray", lw=1)
