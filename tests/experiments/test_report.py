@@ -269,6 +269,19 @@ def test_gap_table_and_trend_from_paired_cells(tmp_path):
     assert gap.plot(cells, tmp_path, "caption").stat().st_size > 0
 
 
+def test_gap_lists_a_cell_measured_before_its_reference():
+    from koff.experiments import gap
+
+    cells = [_gap_cell("dense+memories", 0, 300, [30.0, 20.0]), _gap_cell("koff", 0, 300, [36.0, 22.0]),
+             _gap_cell("koff", 0, 2400, [33.0, 21.0])]
+    cells[-1]["id"] = "koff__steps=2400__seed0"
+    assert [c["id"] for c in gap.awaiting_reference(cells)] == ["koff__steps=2400__seed0"]
+    md = "\n".join(gap.section(cells, "koff compare configs/gap.yaml")[0])
+    assert "| koff | 2,400 |" not in md  # no ratio without dense + memories at 2,400 steps
+    assert ("koff at 2,400 steps, seed 0, own-memory PPL en 33.00, fr 21.00. Its ratio and trend point wait "
+            "for `koff compare configs/gap.yaml --only dense+memories__steps=2400__seed0`") in md
+
+
 def test_gap_trend_says_when_it_may_be_flat():
     from koff.experiments.gap import fit_trend
 

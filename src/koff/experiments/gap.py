@@ -59,6 +59,14 @@ def ratios(cells: list[dict]) -> dict[tuple[str, int], dict[str, dict[int, float
     return out
 
 
+def awaiting_reference(cells: list[dict]) -> list[dict]:
+    """The pruned cells measured before their dense + memories reference (same steps and seed):
+    they have no ratio yet, and the report lists them rather than leave a measured cell unseen."""
+    ref = {(_steps(c), c["seed"]) for c in cells if c["method"] == REFERENCE and c["kind"] == "decompose"}
+    return sorted((c for c in cells if c["method"] in PRUNED and (_steps(c), c["seed"]) not in ref),
+                  key=lambda c: (PRUNED.index(c["method"]), _steps(c), c["seed"]))
+
+
 @dataclass
 class Trend:
     """ratio - 1 = a * T^-b fitted to one language's points (T: training tokens)."""
@@ -149,6 +157,12 @@ def section(cells: list[dict], command: str) -> tuple[list[str], dict]:
         means = [statistics.fmean(per[d][s] for d in domains if s in per.get(d, {})) for s in seeds]
         lines.append(f"| {method} | {steps:,} | {tokens.get(steps, 0) / 1e6:.2f} M | {','.join(map(str, seeds))} | "
                      + " | ".join(cols) + f" | {_ms(means)} |")
+    for c in awaiting_reference(cells):
+        own = ", ".join(f"{d} {_own(c, d):.2f}" for d in domains if d in c["ppl"])
+        ref_id = REFERENCE + c["id"][len(c["method"]):]
+        lines += ["", f"Measured, without its reference yet: {c['method']} at {_steps(c):,} steps, seed {c['seed']}, "
+                  f"own-memory PPL {own}. Its ratio and trend point wait for `koff compare configs/gap.yaml "
+                  f"--only {ref_id}`."]
     points = {d: _koff_points(rs, tokens, d) for d in domains}
     lines += ["", "Fitted trend of koff's gap per language, ratio − 1 = a · T^(−b) (T: training tokens; least "
               "squares over every seed's point; 90% interval of b from the residuals). Where b's interval reaches "
