@@ -43,9 +43,14 @@ def _own(cell: dict, domain: str) -> float:
     return (row.get("own") or row["backbone"])["test"]["ppl"]
 
 
+def _references(cells: list[dict]) -> dict[tuple[int, int], dict]:
+    """(steps, seed) -> the dense + memories cell a pruned cell trained the same way is divided by."""
+    return {(_steps(c), c["seed"]): c for c in cells if c["method"] == REFERENCE and c["kind"] == "decompose"}
+
+
 def ratios(cells: list[dict]) -> dict[tuple[str, int], dict[str, dict[int, float]]]:
     """(method, steps) -> domain -> seed -> own-memory PPL / dense + memories PPL, paired by seed."""
-    ref = {(_steps(c), c["seed"]): c for c in cells if c["method"] == REFERENCE and c["kind"] == "decompose"}
+    ref = _references(cells)
     out: dict[tuple[str, int], dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for c in cells:
         if c["method"] not in PRUNED:
@@ -62,7 +67,7 @@ def ratios(cells: list[dict]) -> dict[tuple[str, int], dict[str, dict[int, float
 def awaiting_reference(cells: list[dict]) -> list[dict]:
     """The pruned cells measured before their dense + memories reference (same steps and seed):
     they have no ratio yet, and the report lists them rather than leave a measured cell unseen."""
-    ref = {(_steps(c), c["seed"]) for c in cells if c["method"] == REFERENCE and c["kind"] == "decompose"}
+    ref = _references(cells)
     return sorted((c for c in cells if c["method"] in PRUNED and (_steps(c), c["seed"]) not in ref),
                   key=lambda c: (PRUNED.index(c["method"]), _steps(c), c["seed"]))
 
@@ -161,8 +166,7 @@ def section(cells: list[dict], command: str) -> tuple[list[str], dict]:
         own = ", ".join(f"{d} {_own(c, d):.2f}" for d in domains if d in c["ppl"])
         ref_id = REFERENCE + c["id"][len(c["method"]):]
         lines += ["", f"Measured, without its reference yet: {c['method']} at {_steps(c):,} steps, seed {c['seed']}, "
-                  f"own-memory PPL {own}. Its ratio and trend point wait for `koff compare configs/gap.yaml "
-                  f"--only {ref_id}`."]
+                  f"own-memory PPL {own}. Its ratio and trend point wait for `{command} --only {ref_id}`."]
     points = {d: _koff_points(rs, tokens, d) for d in domains}
     lines += ["", "Fitted trend of koff's gap per language, ratio − 1 = a · T^(−b) (T: training tokens; least "
               "squares over every seed's point; 90% interval of b from the residuals). Where b's interval reaches "
